@@ -1,0 +1,1 @@
+"""lorakit: LoRA (Hu et al., ICLR 2022) for any PyTorch model."""

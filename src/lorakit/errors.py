@@ -1,0 +1,51 @@
+"""Typed errors. Each also subclasses the builtin a caller would catch without knowing lorakit."""
+
+from __future__ import annotations
+
+__all__ = [
+    "AdapterFormatError",
+    "ConfigError",
+    "DataError",
+    "LorakitError",
+    "ModelLoadError",
+    "ShapeMismatchError",
+    "TargetNotFoundError",
+    "TrainingError",
+    "UnsupportedLayerError",
+]
+
+
+class LorakitError(Exception):
+    """Base class of every error lorakit raises on purpose."""
+
+
+class ConfigError(LorakitError, ValueError):
+    """A `LoraConfig` (or a CLI/TOML option) has invalid values; the message lists every problem."""
+
+
+class TargetNotFoundError(LorakitError, ValueError):
+    """A target pattern matched no adaptable module; the message lists the closest existing names."""
+
+
+class UnsupportedLayerError(LorakitError, TypeError):
+    """A target matched a module whose type lorakit cannot adapt."""
+
+
+class AdapterFormatError(LorakitError, ValueError):
+    """An adapter directory or file is missing, corrupt, not safetensors/JSON, or not a LoRA adapter."""
+
+
+class ShapeMismatchError(LorakitError, ValueError):
+    """A tensor's shape does not fit the model; the message names the tensor and both shapes."""
+
+
+class ModelLoadError(LorakitError, OSError):
+    """A base model could not be found or read (path, GGUF file or packaged alias)."""
+
+
+class DataError(LorakitError, ValueError):
+    """A dataset file is missing, empty or has the wrong columns."""
+
+
+class TrainingError(LorakitError, RuntimeError):
+    """Training cannot go on (for example a NaN/inf loss); the last good checkpoint is kept."""
