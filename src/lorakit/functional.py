@@ -1,0 +1,172 @@
+"""The LoRA maths, written once (Hu et al., 2022, eq. 3 and section 4.1).
+
+h = W0·x + s·B·A·x, with A ∈ R^{r×in}, B ∈ R^{out×r} and s = α/r (or α/√r with rsLoRA,
+Kalajdzievski 2023). Layers, merging and file conversion call these functions; nothing else
+spells the formula out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "conv2d_delta",
+    "conv2d_delta_weight",
+    "delta_weight",
+    "embedding_delta",
+    "expand_fused",
+    "fused_linear_delta",
+    "linear_delta",
+    "scaling",
+]
+
+
+def scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """The factor s that multiplies B·A.
+
+    Args:
+        r: rank of the update.
+        lora_alpha: the α hyper-parameter.
+        use_rslora: use α/√r (rank-stabilised LoRA) instead of α/r (the paper's choice).
+
+    Returns:
+        s as a Python float.
+    """
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def delta_weight(A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    """ΔW = s·B·A in float32, whatever the parameters' dtype (cast once by the caller).
+
+    Args:
+        A: (r, in).
+        B: (out, r).
+        s: scaling.
+
+    Returns:
+        (out, in) float32 tensor.
+    """
+    return (B.float() @ A.float()) * s
+
+
+def linear_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    """The LoRA branch of a linear layer: s·(x·Aᵀ)·Bᵀ.
+
+    Args:
+        x: (..., in), dropout already applied.
+        A: (r, in).
+        B: (out, r).
+        s: scaling.
+
+    Returns:
+        (..., out) in x's dtype.
+    """
+    return F.linear(F.linear(x, A), B) * s
+
+
+def fused_linear_delta(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float, enabled: Sequence[int], n_slices: int
+) -> torch.Tensor:
+    """The LoRA branch of a fused projection where only some output slices are adapted.
+
+    This is loralib's `MergedLinear(enable_lora=[...])`: each enabled slice j has its own rank-r
+    pair (A_j, B_j); slices not enabled get no update.
+
+    Args:
+        x: (..., in), dropout already applied.
+        A: (e·r, in), the e enabled slices' A_j stacked.
+        B: (e·o, r) with o = out / n_slices, the B_j stacked.
+        s: scaling.
+        enabled: indices of the e adapted slices, ascending.
+        n_slices: how many equal slices the layer's output has.
+
+    Returns:
+        (..., out) with zeros in slices that are not enabled.
+    """
+    e = len(enabled)
+    r = A.shape[0] // e
+    o = B.shape[0] // e
+    a = F.linear(x, A).unflatten(-1, (e, r))  # (..., e, r)
+    y = torch.einsum("...er,eor->...eo", a, B.view(e, o, r)) * s  # (..., e, o)
+    if e == n_slices:
+        return y.flatten(-2)
+    out = y.new_zeros((*y.shape[:-2], n_slices, o))
+    out[..., list(enabled), :] = y
+    return out.flatten(-2)
+
+
+def expand_fused(
+    A: torch.Tensor, B: torch.Tensor, enabled: Sequence[int], n_slices: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write a sliced fused adapter as one ordinary adapter of the whole layer.
+
+    The result (A_full, B_full) gives B_full·A_full = the block-structured update: A_full is A
+    itself (e·r, in) and B_full is (out, e·r) with B_j in rows of slice enabled[j] and columns
+    j·r:(j+1)·r, zeros elsewhere. PEFT loads this as a rank-e·r adapter of the fused layer.
+
+    Args:
+        A: (e·r, in).
+        B: (e·o, r).
+        enabled: adapted slice indices.
+        n_slices: number of slices in the output.
+
+    Returns:
+        (A_full, B_full).
+    """
+    e = len(enabled)
+    r = A.shape[0] // e
+    o = B.shape[0] // e
+    B_full = B.new_zeros((n_slices * o, e * r))
+    for j, slot in enumerate(enabled):
+        B_full[slot * o : (slot + 1) * o, j * r : (j + 1) * r] = B[j * o : (j + 1) * o]
+    return A.clone(), B_full
+
+
+def embedding_delta(
+    ids: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float, base: torch.nn.Embedding
+) -> torch.Tensor:
+    """The LoRA branch of an embedding: s·B·A[:, ids], computed as a lookup into Aᵀ.
+
+    Args:
+        ids: integer token ids, any shape.
+        A: (r, num_embeddings) (PEFT's `lora_embedding_A`).
+        B: (embedding_dim, r) (PEFT's `lora_embedding_B`).
+        s: scaling.
+        base: the wrapped embedding, whose padding/max-norm options the lookup follows.
+
+    Returns:
+        (*ids.shape, embedding_dim).
+    """
+    after_A = F.embedding(
+        ids, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+    )
+    return (after_A @ B.T) * s
+
+
+def conv2d_delta(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float, base: torch.nn.Conv2d
+) -> torch.Tensor:
+    """The LoRA branch of a 2-D convolution: a (r ← in, k×k) conv, then a 1×1 conv (r → out).
+
+    Args:
+        x: (N, in, H, W), dropout already applied.
+        A: (r, in, kh, kw).
+        B: (out, r, 1, 1).
+        s: scaling.
+        base: the wrapped convolution (stride, padding and dilation are taken from it).
+
+    Returns:
+        (N, out, H', W').
+    """
+    a = F.conv2d(x, A, None, base.stride, base.padding, base.dilation)
+    return F.conv2d(a, B) * s
+
+
+def conv2d_delta_weight(A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    """ΔW of a LoRA conv in float32: (out, r)·(r, in·kh·kw) reshaped to (out, in, kh, kw)."""
+    out_ch, r = B.shape[:2]
+    return ((B.float().reshape(out_ch, r) @ A.float().flatten(1)) * s).view(out_ch, *A.shape[1:])
