@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "accumulate_dtype",
     "conv2d_delta",
     "conv2d_delta_weight",
     "delta_weight",
@@ -39,8 +40,15 @@ def scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
+def accumulate_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float32, or float64 when any input is float64: never accumulate ΔW in half precision."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
 def delta_weight(A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
-    """ΔW = s·B·A in float32, whatever the parameters' dtype (cast once by the caller).
+    """ΔW = s·B·A in float32 (float64 for float64 inputs), whatever the parameters' dtype.
+
+    The caller casts the merged weight once (PEFT issue #1388: half-precision ΔW drifts).
 
     Args:
         A: (r, in).
@@ -48,9 +56,10 @@ def delta_weight(A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
         s: scaling.
 
     Returns:
-        (out, in) float32 tensor.
+        (out, in) tensor in `accumulate_dtype(A.dtype, B.dtype)`.
     """
-    return (B.float() @ A.float()) * s
+    dtype = accumulate_dtype(A.dtype, B.dtype)
+    return (B.to(dtype) @ A.to(dtype)) * s
 
 
 def linear_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
@@ -169,4 +178,4 @@ def conv2d_delta(
 def conv2d_delta_weight(A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
     """ΔW of a LoRA conv in float32: (out, r)·(r, in·kh·kw) reshaped to (out, in, kh, kw)."""
     out_ch, r = B.shape[:2]
-    return ((B.float().reshape(out_ch, r) @ A.float().flatten(1)) * s).view(out_ch, *A.shape[1:])
+    return delta_weight(A.flatten(1), B.reshape(out_ch, r), s).view(out_ch, *A.shape[1:])

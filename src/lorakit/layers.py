@@ -191,7 +191,7 @@ class LoraLayer(AdapterHost):
     def merged_weight(self, names: Iterable[str]) -> torch.Tensor:
         """The base weight with adapters `names` added: W0 + Σ ΔW in float32, cast once."""
         weight = self.base_layer.weight
-        total = weight.detach().float()
+        total = weight.detach().to(LF.accumulate_dtype(weight.dtype))
         for name in names:
             total = total + self.delta_weight(name)
         return total.to(weight.dtype)
@@ -224,7 +224,7 @@ class LoraLayer(AdapterHost):
         if not self.merged:
             return
         weight = self.base_layer.weight
-        total = weight.detach().float()
+        total = weight.detach().to(LF.accumulate_dtype(weight.dtype))
         for name in reversed(self.merged):
             total = total - self.delta_weight(name)
         with torch.no_grad():
@@ -292,7 +292,8 @@ class LoraLinear(LoraLayer):
         W = U·S·Vᵀ; A = √(S_r/s)·V_rᵀ, B = U_r·√(S_r/s), so s·B·A is W's best rank-r part and
         W_res = W − s·B·A; the layer's output is unchanged at the start.
         """
-        weight = self.base_layer.weight.detach().float()
+        weight = self.base_layer.weight.detach()
+        weight = weight.to(LF.accumulate_dtype(weight.dtype))
         W = weight.T if self.is_conv1d else weight  # (out, in)
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         root = torch.sqrt(S[:r] / s)

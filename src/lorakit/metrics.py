@@ -41,8 +41,6 @@ _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 # average reference length (nist_length_penalty: beta = -log(0.5) / log(1.5)^2).
 _NIST_MAX_N = 5
 _NIST_BETA = -math.log(0.5) / math.log(1.5) ** 2
-# math.exp overflows a float above this argument (exp(709.78) ~ 1.8e308).
-_MAX_EXP_ARG = math.log(2.0**1023 * (2.0 - 2.0**-52))
 _JAVA_HINT = (
     "METEOR and the PTB tokenizer used by METEOR, ROUGE_L and CIDEr run Java jars shipped with "
     "pycocoevalcap; install a Java runtime (8 or newer, e.g. `apt-get install default-jre-headless`) "
@@ -92,7 +90,8 @@ def e2e_metrics(predictions: Sequence[str], references: Sequence[Sequence[str]])
             dropped silently: there is no partial result.
     """
     predictions, references = _validate(predictions, references)
-    scores = {**_mteval_scores(predictions, references), **_coco_scores(predictions, references)}
+    # The Java half first: without Java the call fails before any other work.
+    scores = {**_coco_scores(predictions, references), **_mteval_scores(predictions, references)}
     return {key: scores[key] for key in ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")}
 
 
@@ -224,16 +223,16 @@ def perplexity(mean_loss: float) -> float:
 
     Args:
         mean_loss: Token-normalised cross-entropy (natural log), e.g. a training or validation loss.
-            A 0-d tensor works too.
+            Anything ``float()`` accepts, such as a 0-d tensor.
 
     Returns:
         ``exp(mean_loss)``; ``inf`` where that overflows a float (loss above ~709.78) instead of
         raising ``OverflowError``; ``nan`` for a ``nan`` loss.
     """
-    loss = float(mean_loss)
-    if loss > _MAX_EXP_ARG:
+    try:
+        return math.exp(float(mean_loss))
+    except OverflowError:
         return math.inf
-    return math.exp(loss)
 
 
 def accuracy(preds: Sequence[Hashable], labels: Sequence[Hashable]) -> float:
