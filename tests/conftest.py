@@ -104,4 +104,4 @@ def assert_same_state(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> No
     now = model.state_dict()
     assert list(now) == list(snapshot), "state_dict keys changed"
     for k, v in snapshot.items():
-        assert torch.equal(now[k], v), f"{k} changed"
+        torch.testing.assert_close(now[k], v, atol=0, rtol=0, equal_nan=True, msg=f"{k} changed")

@@ -236,8 +236,11 @@ class LoraLayer(AdapterHost):
             raise LorakitError(f"adapter {name!r} is merged into the weights; unmerge before deleting it")
         super().remove(name)
 
-    def _weight_device(self) -> torch.device:
-        return self.base_layer.weight.device
+    def _factory(self) -> dict:
+        # Adapters live in the base weight's dtype when that is fp32/fp64, and in fp32 over half
+        # precision or quantized bases (as PEFT's autocast_adapter_dtype).
+        weight = self.base_layer.weight
+        return {"device": weight.device, "dtype": LF.accumulate_dtype(weight.dtype)}
 
 
 class LoraLinear(LoraLayer):
@@ -260,9 +263,9 @@ class LoraLinear(LoraLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         e = len(slices) if slices is not None else 1
         out = self.out_features // n_slices
-        device = self._weight_device()
-        A = torch.empty(e * r, self.in_features, device=device)
-        B = torch.zeros(e * out, r, device=device)
+        kw = self._factory()
+        A = torch.empty(e * r, self.in_features, **kw)
+        B = torch.zeros(e * out, r, **kw)
         if init == "gaussian":
             nn.init.normal_(A, std=1 / r)
         else:  # True, False: Kaiming-uniform as PEFT (layer.py reset_lora_parameters) and nn.Linear
@@ -320,9 +323,9 @@ class LoraEmbedding(LoraLayer):
     def init_tensors(
         self, r: int, init: bool | str, slices: Sequence[int] | None = None, n_slices: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        device = self._weight_device()
-        A = torch.zeros(r, self.in_features, device=device)
-        B = torch.randn(self.out_features, r, device=device)
+        kw = self._factory()
+        A = torch.zeros(r, self.in_features, **kw)
+        B = torch.randn(self.out_features, r, **kw)
         if init is False:
             A.normal_()
         return A, B
@@ -360,9 +363,9 @@ class LoraConv2d(LoraLayer):
     def init_tensors(
         self, r: int, init: bool | str, slices: Sequence[int] | None = None, n_slices: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        device = self._weight_device()
-        A = torch.empty(r, self.in_features, *self.base_layer.kernel_size, device=device)
-        B = torch.zeros(self.out_features, r, 1, 1, device=device)
+        kw = self._factory()
+        A = torch.empty(r, self.in_features, *self.base_layer.kernel_size, **kw)
+        B = torch.zeros(self.out_features, r, 1, 1, **kw)
         if init == "gaussian":
             nn.init.normal_(A, std=1 / r)
         else:

@@ -15,8 +15,12 @@ import shutil
 import string
 from collections import Counter
 from collections.abc import Hashable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from lorakit.errors import DataError, LorakitError
+
+if TYPE_CHECKING:
+    from pycocoevalcap.meteor.meteor import Meteor
 
 __all__ = [
     "ScorerUnavailableError",
@@ -73,7 +77,8 @@ def e2e_metrics(predictions: Sequence[str], references: Sequence[Sequence[str]])
     - SPICE and the COCO Bleu_1..4 are not computed (the E2E table reports neither).
 
     Java starts twice per call, not per sentence: once for the PTB tokenizer (references and
-    predictions together) and once for METEOR (~10 s, mostly loading its paraphrase table).
+    predictions together) and once for METEOR (~10 s, mostly loading its paraphrase table, which
+    overlaps with computing the other four scores).
 
     Args:
         predictions: One generated text per MR.
@@ -90,8 +95,9 @@ def e2e_metrics(predictions: Sequence[str], references: Sequence[Sequence[str]])
             dropped silently: there is no partial result.
     """
     predictions, references = _validate(predictions, references)
-    # The Java half first: without Java the call fails before any other work.
-    scores = {**_coco_scores(predictions, references), **_mteval_scores(predictions, references)}
+    with _started_meteor() as meteor:
+        # METEOR's JVM loads its paraphrase table (~10 s) while the other scores are computed.
+        scores = {**_mteval_scores(predictions, references), **_coco_scores(predictions, references, meteor)}
     return {key: scores[key] for key in ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")}
 
 
@@ -172,20 +178,23 @@ def coco_scores(predictions: Sequence[str], references: Sequence[Sequence[str]])
         DataError: The inputs are malformed (as for `e2e_metrics`).
         ScorerUnavailableError: Java is not on PATH, or the tokenizer or METEOR jar failed.
     """
-    return _coco_scores(*_validate(predictions, references))
+    predictions, references = _validate(predictions, references)
+    with _started_meteor() as meteor:
+        return _coco_scores(predictions, references, meteor)
 
 
-def _coco_scores(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
-    if shutil.which("java") is None:
-        raise ScorerUnavailableError(f"no `java` executable on PATH. {_JAVA_HINT}.")
+def _coco_scores(predictions: list[str], references: list[list[str]], meteor: Meteor) -> dict[str, float]:
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
     gts, res = _ptb_tokenize(predictions, references)
-    meteor = _meteor(gts, res)
     rouge, _ = Rouge().compute_score(gts, res)
     cider, _ = Cider().compute_score(gts, res)
-    return {"METEOR": 100.0 * meteor, "ROUGE_L": 100.0 * float(rouge), "CIDEr": float(cider)}
+    return {
+        "METEOR": 100.0 * _meteor_score(meteor, gts, res),
+        "ROUGE_L": 100.0 * float(rouge),
+        "CIDEr": float(cider),
+    }
 
 
 def group_references(mrs: Sequence[str], refs: Sequence[str]) -> tuple[list[str], list[list[str]]]:
@@ -311,7 +320,11 @@ def _validate(
     bad_preds = [i for i, text in enumerate(predictions) if not isinstance(text, str)]
     if bad_preds:
         problems.append(f"predictions that are not strings at indices {_head(bad_preds)}")
-    no_refs = [i for i, group in enumerate(references) if isinstance(group, str) or not group]
+    no_refs = [
+        i
+        for i, group in enumerate(references)
+        if not isinstance(group, Sequence) or isinstance(group, str) or not group
+    ]
     if no_refs:
         problems.append(f"MRs without a list of references at indices {_head(no_refs)}")
     blank = [
@@ -367,7 +380,7 @@ def _mteval_nist(hyps: list[list[str]], refs: list[list[list[str]]]) -> float:
             matched_info[len(ngram) - 1] += info(ngram) * count
         for n in range(_NIST_MAX_N):
             hyp_ngram_count[n] += max(len(hyp) - n, 0)
-    score = sum(info_n / max(count_n, 1) for info_n, count_n in zip(matched_info, hyp_ngram_count))
+    score = sum(info / max(count, 1) for info, count in zip(matched_info, hyp_ngram_count, strict=True))
     # nist_score: ratio = tst words / (ref words / number of reference sets), see mteval_scores.
     n_ref_sets = max(len(group) for group in refs)
     if total_ref_words == 0:
@@ -407,35 +420,44 @@ def _ptb_tokenize(
     return gts, res
 
 
-def _meteor(gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:
-    """Corpus METEOR 1.5 from one JVM: pycocoevalcap's ``Meteor`` batches every MR into one EVAL."""
+@contextlib.contextmanager
+def _started_meteor() -> Iterator[Meteor]:
+    """Start pycocoevalcap's METEOR JVM (one per call) and stop it on the way out, error or not."""
+    if shutil.which("java") is None:
+        raise ScorerUnavailableError(f"no `java` executable on PATH. {_JAVA_HINT}.")
     from pycocoevalcap.meteor.meteor import Meteor
 
     try:
-        scorer = Meteor()
+        scorer = Meteor()  # Popen returns at once; the jar reads its paraphrase table meanwhile.
     except OSError as exc:
         raise ScorerUnavailableError(f"METEOR could not start ({exc}). {_JAVA_HINT}.") from exc
     try:
-        score, _ = scorer.compute_score(gts, res)
-        return float(score)
-    except (OSError, ValueError) as exc:
-        # The jar died (an empty line fails float()); its stderr says why.
-        _stop_meteor(scorer)
-        message = scorer.meteor_p.stderr.read().decode(errors="replace").strip()[-2000:]
-        raise ScorerUnavailableError(f"METEOR (meteor-1.5.jar) failed: {message or exc}") from exc
+        yield scorer
     finally:
         _stop_meteor(scorer)
 
 
-def _stop_meteor(scorer: object) -> None:
+def _meteor_score(scorer: Meteor, gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:
+    """Corpus METEOR 1.5 (0-1): ``compute_score`` sends every MR to the one JVM, then one EVAL line."""
+    try:
+        score, _ = scorer.compute_score(gts, res)
+    except (OSError, ValueError) as exc:
+        # The jar died (its empty output fails float()); its stderr says why.
+        _stop_meteor(scorer)
+        message = scorer.meteor_p.stderr.read().decode(errors="replace").strip()[-2000:]
+        raise ScorerUnavailableError(f"METEOR (meteor-1.5.jar) failed: {message or exc}") from exc
+    return float(score)
+
+
+def _stop_meteor(scorer: Meteor) -> None:
     """End the METEOR JVM now rather than in ``Meteor.__del__``.
 
     ``compute_score`` keeps its lock when the jar dies mid-call, and ``__del__`` takes that lock
     first, so it would block forever; release it, then stop the process (both steps idempotent).
     """
-    if scorer.lock.locked():  # type: ignore[attr-defined]
-        scorer.lock.release()  # type: ignore[attr-defined]
-    process = scorer.meteor_p  # type: ignore[attr-defined]
+    if scorer.lock.locked():
+        scorer.lock.release()
+    process = scorer.meteor_p
     with contextlib.suppress(OSError):
         process.stdin.close()
     if process.poll() is None:

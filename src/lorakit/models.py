@@ -191,10 +191,10 @@ def _resolve(spec: str | os.PathLike[str] | None) -> tuple[Path, str, bool]:
         if path.suffix.lower() != ".gguf":
             raise ModelLoadError(f"{path} is a file but not a .gguf file. {_accepted()}")
         path = path.resolve()
-        stat = path.stat()
-        key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        # One cache per path; a changed file (size or mtime) replaces it rather than piling up copies.
+        key = hashlib.sha256(str(path).encode()).hexdigest()[:12]
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem)
-        return _cached_gguf(path, cache_name=f"gguf-{stem}-{key}", fallback_name=str(path))
+        return _cached_gguf(path, cache_name=f"gguf-{stem}-{key}", fallback_name=str(path), check_mtime=True)
     hint = ""
     if re.fullmatch(r"[\w.-]+/[\w.-]+", text):
         hint = " lorakit never downloads from a hub: download the model yourself and pass its directory."
@@ -248,12 +248,21 @@ def _packaged_encoder_dir() -> Path:
 # ----------------------------------------------------------------------------- GGUF cache
 
 
-def _cached_gguf(gguf_path: Path, *, cache_name: str, fallback_name: str) -> tuple[Path, str, bool]:
-    """Return the cache directory for a GGUF file, converting it first if the cache is missing or stale."""
+def _cached_gguf(
+    gguf_path: Path, *, cache_name: str, fallback_name: str, check_mtime: bool = False
+) -> tuple[Path, str, bool]:
+    """Return the cache directory for a GGUF file, converting it first if the cache is missing or stale.
+
+    The cache is stale when its marker is missing or records another format or file size (and, for
+    user files, another modification time: a reinstalled package keeps its file but not its mtime).
+    """
     target = cache_dir() / cache_name
-    size = gguf_path.stat().st_size
+    stat = gguf_path.stat()
+    source = {"format": _CACHE_FORMAT, "source_size": stat.st_size}
+    if check_mtime:
+        source["source_mtime_ns"] = stat.st_mtime_ns
     marker = _read_marker(target)
-    if marker is not None and marker.get("source_size") == size and marker.get("format") == _CACHE_FORMAT:
+    if marker is not None and all(marker.get(key) == value for key, value in source.items()):
         return target, str(marker.get("name") or fallback_name), False
     if target.exists():
         _discard(target)
@@ -261,7 +270,7 @@ def _cached_gguf(gguf_path: Path, *, cache_name: str, fallback_name: str) -> tup
 
     def build(tmp: Path) -> None:
         name = _convert_gguf(gguf_path, tmp) or fallback_name
-        info = {"format": _CACHE_FORMAT, "source": gguf_path.name, "source_size": size, "name": name}
+        info = {**source, "source": gguf_path.name, "name": name}
         (tmp / _MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
     _atomic_build_dir(target, build, is_complete=lambda path: _read_marker(path) is not None)
