@@ -140,17 +140,13 @@ class LoraConfig:
         if self.bias not in ("none", "all", "lora_only"):
             out.append(f"bias must be one of 'none', 'all', 'lora_only', got {self.bias!r}")
         if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights in ("gaussian", "pissa")):
-            out.append(
-                f"init_lora_weights must be True, False, 'gaussian' or 'pissa', got {self.init_lora_weights!r}"
-            )
+            out.append(f"init_lora_weights must be True, False, 'gaussian' or 'pissa', got {self.init_lora_weights!r}")
         if not isinstance(self.use_rslora, bool):
             out.append(f"use_rslora must be a bool, got {self.use_rslora!r}")
         out += _pattern_problems("target_modules", self.target_modules, allow_none=True)
         out += _pattern_problems("exclude_modules", self.exclude_modules, allow_none=True)
         if isinstance(self.target_modules, list) and not self.target_modules:
-            out.append(
-                "target_modules is an empty list; name at least one module (or use None for the default)"
-            )
+            out.append("target_modules is an empty list; name at least one module (or use None for the default)")
         lt = self.layers_to_transform
         if lt is not None:
             items = [lt] if _is_int(lt) else lt if isinstance(lt, list) else None
@@ -162,18 +158,16 @@ class LoraConfig:
                 )
         if self.layers_pattern is not None and lt is None:
             out.append("layers_pattern is only meaningful with layers_to_transform")
-        for name, mapping, check in (
-            ("rank_pattern", self.rank_pattern, lambda v: _is_int(v) and v > 0),
-            ("alpha_pattern", self.alpha_pattern, lambda v: _is_number(v) and v > 0),
+        for name, mapping, check, wanted in (
+            ("rank_pattern", self.rank_pattern, lambda v: _is_int(v) and v > 0, "a positive integer"),
+            ("alpha_pattern", self.alpha_pattern, lambda v: _is_number(v) and v > 0, "> 0"),
         ):
             if not isinstance(mapping, Mapping):
                 out.append(f"{name} must be a dict, got {mapping!r}")
                 continue
             for key, value in mapping.items():
                 if not check(value):
-                    out.append(
-                        f"{name}[{key!r}] must be {'a positive integer' if name == 'rank_pattern' else '> 0'}, got {value!r}"
-                    )
+                    out.append(f"{name}[{key!r}] must be {wanted}, got {value!r}")
                 out += _regex_problems(f"{name} key", key)
         if self.modules_to_save is not None and (
             not isinstance(self.modules_to_save, list)
@@ -234,9 +228,7 @@ class LoraConfig:
             raise AdapterFormatError(f"{source}: expected a JSON object, got {type(data).__name__}")
         peft_type = data.get("peft_type")
         if peft_type != "LORA":
-            raise AdapterFormatError(
-                f"{source}: peft_type is {peft_type!r}; lorakit reads LoRA adapters ('LORA') only"
-            )
+            raise AdapterFormatError(f"{source}: peft_type is {peft_type!r}; lorakit reads LoRA adapters ('LORA') only")
         for key, what in _UNSUPPORTED_WHEN_SET.items():
             if data.get(key):
                 raise AdapterFormatError(f"{source}: the adapter uses {what}, which lorakit does not support")
@@ -261,9 +253,7 @@ class LoraConfig:
     def to_peft_dict(self) -> dict[str, Any]:
         """This config as PEFT's `adapter_config.json` (PEFT's field names only)."""
         if self.fused_slices:
-            raise ConfigError(
-                "a config with fused_slices is written per module by save_adapter, not directly"
-            )
+            raise ConfigError("a config with fused_slices is written per module by save_adapter, not directly")
         return {
             "peft_type": "LORA",
             "base_model_name_or_path": self.base_model_name_or_path,

@@ -53,7 +53,7 @@ def test_active_adapters_add_up(ids):
 
 
 def test_merge_named_adapters_then_delete_rules(ids):
-    base, model = _two_adapters()
+    _, model = _two_adapters()
     lorakit.set_adapter(model, ["a", "b"])
     with torch.no_grad():
         out = model(ids).logits
@@ -91,7 +91,9 @@ def test_add_weighted_adapter_matches_peft(how, ids):
     pm.add_adapter("y", peft.LoraConfig(**kw))
     for name in ("x", "y"):
         state = {
-            f"base_model.model.{p}.{k}": t for p, layer in lora_layers(model) for k, t in layer.peft_tensors(name).items()
+            f"base_model.model.{p}.{k}": t
+            for p, layer in lora_layers(model)
+            for k, t in layer.peft_tensors(name).items()
         }
         set_peft_model_state_dict(pm, state, adapter_name=name)
     lorakit.add_weighted_adapter(model, ["x", "y"], [0.7, -0.4], "mix", combination_type=how)
@@ -120,7 +122,9 @@ def test_add_weighted_adapter_errors():
 
 def test_modules_to_save_trains_a_copy_per_adapter(tmp_path, ids):
     base = tiny_llama()
-    model = lorakit.inject(clone(base), lorakit.LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    model = lorakit.inject(
+        clone(base), lorakit.LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"])
+    )
     assert isinstance(model.lm_head, SavedModule)
     assert model.lm_head.adapters["default"].weight.requires_grad
     assert not model.lm_head.original_module.weight.requires_grad
@@ -178,7 +182,9 @@ def test_default_targets_follow_the_paper():
 
 
 def test_all_linear_skips_output_head_and_respects_filters():
-    model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(target_modules="all-linear", exclude_modules=["o_proj"]))
+    model = lorakit.inject(
+        tiny_llama(), lorakit.LoraConfig(target_modules="all-linear", exclude_modules=["o_proj"])
+    )
     leaves = sorted({p.rsplit(".", 1)[1] for p, _ in lora_layers(model)})
     assert leaves == ["down_proj", "gate_proj", "k_proj", "q_proj", "up_proj", "v_proj"]
     assert not isinstance(model.lm_head, LoraLayer)

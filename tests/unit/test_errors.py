@@ -18,7 +18,15 @@ from lorakit.errors import (
     TargetNotFoundError,
     UnsupportedLayerError,
 )
-from tests.conftest import assert_same_state, clone, conv_net, randomize_adapters, state_snapshot, tiny_gpt2, tiny_llama
+from tests.conftest import (
+    assert_same_state,
+    clone,
+    conv_net,
+    randomize_adapters,
+    state_snapshot,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 
 # ------------------------------------------------------------------------------ config
@@ -123,7 +131,7 @@ def test_adapter_name_rules(llama):
 
 def test_modules_to_save_typo(llama):
     before = state_snapshot(llama)
-    with pytest.raises(TargetNotFoundError, match="'lm_hed'.*lm_head"):
+    with pytest.raises(TargetNotFoundError, match=r"'lm_hed'.*lm_head"):
         lorakit.inject(llama, lorakit.LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_hed"]))
     assert_same_state(llama, before)
 
@@ -134,9 +142,8 @@ def test_unknown_adapter_names(llama):
     lorakit.inject(llama, lorakit.LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(LorakitError, match=r"no adapter named 'x'; this model has \['default'\]"):
         lorakit.set_adapter(llama, "x")
-    with pytest.raises(LorakitError, match="unknown adapter"):
-        with lorakit.adapter_per_row(llama, ["default", "x"]):
-            pass
+    with pytest.raises(LorakitError, match="unknown adapter"), lorakit.adapter_per_row(llama, ["default", "x"]):
+        pass
 
 
 def test_safe_merge_refuses_nan_and_writes_nothing(llama):
@@ -154,9 +161,8 @@ def test_safe_merge_refuses_nan_and_writes_nothing(llama):
 def test_per_row_refuses_merged(llama, ids):
     lorakit.inject(llama, lorakit.LoraConfig(target_modules=["q_proj"]))
     lorakit.merge(llama)
-    with pytest.raises(LorakitError, match="unmerged"):
-        with lorakit.adapter_per_row(llama, ["default"] * 4):
-            pass
+    with pytest.raises(LorakitError, match="unmerged"), lorakit.adapter_per_row(llama, ["default"] * 4):
+        pass
 
 
 # ------------------------------------------------------------------------------ files
@@ -241,7 +247,14 @@ def test_adapter_for_another_model(saved):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     wider = LlamaForCausalLM(
-        LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
     )
     before = state_snapshot(wider)
     with pytest.raises(ShapeMismatchError) as info:
