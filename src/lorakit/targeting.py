@@ -219,9 +219,9 @@ def _slices_for(fused: dict[str, list[bool]], path: str) -> list[bool] | None:
 def _check_fused(fused: dict[str, list[bool]], chosen: list[Target], config: LoraConfig) -> None:
     problems = []
     for key in fused:
-        if not any(_slices_for({key: [True]}, t.path) for t in chosen):
-            if config.fused_slices and key in config.fused_slices:
-                problems.append(f"fused_slices key {key!r} matches no adapted module")
+        explicit = bool(config.fused_slices) and key in config.fused_slices
+        if explicit and not any(_slices_for({key: [True]}, t.path) for t in chosen):
+            problems.append(f"fused_slices key {key!r} matches no adapted module")
     for t in chosen:
         if t.slices is None:
             continue

@@ -45,10 +45,16 @@ def _build(c, init=True):
     torch.manual_seed(c["seed"])
     model = MLP(c["d_in"], c["d_hidden"], c["d_out"]).to(c["dtype"])
     cfg = lorakit.LoraConfig(
-        r=c["r"], lora_alpha=c["alpha"], use_rslora=c["rslora"], target_modules=["up", "down"], init_lora_weights=init
+        r=c["r"],
+        lora_alpha=c["alpha"],
+        use_rslora=c["rslora"],
+        target_modules=["up", "down"],
+        init_lora_weights=init,
     )
     lora = lorakit.inject(MLP(c["d_in"], c["d_hidden"], c["d_out"]).to(c["dtype"]), cfg)
-    lora.load_state_dict({k.replace("base_layer.", ""): v for k, v in lora.state_dict().items()}, strict=False)
+    lora.load_state_dict(
+        {k.replace("base_layer.", ""): v for k, v in lora.state_dict().items()}, strict=False
+    )
     with torch.no_grad():
         lora.up.base_layer.load_state_dict(model.up.state_dict())
         lora.down.base_layer.load_state_dict(model.down.state_dict())

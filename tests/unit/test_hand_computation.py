@@ -54,7 +54,9 @@ def test_linear_matches_formula():
 
 def test_rslora_scaling_is_alpha_over_sqrt_r():
     lin = nn.Linear(3, 2, bias=False).double()
-    model = lorakit.inject(Holder(lin), lorakit.LoraConfig(r=4, lora_alpha=6, target_modules=["layer"], use_rslora=True))
+    model = lorakit.inject(
+        Holder(lin), lorakit.LoraConfig(r=4, lora_alpha=6, target_modules=["layer"], use_rslora=True)
+    )
     A, B = _ints(4, 3, seed=3), _ints(2, 4, seed=4)
     _set(model.layer.adapters["default"], A, B)
     x = _ints(2, 3, seed=6)
@@ -110,7 +112,9 @@ def test_conv2d_via_im2col():
 
 def test_fused_slices_adapt_only_enabled_parts():
     lin = nn.Linear(2, 6, bias=False).double()  # three slices of 2: q, k, v
-    cfg = lorakit.LoraConfig(r=1, lora_alpha=1, target_modules=["layer"], fused_slices={"layer": [True, False, True]})
+    cfg = lorakit.LoraConfig(
+        r=1, lora_alpha=1, target_modules=["layer"], fused_slices={"layer": [True, False, True]}
+    )
     model = lorakit.inject(Holder(lin), cfg)
     rec = model.layer.adapters["default"]
     assert rec.lora_A.shape == (2, 2) and rec.lora_B.shape == (4, 1)
@@ -136,7 +140,10 @@ def test_fresh_adapter_init_kaiming_A_zero_B():
     assert torch.count_nonzero(rec.lora_B) == 0
     bound = 1 / 64**0.5  # kaiming_uniform(a=√5): bound = √(6/((1+5)·fan_in)) = 1/√fan_in
     assert rec.lora_A.abs().max() <= bound and rec.lora_A.abs().max() > bound / 2
-    gauss = lorakit.inject(Holder(nn.Linear(64, 8)), lorakit.LoraConfig(r=4, target_modules=["layer"], init_lora_weights="gaussian"))
+    gauss = lorakit.inject(
+        Holder(nn.Linear(64, 8)),
+        lorakit.LoraConfig(r=4, target_modules=["layer"], init_lora_weights="gaussian"),
+    )
     std = gauss.layer.adapters["default"].lora_A.std().item()
     assert 0.15 < std < 0.35  # N(0, 1/r) with r = 4
 
@@ -146,7 +153,10 @@ def test_pissa_keeps_output_and_saves_relative_to_original(tmp_path):
     x = _ints(3, 6, seed=7)
     before = lin(x).detach()
     W0 = lin.weight.detach().clone()
-    model = lorakit.inject(Holder(lin), lorakit.LoraConfig(r=2, lora_alpha=2, target_modules=["layer"], init_lora_weights="pissa"))
+    model = lorakit.inject(
+        Holder(lin),
+        lorakit.LoraConfig(r=2, lora_alpha=2, target_modules=["layer"], init_lora_weights="pissa"),
+    )
     torch.testing.assert_close(model(x), before, atol=1e-10, rtol=0)
     assert not torch.allclose(lin.weight, W0)  # W0 replaced by the residual
     rec = model.layer.adapters["default"]
