@@ -4,6 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# METEOR and the PTB tokenizer of the E2E metrics are Java programs (shipped in pycocoevalcap).
+if ! command -v java >/dev/null 2>&1; then
+  (apt-get update -qq && apt-get install -y -qq default-jre-headless) || echo "warning: no Java; E2E METEOR unavailable"
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0

@@ -4,7 +4,7 @@ Record formats, detected from the file suffix and the field names:
 
 | source | records |
 |---|---|
-| `.jsonl` (one object per line) or `.json` (a list of objects) | `text`; or `prompt` + `completion`; or chat `messages`; or E2E `mr` + `ref` |
+| `.jsonl` (object a line), `.json` (a list) | `text`; `prompt`+`completion`; chat `messages`; `mr`+`ref` |
 | `.csv` with a header | `text`; or `prompt` + `completion`; or E2E official `mr,ref` |
 | `.txt` | the LoRA repo's E2E lines `<context>||<completion> ` |
 | `"e2e"`, `"e2e-dev"` | the bundled E2E samples (see `BUNDLED_DATASETS`) |
@@ -38,6 +38,7 @@ from lorakit.errors import ConfigError, DataError
 
 __all__ = [
     "BUNDLED_DATASETS",
+    "IGNORE_INDEX",
     "ClassificationDataset",
     "Example",
     "TokenizedDataset",
@@ -63,7 +64,8 @@ BUNDLED_DATASETS: dict[str, str] = {
 
 _E2E_KEYS = {"eatType": "Type", "priceRange": "price", "familyFriendly": "family friendly"}
 _E2E_SEPARATOR = " ||"
-_ACCEPTED_FIELDS = "'text'; 'prompt' and 'completion'; 'messages' (JSON only); 'mr' and 'ref' (E2E)"
+_ACCEPTED_FIELDS = "'text'; 'prompt' and 'completion'; 'messages' (chat); 'mr' and 'ref' (E2E)"
+_ACCEPTED_COLUMNS = "'text'; 'prompt' and 'completion'; 'mr' and 'ref' (E2E)"
 _ACCEPTED_SOURCES = (
     ".jsonl, .json, .csv, .txt (E2E LoRA lines '<context>||<completion>') or a bundled name ("
     + ", ".join(BUNDLED_DATASETS)
@@ -91,11 +93,16 @@ class Example:
 
 
 _NONBREAKING = frozenset(
-    "A B C D E F G H I J K L M N O P Q R S T U V W X Y Z Adj Adm Adv Asst Bart Bldg Brig Bros Capt Cmdr "
-    "Col Comdr Con Corp Cpl DR Dr Drs Ens Gen Gov Hon Hr Hosp Insp Lt MM MR MRS MS Maj Messrs Mlle Mme "
-    "Mr Mrs Ms Msgr Op Ord Pfc Ph Prof Pvt Rep Reps Res Rev Rt Sen Sens Sfc Sgt Sr St Supt Surg v vs "
-    "i.e rev e.g Nos Nr Jan Feb Mar Apr Jun Jul Aug Sep Sept Oct Nov Dec".split()
-)
+    [
+        *"ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+        *("Adj", "Adm", "Adv", "Asst", "Bart", "Bldg", "Brig", "Bros", "Capt", "Cmdr", "Col", "Comdr"),
+        *("Con", "Corp", "Cpl", "DR", "Dr", "Drs", "Ens", "Gen", "Gov", "Hon", "Hr", "Hosp", "Insp"),
+        *("Lt", "MM", "MR", "MRS", "MS", "Maj", "Messrs", "Mlle", "Mme", "Mr", "Mrs", "Ms", "Msgr"),
+        *("Op", "Ord", "Pfc", "Ph", "Prof", "Pvt", "Rep", "Reps", "Res", "Rev", "Rt", "Sen", "Sens"),
+        *("Sfc", "Sgt", "Sr", "St", "Supt", "Surg", "v", "vs", "i.e", "rev", "e.g", "Nos", "Nr"),
+        *("Jan", "Feb", "Mar", "Apr", "Jun", "Jul", "Aug", "Sep", "Sept", "Oct", "Nov", "Dec"),
+    ]
+)  # Moses' English non-breaking prefixes: "Dr." or "St." keep their period
 _NUMERIC_ONLY = frozenset({"No", "Art", "pp"})  # non-breaking only before a number
 
 
@@ -310,7 +317,7 @@ def _read_csv_examples(path: Path) -> list[Example]:
         elif "text" in fields:
             kind = "text"
         else:
-            raise DataError(f"{path}: found columns {fields}; accepted: {_ACCEPTED_FIELDS.replace(' (JSON only)', '')}")
+            raise DataError(f"{path}: found columns {fields}; accepted: {_ACCEPTED_COLUMNS}")
         examples = []
         for row in reader:
             where = f"{path}, line {reader.line_num}"
@@ -480,8 +487,8 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: Any, seq_len: int)
         dataset.labels.append(labels)
     if dataset.truncated:
         warnings.warn(
-            f"{dataset.truncated} of {len(examples)} examples are longer than seq_len={seq_len} tokens and were "
-            f"cut at the end; {dataset.dropped} kept no completion token and were dropped",
+            f"{dataset.truncated} of {len(examples)} examples are longer than seq_len={seq_len} tokens and "
+            f"were cut at the end; {dataset.dropped} kept no completion token and were dropped",
             stacklevel=2,
         )
     return dataset
@@ -490,9 +497,7 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: Any, seq_len: int)
 # ----------------------------------------------------------------------------- splits and batches
 
 
-def split_holdout(
-    examples: Sequence[Example], fraction: float, seed: int
-) -> tuple[list[Example], list[Example]]:
+def split_holdout(examples: Sequence[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """Split examples into train and holdout, deterministically, keeping groups whole.
 
     Examples sharing a `group` (all references of one E2E MR) land on the same side; examples without

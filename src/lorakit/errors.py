@@ -8,6 +8,7 @@ __all__ = [
     "DataError",
     "LorakitError",
     "ModelLoadError",
+    "ScorerUnavailableError",
     "ShapeMismatchError",
     "TargetNotFoundError",
     "TrainingError",
@@ -45,6 +46,10 @@ class ModelLoadError(LorakitError, OSError):
 
 class DataError(LorakitError, ValueError):
     """A dataset file is missing, empty or has the wrong columns."""
+
+
+class ScorerUnavailableError(LorakitError, OSError):
+    """An external scorer could not run: no Java for METEOR / the PTB tokenizer, or the jar failed."""
 
 
 class TrainingError(LorakitError, RuntimeError):

@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Hashable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from lorakit.errors import DataError, LorakitError
+from lorakit.errors import DataError, ScorerUnavailableError
 
 if TYPE_CHECKING:
     from pycocoevalcap.meteor.meteor import Meteor
@@ -33,10 +33,6 @@ __all__ = [
     "mteval_scores",
     "perplexity",
 ]
-
-
-class ScorerUnavailableError(LorakitError, OSError):
-    """An external scorer could not run: no Java for METEOR / the PTB tokenizer, or the jar failed."""
 
 
 # mteval-v13a lower-cases with `tr/[A-Z]/[a-z]/`: ASCII letters only ("É" stays upper-case).
@@ -218,8 +214,7 @@ def group_references(mrs: Sequence[str], refs: Sequence[str]) -> tuple[list[str]
     """
     if len(mrs) != len(refs):
         raise DataError(
-            f"group_references: {len(mrs)} MRs but {len(refs)} references; pass the two columns of "
-            "the same rows"
+            f"group_references: {len(mrs)} MRs but {len(refs)} references; pass the two columns of the same rows"
         )
     grouped: dict[str, list[str]] = {}
     for mr, ref in zip(mrs, refs, strict=True):
@@ -237,6 +232,10 @@ def perplexity(mean_loss: float) -> float:
     Returns:
         ``exp(mean_loss)``; ``inf`` where that overflows a float (loss above ~709.78) instead of
         raising ``OverflowError``; ``nan`` for a ``nan`` loss.
+
+    Raises:
+        TypeError: ``mean_loss`` is not a number ``float()`` can convert (ValueError for a string
+            that is not one).
     """
     try:
         return math.exp(float(mean_loss))
@@ -303,9 +302,7 @@ def matthews_corrcoef(preds: Sequence[int], labels: Sequence[int]) -> float:
     return (tp * tn - fp * fn) / denominator if denominator else 0.0
 
 
-def _validate(
-    predictions: Sequence[str], references: Sequence[Sequence[str]]
-) -> tuple[list[str], list[list[str]]]:
+def _validate(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[list[str], list[list[str]]]:
     """Check the corpus once, listing every problem; return copies with line breaks made spaces."""
     problems: list[str] = []
     if isinstance(predictions, str) or isinstance(references, str):

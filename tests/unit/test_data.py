@@ -126,7 +126,9 @@ def test_jsonl_formats(tmp_path, tokenizer):
     examples = data.load_examples(path)
     assert examples[0] == Example("", "plain text")
     assert examples[1] == Example("Q: 2+2?", " 4")
-    assert examples[2] == Example("name : Aromi | Type : pub ||", " Aromi is a pub .", group="name[Aromi], eatType[pub]")
+    assert examples[2] == Example(
+        "name : Aromi | Type : pub ||", " Aromi is a pub .", group="name[Aromi], eatType[pub]"
+    )
 
 
 def test_json_list_and_csv_formats(tmp_path):
@@ -208,8 +210,8 @@ def test_truncation_is_counted_and_warned_once(tokenizer, e2e_train):
     assert cut.truncated == expected > 0
     assert cut.dropped == 0
     assert [str(w.message) for w in caught if "seq_len" in str(w.message)] == [
-        f"{expected} of {len(examples)} examples are longer than seq_len={seq_len} tokens and were cut at the end; "
-        "0 kept no completion token and were dropped"
+        f"{expected} of {len(examples)} examples are longer than seq_len={seq_len} tokens and "
+        "were cut at the end; 0 kept no completion token and were dropped"
     ]
     assert max(len(ids) for ids in cut.input_ids) == seq_len
 
@@ -234,7 +236,9 @@ def small_dataset(tokenizer, e2e_train):
 
 
 def _rows(batch: dict[str, torch.Tensor]) -> list[tuple[int, ...]]:
-    return [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
+    return [
+        tuple(ids[mask.bool()].tolist()) for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+    ]
 
 
 def test_batches_are_deterministic_and_cover_the_epoch(small_dataset):
@@ -323,7 +327,9 @@ def test_glue_with_header(task):
         assert texts_b is None
     else:
         assert texts_b is not None and len(texts_b) == len(texts_a)
-        assert all(not t.startswith('"') for t in texts_a[:200])  # CSV quoting was undone
+        # MRPC/RTE use CSV-style quoting ("" for a quote inside a quoted field); it must be undone.
+        assert not any('""' in t for t in texts_a + texts_b)
+        assert any('"' in t for t in texts_a + texts_b)
 
 
 def test_glue_cola_headerless():
@@ -380,8 +386,9 @@ def test_wrong_fields_say_what_was_found_and_accepted(tmp_path):
     assert "['instruction', 'output']" in message
     assert "'prompt' and 'completion'" in message and "'text'" in message and "'messages'" in message
     csv_path = _write(tmp_path / "cols.csv", "question,answer\nq,a\n")
-    with pytest.raises(DataError, match=r"found columns \['question', 'answer'\]; accepted"):
+    with pytest.raises(DataError, match=r"found columns \['question', 'answer'\]; accepted: 'text'") as info:
         data.load_examples(csv_path)
+    assert "messages" not in str(info.value)  # chat records cannot come from a CSV
     tsv = _write(tmp_path / "cls.tsv", "id\ttext\tgold\n1\thello\t0\n")
     with pytest.raises(DataError, match=r"found columns \['id', 'text', 'gold'\]; accepted"):
         data.load_classification(tsv)
@@ -396,15 +403,23 @@ def test_invalid_json_names_file_and_line(tmp_path):
 
 def test_unknown_format(tmp_path):
     path = _write(tmp_path / "data.xml", "<a/>")
-    with pytest.raises(DataError, match="unknown data format '.xml'"):
+    with pytest.raises(DataError, match=r"unknown data format '\.xml'"):
         data.load_examples(path)
 
 
 @pytest.mark.parametrize(
     ("name", "content", "pattern"),
     [
-        ("chat.jsonl", json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n", "need a tokenizer"),
-        ("types.jsonl", json.dumps({"prompt": 1, "completion": "x"}) + "\n", "line 1: field 'prompt' must be a string"),
+        (
+            "chat.jsonl",
+            json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n",
+            "need a tokenizer",
+        ),
+        (
+            "types.jsonl",
+            json.dumps({"prompt": 1, "completion": "x"}) + "\n",
+            "line 1: field 'prompt' must be a string",
+        ),
         ("lines.txt", "name : A||ok \nno separator here\n", "line 2: .* no '\\|\\|'"),
         ("short.csv", "prompt,completion\nonly one field\n", "line 2: the row has fewer fields"),
     ],

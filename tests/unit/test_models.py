@@ -69,7 +69,7 @@ def test_second_load_comes_from_the_cache(smollm, monkeypatch):
         raise AssertionError("the GGUF file was converted again")
 
     monkeypatch.setattr(models, "_convert_gguf", no_conversion)
-    model, tokenizer, name = models.load_model("smollm2-135m")
+    _, tokenizer, name = models.load_model("smollm2-135m")
     assert tokenizer.name_or_path == str(cached)
     assert name == smollm[2]
     assert models.ensure_cached("smollm2-135m") == cached
@@ -112,11 +112,11 @@ def test_unknown_model_lists_what_is_accepted(spec):
 
 
 def test_directory_without_config_and_non_gguf_file(tmp_path):
-    with pytest.raises(ModelLoadError, match="without config.json"):
+    with pytest.raises(ModelLoadError, match=r"without config\.json"):
         models.load_model(tmp_path)
     weights = tmp_path / "model.bin"
     weights.write_bytes(b"\0" * 16)
-    with pytest.raises(ModelLoadError, match="not a .gguf file"):
+    with pytest.raises(ModelLoadError, match=r"not a \.gguf file"):
         models.load_model(weights)
 
 
