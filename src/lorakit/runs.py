@@ -69,8 +69,8 @@ class TrainOptions:
         weight_decay: AdamW weight decay (not applied to biases and norms).
         schedule: learning-rate schedule after warm-up: `cosine`, `linear` or `constant`.
         warmup_steps: linear warm-up steps.
-        batch_size: examples per optimizer step (the global batch, split over processes under torchrun).
-        grad_accum: micro-batches per optimizer step (each of batch_size/grad_accum examples).
+        batch_size: examples per micro-batch (the global batch: split over processes under torchrun).
+        grad_accum: micro-batches per optimizer step (effective batch = batch_size × grad_accum).
         max_grad_norm: gradient clipping norm (0 disables).
         epochs: passes over the training data (ignored when max_steps is set).
         max_steps: optimizer steps to run.
@@ -384,12 +384,11 @@ def train_run(opts: TrainOptions, echo: Printer = print) -> dict[str, Any]:
         overwritten unless `overwrite`/`resume` says so.
     """
     from lorakit.models import load_model
-    from lorakit.train import TrainConfig, fit, init_distributed, is_main_process
+    from lorakit.train import TrainConfig, fit, init_distributed
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    init_distributed()
-    main = is_main_process()
+    main = init_distributed().is_main
     say = echo if main else (lambda _msg: None)
     out = _check_out(opts)
     torch.manual_seed(opts.seed)
@@ -433,7 +432,7 @@ def train_run(opts: TrainOptions, echo: Printer = print) -> dict[str, Any]:
         say(f"  before | {ex.prompt.strip()}\n         -> {text}")
 
     per_epoch = D.num_batches(train_ds, opts.batch_size)
-    max_steps = opts.max_steps or per_epoch * opts.epochs
+    max_steps = opts.max_steps or math.ceil(per_epoch / opts.grad_accum) * opts.epochs
     tcfg = TrainConfig(
         lr=opts.lr,
         weight_decay=opts.weight_decay,

@@ -1,0 +1,28 @@
+"""Training: `fit()` — a plain loop a test can call — with durable checkpoints, exact resume and DDP.
+
+>>> from lorakit.train import TrainConfig, fit
+>>> result = fit(model, batches_fn, TrainConfig(lr=1e-3, max_steps=100), "runs/x", batches_per_epoch=50)
+>>> result.adapter_dir                      # runs/x/adapter: PEFT-format adapter
+"""
+
+from lorakit.train.checkpoint import latest_checkpoint, list_checkpoints
+from lorakit.train.config import TrainConfig
+from lorakit.train.distributed import DistInfo, init_distributed
+from lorakit.train.loop import FitResult, fit
+from lorakit.train.loss import count_targets, loss_sum
+from lorakit.train.optim import build_optimizer, build_scheduler, lr_factor
+
+__all__ = [
+    "DistInfo",
+    "FitResult",
+    "TrainConfig",
+    "build_optimizer",
+    "build_scheduler",
+    "count_targets",
+    "fit",
+    "init_distributed",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "loss_sum",
+    "lr_factor",
+]

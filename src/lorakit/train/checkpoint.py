@@ -1,0 +1,314 @@
+"""Durable training checkpoints: `out_dir/checkpoints/step-N/`, written atomically, no pickle.
+
+A checkpoint directory holds
+
+- `adapter_config.json`, `adapter_model.safetensors`: the adapter in PEFT's format
+  (`lorakit.save_adapter`), loadable on its own by lorakit or PEFT;
+- `trainer_state.safetensors`: every tensor needed to resume — the trainable parameters exactly
+  as they are in memory (`param.<name>`), the optimizer's state (`optimizer.<index>.<key>`), each
+  rank's torch RNG state as uint8 (`rng.torch.<rank>`, `rng.cuda.<rank>`);
+- `trainer_state.json`: everything else — step, data position (epoch, batch within the epoch),
+  config, optimizer param groups and non-tensor state, scheduler state, python/numpy RNG state,
+  loss and eval history.
+
+The directory is written as `checkpoints/.tmp-step-N-xxxx` (each file fsynced), renamed to
+`step-N` (a rename is atomic on POSIX) and the parent fsynced, so a kill at any moment leaves
+either no `step-N` or a complete one. `.tmp-*` leftovers are ignored and removed on the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_save
+from torch import nn
+
+from lorakit.errors import TrainingError
+from lorakit.io import atomic_write, save_adapter
+from lorakit.train.distributed import DistInfo, all_gather_bytes, barrier
+
+try:
+    import numpy as np
+except ImportError:  # pragma: no cover - numpy comes with torch in practice
+    np = None  # type: ignore[assignment]
+
+__all__ = [
+    "CHECKPOINTS_DIR",
+    "STATE_JSON",
+    "STATE_TENSORS",
+    "TrainerState",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "read_trainer_state",
+    "save_checkpoint",
+]
+
+CHECKPOINTS_DIR = "checkpoints"
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+FORMAT = "lorakit-trainer-state"
+VERSION = 1
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+TrainerState = dict[str, Any]
+"""The JSON part of a checkpoint (see the module docstring)."""
+
+
+def list_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first, as (step, directory).
+
+    A directory counts when it is named `step-N` and holds `trainer_state.json`; temporary
+    `.tmp-step-*` directories of an interrupted write never count.
+    """
+    root = Path(out_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _STEP_DIR.fullmatch(path.name)
+        if match and path.is_dir() and (path / STATE_JSON).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """The complete checkpoint with the highest step, or None if there is none."""
+    found = list_checkpoints(out_dir)
+    return found[-1][1] if found else None
+
+
+def remove_partial(out_dir: Path) -> None:
+    """Delete `.tmp-step-*` directories left by a write that was killed."""
+    root = out_dir / CHECKPOINTS_DIR
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.name.startswith(".tmp-step-") and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------- save
+def save_checkpoint(
+    out_dir: Path,
+    state: TrainerState,
+    *,
+    model: nn.Module,
+    adapter_name: str,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    keep: int | None,
+    info: DistInfo,
+) -> Path:
+    """Write `checkpoints/step-<state["step"]>` atomically; call on every rank (rank 0 writes).
+
+    Args:
+        out_dir: the run's output directory.
+        state: step, data position, config and history (JSON-ready); RNG, optimizer and
+            scheduler state are added here.
+        model: the model (not a DDP wrapper).
+        adapter_name: the adapter to save.
+        optimizer: its state goes to safetensors (tensors) and JSON (the rest).
+        scheduler: its state dict (numbers only) goes to JSON.
+        keep: keep only the newest this many checkpoints (None: all).
+        info: rank and world size; every rank's RNG state is gathered to rank 0.
+
+    Returns:
+        The checkpoint directory.
+    """
+    step = int(state["step"])
+    final = out_dir / CHECKPOINTS_DIR / f"step-{step}"
+    tensors: dict[str, torch.Tensor] = {}
+    # Collective: every rank's RNG state, gathered before rank 0 writes.
+    for rank, rng in enumerate(all_gather_bytes(torch.get_rng_state(), info)):
+        tensors[f"rng.torch.{rank}"] = rng
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for rank, rng in enumerate(all_gather_bytes(torch.cuda.get_rng_state(), info)):
+            tensors[f"rng.cuda.{rank}"] = rng
+    if info.is_main:
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                tensors[f"param.{name}"] = param.detach()
+        opt_state = optimizer.state_dict()
+        json_opt: dict[str, Any] = {"param_groups": opt_state["param_groups"], "state": {}}
+        for index, entries in opt_state["state"].items():
+            plain = {}
+            for key, value in entries.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optimizer.{index}.{key}"] = value
+                else:
+                    plain[key] = value
+            json_opt["state"][str(index)] = plain
+        full = {
+            "format": FORMAT,
+            "version": VERSION,
+            **state,
+            "world_size": info.world_size,
+            "adapter_name": adapter_name,
+            "optimizer": json_opt,
+            "scheduler": scheduler.state_dict(),
+            "rng": _host_rng_state(),
+        }
+        text = json.dumps(full, indent=1, sort_keys=True) + "\n"
+        payload = safetensors_save(
+            {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, {"format": "pt"}
+        )
+        root = out_dir / CHECKPOINTS_DIR
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step}-", dir=root))
+        try:
+            save_adapter(model, tmp, adapter_name)
+            atomic_write(tmp / STATE_TENSORS, lambda f: f.write(payload))
+            atomic_write(tmp / STATE_JSON, lambda f: f.write(text.encode()))
+            if final.exists():  # the same step saved twice (Ctrl-C right after a periodic save)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_dir(root)
+        if keep is not None:
+            for _, old in list_checkpoints(out_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier(info)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _host_rng_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    out: dict[str, Any] = {"python": [version, list(internal), gauss]}
+    if np is not None:
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        out["numpy"] = [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+    return out
+
+
+# ---------------------------------------------------------------------------------------- load
+def read_trainer_state(path: Path) -> TrainerState:
+    """The JSON part of checkpoint `path` (step, position, config, history), without touching tensors.
+
+    Raises:
+        TrainingError: missing, unreadable or not a lorakit trainer state.
+    """
+    json_path = path / STATE_JSON
+    try:
+        state = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TrainingError(f"{json_path}: cannot read the trainer state ({err})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise TrainingError(f"{json_path}: not a lorakit trainer state")
+    return state
+
+
+def load_checkpoint(
+    path: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    info: DistInfo,
+) -> TrainerState:
+    """Restore a checkpoint into a model, optimizer, scheduler and this process's RNGs.
+
+    The trainable parameters are copied in place from their exact saved values (so the optimizer,
+    which holds the same Parameter objects, keeps pointing at them). Every name and shape is
+    checked before anything is copied.
+
+    Args:
+        path: a `step-N` directory.
+        model: the model with the same adapter injected (not a DDP wrapper).
+        optimizer: built by `build_optimizer` on that model with the same config.
+        scheduler: built by `build_scheduler`.
+        info: this rank; its own saved RNG state is restored when the world size matches.
+
+    Returns:
+        The JSON state (step, epoch, batch, config, history ...).
+
+    Raises:
+        TrainingError: missing or unreadable files, a pickle, or a checkpoint of other parameters.
+    """
+    json_path, tensor_path = path / STATE_JSON, path / STATE_TENSORS
+    state = read_trainer_state(path)
+    try:
+        with open(tensor_path, "rb") as f:
+            magic = f.read(2)
+        if magic[:1] == b"\x80" or magic == b"PK":
+            raise TrainingError(f"{tensor_path}: a pickle/zip file, not safetensors; lorakit never unpickles")
+        with safe_open(tensor_path, framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (OSError, SafetensorError, ValueError) as err:
+        raise TrainingError(f"{tensor_path}: cannot read the trainer state ({err})") from None
+
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    saved = {k[len("param.") :] for k in tensors if k.startswith("param.")}
+    if saved != set(params):
+        missing, extra = sorted(set(params) - saved), sorted(saved - set(params))
+        raise TrainingError(
+            f"{tensor_path}: the checkpoint is for other trainable parameters than this model has "
+            f"(not in the checkpoint: {missing[:5]}; only in the checkpoint: {extra[:5]}); "
+            "inject the same adapter config as the run that wrote it"
+        )
+    for name, param in params.items():
+        if tuple(tensors[f"param.{name}"].shape) != tuple(param.shape):
+            raise TrainingError(
+                f"{tensor_path}: param.{name} has shape {list(tensors[f'param.{name}'].shape)}, "
+                f"the model's is {list(param.shape)}"
+            )
+    groups = state["optimizer"]["param_groups"]
+    now_names = [g.get("param_names") for g in optimizer.param_groups]
+    if [g.get("param_names") for g in groups] != now_names:
+        raise TrainingError(
+            f"{json_path}: the optimizer's parameter groups differ from the checkpoint's "
+            "(another LoRA+ ratio or other trainable parameters?)"
+        )
+
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(tensors[f"param.{name}"])
+    opt_state: dict[int, dict[str, Any]] = {}
+    for index, plain in state["optimizer"]["state"].items():
+        opt_state[int(index)] = dict(plain)
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            opt_state.setdefault(int(index), {})[name] = value
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    scheduler.load_state_dict(state["scheduler"])
+    _restore_rng(state, tensors, info)
+    return state
+
+
+def _restore_rng(state: TrainerState, tensors: dict[str, torch.Tensor], info: DistInfo) -> None:
+    same_world = state.get("world_size") == info.world_size
+    key = f"rng.torch.{info.rank if same_world else 0}"
+    if key in tensors:
+        torch.set_rng_state(tensors[key])
+    cuda_key = f"rng.cuda.{info.rank if same_world else 0}"
+    if cuda_key in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors[cuda_key])
+    rng = state.get("rng", {})
+    if "python" in rng:
+        version, internal, gauss = rng["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in rng and np is not None:
+        name, keys, pos, has_gauss, cached = rng["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))

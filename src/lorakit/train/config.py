@@ -1,0 +1,156 @@
+"""`TrainConfig`: the hyper-parameters of one training run, validated in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from lorakit.errors import ConfigError
+
+__all__ = ["SCHEDULES", "TrainConfig"]
+
+Schedule = Literal["cosine", "linear", "constant"]
+SCHEDULES = ("cosine", "linear", "constant")
+
+# Fields that change only logging, checkpoint cadence or evaluation: a run may be resumed with
+# other values for them and still follow the same trajectory.
+RESUME_FREE_FIELDS = frozenset({"eval_every", "save_every", "keep_checkpoints", "log_every"})
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, schedule, batching and checkpointing of one `fit` run.
+
+    Args:
+        lr: peak learning rate of AdamW (after warmup).
+        weight_decay: decoupled weight decay (AdamW); never applied to biases or norm weights
+            (parameters with fewer than 2 dimensions).
+        betas: AdamW's (β1, β2).
+        eps: AdamW's ε.
+        warmup_steps: optimizer steps of linear warmup from 0 to `lr`.
+        schedule: after warmup, `"cosine"` decays to 0 at the last step, `"linear"` likewise in a
+            straight line, `"constant"` keeps `lr`.
+        max_steps: optimizer steps to run; if set it wins over `epochs`.
+        epochs: passes over the data when `max_steps` is None.
+        batch_size: rows of one batch as `train_batches_fn` yields it. It is the *global* batch:
+            under DDP each of the W ranks takes rows `rank::W` of every batch, so a run on W ranks
+            computes the same update as one process.
+        grad_accum: batches per optimizer step (the gradient is accumulated over them and the loss
+            normalised by their total number of target tokens, so 2 batches of 2 rows give the
+            update of 1 batch of 4).
+        max_grad_norm: clip the global gradient norm to this; None disables clipping.
+        seed: seeds torch, `random` and numpy at the start of a fresh run (rank r uses seed + r).
+        eval_every: call `eval_fn` every this many steps (and always at the end); None: only at
+            the end.
+        save_every: write a checkpoint every this many steps; None: none during the run (one is
+            still written on Ctrl-C).
+        keep_checkpoints: keep only the newest this many checkpoints; None keeps all.
+        loraplus_lr_ratio: LoRA+ (Hayou et al., 2024): the B matrices train with `lr × ratio`
+            (the paper suggests 2-32; 16 is common). None: one learning rate.
+        label_smoothing: label smoothing of the cross entropy, in [0, 1).
+        grad_checkpointing: recompute activations in the backward (transformers models only).
+        log_every: write a line to `metrics.jsonl` every this many steps.
+
+    Raises:
+        ConfigError: listing every invalid value at once.
+    """
+
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: Schedule = "cosine"
+    max_steps: int | None = None
+    epochs: int | None = 1
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    eval_every: int | None = None
+    save_every: int | None = 200
+    keep_checkpoints: int | None = 2
+    loraplus_lr_ratio: float | None = None
+    label_smoothing: float = 0.0
+    grad_checkpointing: bool = False
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)
+        problems = self.problems()
+        if problems:
+            raise ConfigError("invalid TrainConfig:\n  - " + "\n  - ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every invalid value, as one message each (empty if the config is valid)."""
+        out: list[str] = []
+
+        def number(name: str, *, low: float, low_ok: bool, high: float | None = None, high_ok: bool = False) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                out.append(f"{name} must be a number, got {value!r}")
+                return
+            bad_low = value < low if low_ok else value <= low
+            bad_high = high is not None and (value > high if high_ok else value >= high)
+            if bad_low or bad_high or value != value:
+                lo = "[" if low_ok else "("
+                hi = "" if high is None else (f"{high}]" if high_ok else f"{high})")
+                out.append(f"{name} must be in {lo}{low}, {hi or '∞)'}, got {value!r}")
+
+        def integer(name: str, *, minimum: int, optional: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and optional:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                none = " or None" if optional else ""
+                out.append(f"{name} must be an integer >= {minimum}{none}, got {value!r}")
+
+        number("lr", low=0, low_ok=False)
+        number("weight_decay", low=0, low_ok=True)
+        number("eps", low=0, low_ok=False)
+        number("label_smoothing", low=0, low_ok=True, high=1)
+        if not (
+            isinstance(self.betas, tuple)
+            and len(self.betas) == 2
+            and all(isinstance(b, int | float) and not isinstance(b, bool) and 0 <= b < 1 for b in self.betas)
+        ):
+            out.append(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        integer("warmup_steps", minimum=0)
+        if self.schedule not in SCHEDULES:
+            out.append(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}, got {self.schedule!r}")
+        integer("max_steps", minimum=1, optional=True)
+        integer("epochs", minimum=1, optional=True)
+        if self.max_steps is None and self.epochs is None:
+            out.append("set max_steps or epochs (both are None, so the run would have no length)")
+        integer("batch_size", minimum=1)
+        integer("grad_accum", minimum=1)
+        if self.max_grad_norm is not None:
+            number("max_grad_norm", low=0, low_ok=False)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            out.append(f"seed must be an integer, got {self.seed!r}")
+        integer("eval_every", minimum=1, optional=True)
+        integer("save_every", minimum=1, optional=True)
+        integer("keep_checkpoints", minimum=1, optional=True)
+        if self.loraplus_lr_ratio is not None:
+            number("loraplus_lr_ratio", low=0, low_ok=False)
+        if not isinstance(self.grad_checkpointing, bool):
+            out.append(f"grad_checkpointing must be True or False, got {self.grad_checkpointing!r}")
+        integer("log_every", minimum=1)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as JSON-ready values (betas as a list)."""
+        data = dataclasses.asdict(self)
+        data["betas"] = list(self.betas)
+        return data
+
+    def resume_differences(self, saved: dict[str, Any]) -> list[str]:
+        """Fields that differ from a checkpoint's config and would change the trajectory."""
+        now = self.to_dict()
+        return [
+            f"{name}: checkpoint {saved.get(name)!r}, now {now[name]!r}"
+            for name in now
+            if name not in RESUME_FREE_FIELDS and saved.get(name) != now[name]
+        ]
