@@ -287,6 +287,8 @@ def eval_loss(model: nn.Module, dataset: Any, batch_size: int, label_smoothing: 
 
 def _distinct_prompts(examples: list[D.Example], n: int) -> list[D.Example]:
     seen, out = set(), []
+    if n <= 0:
+        return out
     for ex in examples:
         key = ex.group or ex.prompt
         if key in seen or not ex.prompt:
