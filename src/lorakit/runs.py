@@ -262,25 +262,15 @@ def _load_with_adapter(adapter: str | None, model_spec: str | None, task: str, n
 @torch.no_grad()
 def eval_loss(model: nn.Module, dataset: Any, batch_size: int, label_smoothing: float = 0.0) -> float:
     """Mean token cross-entropy (causal LM) or mean example cross-entropy (classification)."""
+    from lorakit.train.loss import count_targets, loss_sum
+
     was = model.training
     model.eval()
     total = count = 0.0
     for batch in D.iterate_batches(dataset, batch_size, seed=0, epoch=0, shuffle=False):
         labels = batch.pop("labels")
-        logits = model(**batch).logits.float()
-        if labels.dim() == 1:
-            total += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-            count += labels.numel()
-            continue
-        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-        total += torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]),
-            shift_labels.reshape(-1),
-            ignore_index=D.IGNORE_INDEX,
-            reduction="sum",
-            label_smoothing=label_smoothing,
-        ).item()
-        count += (shift_labels != D.IGNORE_INDEX).sum().item()
+        total += loss_sum(model(**batch).logits, labels, label_smoothing).item()
+        count += count_targets(labels)
     model.train(was)
     return total / max(count, 1)
 
