@@ -92,6 +92,11 @@ class LoraConfig:
             is split into `len(list)` equal slices and only the `True` ones are adapted, each
             with its own rank-r pair (the paper's GPT-2 setup adapts q and v of `c_attn`:
             `{"c_attn": [True, False, True]}`).
+        share_dropout_mask: layers that read the very same input tensor (q, k, v; gate, up)
+            share one dropout mask, as the reference implementation's fused q/v layer does; the
+            input and a 1-byte mask are kept once for the backward instead of a float copy per
+            layer. `False` draws a mask per layer, as PEFT does. A lorakit setting, not saved
+            in `adapter_config.json`; it only matters in training with `lora_dropout > 0`.
         base_model_name_or_path: recorded in `adapter_config.json`.
 
     Raises:
@@ -112,6 +117,7 @@ class LoraConfig:
     use_rslora: bool = False
     init_lora_weights: InitMode = True
     fused_slices: dict[str, list[bool]] | None = None
+    share_dropout_mask: bool = True
     base_model_name_or_path: str | None = None
 
     def __post_init__(self) -> None:
@@ -143,6 +149,8 @@ class LoraConfig:
             out.append(f"init_lora_weights must be True, False, 'gaussian' or 'pissa', got {self.init_lora_weights!r}")
         if not isinstance(self.use_rslora, bool):
             out.append(f"use_rslora must be a bool, got {self.use_rslora!r}")
+        if not isinstance(self.share_dropout_mask, bool):
+            out.append(f"share_dropout_mask must be a bool, got {self.share_dropout_mask!r}")
         out += _pattern_problems("target_modules", self.target_modules, allow_none=True)
         out += _pattern_problems("exclude_modules", self.exclude_modules, allow_none=True)
         if isinstance(self.target_modules, list) and not self.target_modules:
@@ -239,7 +247,7 @@ class LoraConfig:
             init = True
         kwargs: dict[str, Any] = {}
         names = {f.name for f in fields(cls)}
-        for key in names - {"init_lora_weights", "fused_slices"}:
+        for key in names - {"init_lora_weights", "fused_slices", "share_dropout_mask"}:
             if key in data and data[key] is not None:
                 kwargs[key] = data[key]
         kwargs["init_lora_weights"] = init

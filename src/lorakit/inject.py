@@ -56,9 +56,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
     return model
 
 
-def plan(
-    model: nn.Module, config: LoraConfig, adapter_name: str, targets: list[Target] | None = None
-) -> list[_Step]:
+def plan(model: nn.Module, config: LoraConfig, adapter_name: str, targets: list[Target] | None = None) -> list[_Step]:
     """Build (without installing) the wrapper and adapter record for every target."""
     steps: list[_Step] = []
     for target in targets if targets is not None else resolve_targets(model, config):
@@ -73,9 +71,7 @@ def plan(
         residual = None
         if config.init_lora_weights == "pissa":
             if not hasattr(wrapper, "pissa_tensors"):
-                raise ConfigError(
-                    f"init_lora_weights='pissa' supports linear layers; {target.path!r} is not one"
-                )
+                raise ConfigError(f"init_lora_weights='pissa' supports linear layers; {target.path!r} is not one")
             A, B, residual = wrapper.pissa_tensors(r, scaling(r, alpha, config.use_rslora))
         else:
             A, B = wrapper.init_tensors(r, config.init_lora_weights, enabled, n_slices)
@@ -86,6 +82,7 @@ def plan(
             lora_alpha=alpha,
             use_rslora=config.use_rslora,
             dropout=config.lora_dropout,
+            share_dropout_mask=config.share_dropout_mask,
             slices=enabled,
             n_slices=n_slices,
         )

@@ -50,6 +50,8 @@ class AdapterRecord(nn.Module):
         lora_alpha: α.
         use_rslora: scale by α/√r instead of α/r.
         dropout: dropout probability on the branch input.
+        share_dropout_mask: reuse the dropout mask another layer drew for the very same input
+            tensor (q/k/v, gate/up); see `lorakit.functional.dropout_input`.
         slices: for a fused layer, the indices of the adapted output slices; else None.
         n_slices: for a fused layer, the number of equal output slices.
     """
@@ -63,6 +65,7 @@ class AdapterRecord(nn.Module):
         lora_alpha: float,
         use_rslora: bool = False,
         dropout: float = 0.0,
+        share_dropout_mask: bool = True,
         slices: Sequence[int] | None = None,
         n_slices: int = 1,
     ) -> None:
@@ -73,15 +76,21 @@ class AdapterRecord(nn.Module):
         self.lora_alpha = lora_alpha
         self.use_rslora = use_rslora
         self.scaling = LF.scaling(r, lora_alpha, use_rslora)
-        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout_p = float(dropout)
+        self.share_dropout_mask = share_dropout_mask
         self.slices = tuple(slices) if slices is not None else None
         self.n_slices = n_slices
         # PiSSA: the initial (A0, B0), kept to write the adapter relative to the original W0.
         self.pissa_initial: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
-        extra = f", slices={list(self.slices)}/{self.n_slices}" if self.slices is not None else ""
+        extra = f", dropout={self.dropout_p}" if self.dropout_p else ""
+        extra += f", slices={list(self.slices)}/{self.n_slices}" if self.slices is not None else ""
         return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}{extra}"
+
+    def dropout(self, x: torch.Tensor) -> torch.Tensor:
+        """The branch input after this adapter's dropout (identity in eval mode or with p = 0)."""
+        return LF.dropout_input(x, self.dropout_p, self.training, self.share_dropout_mask)
 
 
 class AdapterHost(nn.Module):
@@ -175,8 +184,12 @@ class LoraLayer(AdapterHost):
         for name in self.active:
             if name in self.merged:
                 continue
-            result = result + self.lora_output(self.adapters[name], x).to(result.dtype)
+            result = self.add_branch(self.adapters[name], x, result)
         return result
+
+    def add_branch(self, record: AdapterRecord, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """result + the branch of one adapter (layers with a fused kernel override this)."""
+        return result + self.lora_output(record, x).to(result.dtype)
 
     def _forward_rows(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         for name, rows in self.row_groups or ():
@@ -254,9 +267,7 @@ class LoraLinear(LoraLayer):
         super().__init__(base_layer)
         self.is_conv1d = Conv1D is not None and isinstance(base_layer, Conv1D)
         w = base_layer.weight
-        self.in_features, self.out_features = (
-            (w.shape[0], w.shape[1]) if self.is_conv1d else (w.shape[1], w.shape[0])
-        )
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.is_conv1d else (w.shape[1], w.shape[0])
 
     def init_tensors(
         self, r: int, init: bool | str, slices: Sequence[int] | None = None, n_slices: int = 1
@@ -274,9 +285,23 @@ class LoraLinear(LoraLayer):
             nn.init.kaiming_uniform_(B, a=math.sqrt(5))
         return A, B
 
+    def add_branch(self, record: AdapterRecord, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        if record.slices is not None:
+            return super().add_branch(record, x, result)
+        return LF.lora_linear(
+            result,
+            x,
+            record.lora_A,
+            record.lora_B,
+            record.scaling,
+            record.dropout_p,
+            record.training,
+            record.share_dropout_mask,
+        )
+
     def lora_output(self, record: AdapterRecord, x: torch.Tensor) -> torch.Tensor:
         A, B = record.lora_A, record.lora_B
-        x = record.dropout(x.to(A.dtype))
+        x = record.dropout(x).to(A.dtype)
         if record.slices is not None:
             return LF.fused_linear_delta(x, A, B, record.scaling, record.slices, record.n_slices)
         return LF.linear_delta(x, A, B, record.scaling)
@@ -376,9 +401,7 @@ class LoraConv2d(LoraLayer):
 
     def lora_output(self, record: AdapterRecord, x: torch.Tensor) -> torch.Tensor:
         A = record.lora_A
-        return LF.conv2d_delta(
-            record.dropout(x.to(A.dtype)), A, record.lora_B, record.scaling, self.base_layer
-        )
+        return LF.conv2d_delta(record.dropout(x).to(A.dtype), A, record.lora_B, record.scaling, self.base_layer)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         rec = self.adapters[name]

@@ -1,0 +1,156 @@
+"""The fused LoRA linear node: same values and gradients as plain autograd, less saved for backward."""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+
+import lorakit
+from lorakit import functional as LF
+from tests.conftest import clone, randomize_adapters, tiny_llama
+
+
+def _inputs(dtype=torch.float32, shape=(3, 5, 12), r=4, out=7, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=gen, dtype=dtype, requires_grad=True)
+    A = torch.randn(r, shape[-1], generator=gen, dtype=dtype, requires_grad=True)
+    B = torch.randn(out, r, generator=gen, dtype=dtype, requires_grad=True)
+    result = torch.randn(*shape[:-1], out, generator=gen, dtype=dtype, requires_grad=True)
+    return result, x, A, B
+
+
+def _grads(y, *leaves, seed=1):
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
+    return torch.autograd.grad(y, leaves, g)
+
+
+def _assert_rel(a: torch.Tensor, b: torch.Tensor, rel: float) -> None:
+    scale = b.abs().max().clamp_min(1e-30)
+    assert ((a - b).abs().max() / scale).item() <= rel, f"relative error {((a - b).abs().max() / scale).item():.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 5, 12), (12,), (2, 3, 4, 12)])
+def test_no_dropout_matches_plain_autograd(dtype, shape):
+    result, x, A, B = _inputs(dtype, shape)
+    s = 0.75
+    ours = LF.lora_linear(result, x, A, B, s)
+    plain = result + LF.linear_delta(x, A, B, s)
+    rel = 1e-6 if dtype == torch.float32 else 1e-12
+    _assert_rel(ours, plain, rel)
+    for g_ours, g_plain in zip(_grads(ours, result, x, A, B), _grads(plain, result, x, A, B), strict=True):
+        _assert_rel(g_ours, g_plain, rel)
+
+
+def test_dropout_matches_plain_autograd_with_the_same_mask():
+    result, x, A, B = _inputs()
+    p, s = 0.3, 2.0
+    torch.manual_seed(7)
+    ours = LF.lora_linear(result, x, A, B, s, dropout=p, training=True, share_mask=False)
+    torch.manual_seed(7)
+    keep, p_exact = LF.dropout_keep_mask(x.shape, p, x.device)
+    assert 0.25 < (~keep).float().mean().item() < 0.35
+    plain = result + LF.linear_delta(torch.where(keep, x, 0) / (1 - p_exact), A, B, s)
+    _assert_rel(ours, plain, 1e-6)
+    for g_ours, g_plain in zip(_grads(ours, result, x, A, B), _grads(plain, result, x, A, B), strict=True):
+        _assert_rel(g_ours, g_plain, 1e-6)
+
+
+def test_dropout_rate_and_expectation():
+    p = 0.05
+    keep, p_exact = LF.dropout_keep_mask((1000, 1000), p, "cpu")
+    assert p_exact == round(p * 65536) / 65536
+    dropped = (~keep).float().mean().item()
+    assert abs(dropped - p_exact) < 5 * (p_exact * (1 - p_exact) / 1e6) ** 0.5
+    # Every 16-bit lane of the 64-bit draws is uniform (a biased lane would show here).
+    lanes = (~keep).flatten()[: 4 * (keep.numel() // 4)].view(-1, 4).float().mean(0)
+    assert ((lanes - p_exact).abs() < 0.003).all(), lanes
+    x = torch.ones(1000, 1000)
+    assert abs(LF.dropout_input(x, p, training=True, share=False).mean().item() - 1) < 2e-3
+    assert LF.dropout_input(x, p, training=False) is x
+    assert LF.dropout_input(x, 0.0, training=True) is x
+
+
+def test_mask_is_shared_only_for_the_very_same_unchanged_tensor():
+    x = torch.randn(64, 32)
+    a = LF.dropout_input(x, 0.5, training=True)
+    b = LF.dropout_input(x, 0.5, training=True)
+    assert torch.equal(a == 0, b == 0)
+    assert not torch.equal(a == 0, LF.dropout_input(x, 0.5, training=True, share=False) == 0)
+    assert not torch.equal(a == 0, LF.dropout_input(x.clone(), 0.5, training=True) == 0)
+    x.mul_(1.0)  # an in-place change bumps the version: a new mask
+    assert not torch.equal(a == 0, LF.dropout_input(x, 0.5, training=True) == 0)
+
+
+def test_half_precision_input_with_float32_adapter():
+    result, x, A, B = _inputs(torch.float32)
+    rb, xb = result.detach().bfloat16().requires_grad_(), x.detach().bfloat16().requires_grad_()
+    ours = LF.lora_linear(rb, xb, A, B, 0.5)
+    plain = rb + LF.linear_delta(xb.float(), A, B, 0.5).bfloat16()
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, plain, atol=2e-2, rtol=2e-2)
+    gr, gx, gA, gB = _grads(ours, rb, xb, A, B)
+    pr, px, pA, pB = _grads(plain, rb, xb, A, B)
+    assert gx.dtype == torch.bfloat16 and gA.dtype == torch.float32
+    torch.testing.assert_close(gx, px, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(gA, pA, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(gB, pB, atol=1e-2, rtol=1e-2)
+
+
+def _lora_grads(model, ids):
+    out = model(ids).logits
+    out.square().mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_model_gradients_equal_peft_without_dropout():
+    """A and B gradients of a whole model: the fused node against PEFT's plain autograd branch."""
+    base = tiny_llama()
+    kwargs = dict(r=4, lora_alpha=8, target_modules="all-linear")
+    model = lorakit.inject(clone(base), lorakit.LoraConfig(**kwargs))
+    randomize_adapters(model)
+    pm = peft.get_peft_model(clone(base), peft.LoraConfig(**kwargs))
+    with torch.no_grad():
+        theirs = dict(pm.named_parameters())
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                path, kind = name.rsplit(".adapters.default.", 1)
+                theirs[f"base_model.model.{path}.{kind}.default.weight"].copy_(p)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    ours = _lora_grads(model.train(), ids)
+    ref = _lora_grads(pm.train(), ids)
+    assert len(ours) == len(ref) == 2 * 7 * 2
+    for name, g in ours.items():
+        path, kind = name.rsplit(".adapters.default.", 1)
+        _assert_rel(g, ref[f"base_model.model.{path}.{kind}.default.weight"], 1e-6)
+
+
+def _saved_bytes(model, ids) -> int:
+    """Bytes of distinct storages autograd keeps for the backward of one forward."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids).logits.sum()
+    return sum(storages.values())
+
+
+def test_saves_far_less_for_backward_than_peft_with_dropout():
+    """The design rule: the input once per shared input and a 1-byte mask, not a float copy per layer."""
+    torch.manual_seed(0)
+    base = tiny_llama()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    ids = torch.randint(0, 64, (4, 32))
+    kwargs = dict(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear")
+    floor_model = clone(base).train()
+    floor_model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_())
+    floor = _saved_bytes(floor_model, ids)
+    ours = _saved_bytes(lorakit.inject(clone(base), lorakit.LoraConfig(**kwargs)).train(), ids)
+    theirs = _saved_bytes(peft.get_peft_model(clone(base), peft.LoraConfig(**kwargs)).train(), ids)
+    assert floor < ours < theirs
+    assert ours - floor < 0.5 * (theirs - floor), (floor, ours, theirs)
