@@ -131,15 +131,11 @@ def adapter_per_row(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Modul
     state = state_of(model)
     unknown = sorted({n for n in names if n != BASE and n not in state.configs})
     if unknown:
-        raise LorakitError(
-            f"adapter_per_row: unknown adapter(s) {unknown}; this model has {sorted(state.configs)}"
-        )
+        raise LorakitError(f"adapter_per_row: unknown adapter(s) {unknown}; this model has {sorted(state.configs)}")
     all_hosts = [host for _, host in hosts(model)]
     merged = sorted({n for h in all_hosts if isinstance(h, LoraLayer) for n in h.merged})
     if merged:
-        raise LorakitError(
-            f"adapter_per_row needs unmerged adapters; {merged} are merged (call lorakit.unmerge)"
-        )
+        raise LorakitError(f"adapter_per_row needs unmerged adapters; {merged} are merged (call lorakit.unmerge)")
     groups: dict[str, list[int]] = {}
     for row, name in enumerate(names):
         groups.setdefault(name, []).append(row)

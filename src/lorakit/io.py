@@ -111,9 +111,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    payload = safetensors_save(
-        {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, {"format": "pt"}
-    )
+    payload = safetensors_save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, {"format": "pt"})
     atomic_write(directory / WEIGHTS_NAME, lambda f: f.write(payload))
     text = json.dumps(peft, indent=2, sort_keys=True) + "\n"
     atomic_write(directory / CONFIG_NAME, lambda f: f.write(text.encode()))
@@ -247,9 +245,7 @@ def load_adapter(
 def _read_header(path: Path) -> dict[str, tuple[int, ...]]:
     if not path.is_file():
         pickled = [
-            n
-            for n in ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
-            if (path.parent / n).exists()
+            n for n in ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin") if (path.parent / n).exists()
         ]
         if pickled:
             raise AdapterFormatError(
@@ -267,9 +263,7 @@ def _read_header(path: Path) -> dict[str, tuple[int, ...]]:
         with safe_open(path, framework="pt", device="cpu") as f:
             header = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as err:
-        raise AdapterFormatError(
-            f"{path}: not a valid safetensors file (corrupt or truncated?): {err}"
-        ) from None
+        raise AdapterFormatError(f"{path}: not a valid safetensors file (corrupt or truncated?): {err}") from None
     if not header:
         raise AdapterFormatError(f"{path}: holds no tensors")
     return header
@@ -283,16 +277,12 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise AdapterFormatError(f"{path}: could not read tensors: {err}") from None
 
 
-def _split_keys(
-    header: dict[str, tuple[int, ...]], path: Path
-) -> tuple[dict[str, dict[str, str]], list[str]]:
+def _split_keys(header: dict[str, tuple[int, ...]], path: Path) -> tuple[dict[str, dict[str, str]], list[str]]:
     lora: dict[str, dict[str, str]] = {}
     extra: list[str] = []
     for key in header:
         if not key.startswith(PREFIX):
-            raise AdapterFormatError(
-                f"{path}: key {key!r} does not start with {PREFIX!r}; not a PEFT adapter file"
-            )
+            raise AdapterFormatError(f"{path}: key {key!r} does not start with {PREFIX!r}; not a PEFT adapter file")
         if ".lora_magnitude_vector" in key:
             raise AdapterFormatError(f"{path}: key {key!r} belongs to DoRA, which lorakit does not support")
         for suffix, part in _LORA_SUFFIXES.items():
@@ -384,9 +374,7 @@ def _check_extra(
                 name = name.split(".", 2)[2]
             state = original.state_dict()
             if name not in state:
-                raise AdapterFormatError(
-                    f"{file}: {key!r}: {owner!r} has no tensor {name!r} (it has {sorted(state)})"
-                )
+                raise AdapterFormatError(f"{file}: {key!r}: {owner!r} has no tensor {name!r} (it has {sorted(state)})")
             target_shape = tuple(state[name].shape)
             plan_[key] = ("saved", owner, name)
         else:

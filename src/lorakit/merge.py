@@ -43,9 +43,7 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None, *, safe:
         for path, layer in lora_layers(model):
             pending = layer.pending_merge(names)
             if pending and not torch.isfinite(layer.merged_weight(pending)).all():
-                raise LorakitError(
-                    f"merging {pending} into {path!r} gives NaN/inf weights; nothing was merged"
-                )
+                raise LorakitError(f"merging {pending} into {path!r} gives NaN/inf weights; nothing was merged")
     for layer in layers:
         layer.merge(names)
 
@@ -160,8 +158,7 @@ def _combine(
         ranks = {A.shape[0] for A, *_ in parts}
         if len(ranks) > 1:
             raise ConfigError(
-                f"combination_type='linear' needs equal ranks; {path!r} has ranks {sorted(ranks)} "
-                "(use 'cat' or 'svd')"
+                f"combination_type='linear' needs equal ranks; {path!r} has ranks {sorted(ranks)} (use 'cat' or 'svd')"
             )
         A = sum(math.copysign(math.sqrt(abs(w * s)), w * s) * A for A, _, s, w in parts)
         B = sum(math.sqrt(abs(w * s)) * B for _, B, s, w in parts)

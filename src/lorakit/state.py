@@ -36,9 +36,7 @@ def state_of(model: nn.Module, *, create: bool = False) -> LorakitState:
     state = model.__dict__.get(_ATTR)
     if state is None:
         if not create:
-            raise LorakitError(
-                "this model has no LoRA adapter; call lorakit.inject or lorakit.load_adapter first"
-            )
+            raise LorakitError("this model has no LoRA adapter; call lorakit.inject or lorakit.load_adapter first")
         state = LorakitState()
         model.__dict__[_ATTR] = state
     return state

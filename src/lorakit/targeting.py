@@ -107,9 +107,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
         if missing:
             raise TargetNotFoundError(_not_found_message(missing, adaptable, config))
     if not chosen:
-        what = (
-            f"target_modules={spec!r}" if config.target_modules is not None else "the default targets (q/v)"
-        )
+        what = f"target_modules={spec!r}" if config.target_modules is not None else "the default targets (q/v)"
         reason = ""
         if layers_filter is not None:
             reason = f" with layers_to_transform={config.layers_to_transform!r}"
@@ -129,9 +127,7 @@ def resolve_modules_to_save(model: nn.Module, config: LoraConfig, *, check: bool
     paths: list[str] = []
     all_paths = [p for p, _ in walk(model)]
     for name in config.modules_to_save:
-        found = [
-            p for p in all_paths if (p == name or p.endswith("." + name)) and not _inside_saved(model, p)
-        ]
+        found = [p for p in all_paths if (p == name or p.endswith("." + name)) and not _inside_saved(model, p)]
         found = [p for p in found if not any(p.startswith(q + ".") for q in found)]
         if not found and check:
             leaves = sorted({p.rsplit(".", 1)[-1] for p in all_paths})
@@ -262,9 +258,7 @@ def _not_found_message(missing: list[str], adaptable: dict[str, nn.Module], conf
     for name in missing:
         pool = leaves if "." not in name else list(adaptable)
         close = difflib.get_close_matches(name, pool, n=5, cutoff=0.3)
-        lines.append(
-            f"target_modules entry {name!r} matches no module; closest names: {', '.join(close) or '(none)'}"
-        )
+        lines.append(f"target_modules entry {name!r} matches no module; closest names: {', '.join(close) or '(none)'}")
     return "\n".join(lines) + "\n" + _inventory(adaptable)
 
 
