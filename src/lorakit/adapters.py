@@ -114,9 +114,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 def adapter_per_row(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]:
     """Inside this block, batch row i uses adapter `names[i]` in every wrapped layer.
 
-    `"__base__"` (`lorakit.layers.BASE`) means no adapter for that row. Rows sharing an adapter
-    are computed together (gather, one low-rank product, scatter-add), so a mixed batch costs
-    about one adapter's branch per distinct adapter, not per row.
+    `"__base__"` (`lorakit.layers.BASE`) means no adapter for that row. At inference the
+    branches of a linear layer are one batched product over all rows (each row's A and B are
+    gathered once per block), so 16 different adapters cost what one does; in training, and for
+    fused-slice, embedding and conv layers, rows sharing an adapter are computed together
+    (gather, one low-rank product, scatter-add).
 
     Args:
         model: a model with adapters, none of them merged.
@@ -141,12 +143,12 @@ def adapter_per_row(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Modul
         groups.setdefault(name, []).append(row)
     row_groups = [(n, torch.tensor(rows, dtype=torch.long)) for n, rows in groups.items() if n != BASE]
     for host in all_hosts:
-        host.row_groups = row_groups
+        host.row_groups, host.row_names, host.row_cache = row_groups, tuple(names), None
     try:
         yield model
     finally:
         for host in all_hosts:
-            host.row_groups = None
+            host.row_groups, host.row_names, host.row_cache = None, None, None
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

@@ -358,4 +358,11 @@ def lora_linear(
     if training and _dropout_threshold(dropout) > 0:
         keep, p_exact = _keep_mask(x, dropout, share_mask)
         s = s / (1 - p_exact)
+    elif not (torch.is_grad_enabled() and any(t.requires_grad for t in (result, x, A, B))):
+        # Inference: no node, and the branch is accumulated into the base output in place.
+        a = torch.mm(x.reshape(-1, x.shape[-1]).to(A.dtype), A.t())
+        if result.dtype == A.dtype and result.is_contiguous():
+            result.view(-1, result.shape[-1]).addmm_(a, B.t(), alpha=s)
+            return result
+        return result + torch.mm(a, B.t()).mul_(s).view(result.shape).to(result.dtype)
     return LoraLinearFunction.apply(result, x, A, B, keep, s)

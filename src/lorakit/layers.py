@@ -102,8 +102,11 @@ class AdapterHost(nn.Module):
         self.active: tuple[str, ...] = ()
         self.trainable_adapters: set[str] = set()
         self.disabled = False
-        # Set by `adapters.adapter_per_row`: [(adapter name, row indices)], or None.
+        # Set by `adapters.adapter_per_row`: [(adapter name, row indices)] and the name of each
+        # row, or None; `row_cache` holds what a layer derived from them (cleared on exit).
         self.row_groups: list[tuple[str, torch.Tensor]] | None = None
+        self.row_names: tuple[str, ...] | None = None
+        self.row_cache: tuple | None = None
 
     def set_active(self, names: Iterable[str]) -> None:
         """Make `names` (those this layer has) the active adapters; only they train."""
@@ -298,6 +301,49 @@ class LoraLinear(LoraLayer):
             record.training,
             record.share_dropout_mask,
         )
+
+    def _forward_rows(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        stacks = self._row_stacks(x)
+        if stacks is None:
+            return super()._forward_rows(x, result)
+        A_rows, B_rows = stacks  # (batch, r, in), (batch, out, r) with the scaling folded into B
+        xa = x.reshape(x.shape[0], -1, x.shape[-1]).to(A_rows.dtype)
+        y = torch.bmm(torch.bmm(xa, A_rows.transpose(1, 2)), B_rows.transpose(1, 2))
+        return result + y.view(result.shape).to(result.dtype)
+
+    def _row_stacks(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Each row's (A, s·B), zero for base rows, for one batched product over all rows.
+
+        One `bmm` pair serves any number of distinct adapters, so a batch of 16 adapters costs
+        what one does. Used when no gradient flows (inference) and every adapter in the batch is
+        a plain (not fused-slice) one; otherwise the rows are grouped per adapter. Built once per
+        `adapter_per_row` block and reused while the parameters are unchanged.
+        """
+        names = self.row_names
+        if names is None or torch.is_grad_enabled() or x.dim() < 2 or x.shape[0] != len(names):
+            return None
+        present = [n for n in dict.fromkeys(names) if n in self.adapters]
+        records = [self.adapters[n] for n in present]
+        if not records or any(rec.slices is not None for rec in records):
+            return None
+        dtype = records[0].lora_A.dtype
+        if any(rec.lora_A.dtype != dtype for rec in records):
+            return None
+        key = tuple((n, rec.lora_A._version, rec.lora_B._version) for n, rec in zip(present, records, strict=True))
+        if self.row_cache is not None and self.row_cache[0] == key:
+            return self.row_cache[1]
+        r = max(rec.r for rec in records)
+        A = torch.zeros(len(records) + 1, r, self.in_features, dtype=dtype, device=x.device)
+        B = torch.zeros(len(records) + 1, self.out_features, r, dtype=dtype, device=x.device)
+        with torch.no_grad():
+            for i, rec in enumerate(records):
+                A[i, : rec.r] = rec.lora_A
+                B[i, :, : rec.r] = rec.lora_B * rec.scaling
+        slot = {n: i for i, n in enumerate(present)}
+        index = torch.tensor([slot.get(n, len(records)) for n in names], device=x.device)
+        stacks = (A[index], B[index])
+        self.row_cache = (key, stacks)
+        return stacks
 
     def lora_output(self, record: AdapterRecord, x: torch.Tensor) -> torch.Tensor:
         A, B = record.lora_A, record.lora_B

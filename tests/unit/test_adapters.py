@@ -122,9 +122,7 @@ def test_add_weighted_adapter_errors():
 
 def test_modules_to_save_trains_a_copy_per_adapter(tmp_path, ids):
     base = tiny_llama()
-    model = lorakit.inject(
-        clone(base), lorakit.LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"])
-    )
+    model = lorakit.inject(clone(base), lorakit.LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]))
     assert isinstance(model.lm_head, SavedModule)
     assert model.lm_head.adapters["default"].weight.requires_grad
     assert not model.lm_head.original_module.weight.requires_grad
@@ -182,9 +180,7 @@ def test_default_targets_follow_the_paper():
 
 
 def test_all_linear_skips_output_head_and_respects_filters():
-    model = lorakit.inject(
-        tiny_llama(), lorakit.LoraConfig(target_modules="all-linear", exclude_modules=["o_proj"])
-    )
+    model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(target_modules="all-linear", exclude_modules=["o_proj"]))
     leaves = sorted({p.rsplit(".", 1)[1] for p, _ in lora_layers(model)})
     assert leaves == ["down_proj", "gate_proj", "k_proj", "q_proj", "up_proj", "v_proj"]
     assert not isinstance(model.lm_head, LoraLayer)
@@ -200,3 +196,26 @@ def test_trainable_fraction_counts_only_lora():
     # q: 16→16, v: 16→8 (2 kv heads × 4), r = 4, two layers
     assert trainable == 2 * (4 * 16 + 16 * 4 + 4 * 16 + 8 * 4)
     assert total == total0 + trainable
+
+
+def test_mixed_batch_batched_inference_path_equals_grouped_training_path():
+    """No grad: one bmm over all rows; with grad: rows grouped per adapter. Same numbers, grads flow."""
+    _, model = _two_adapters()
+    ids = torch.randint(0, 64, (5, 7), generator=torch.Generator().manual_seed(1))
+    names = ["b", "a", "__base__", "a", "b"]
+    with lorakit.adapter_per_row(model, names):
+        with torch.no_grad():
+            batched = model(ids).logits
+            again = model(ids).logits  # cached stacks reused
+        lorakit.set_adapter(model, ["a", "b"])  # both trainable
+        grouped = model(ids).logits
+        grouped.square().sum().backward()
+    torch.testing.assert_close(batched, grouped, atol=ATOL, rtol=0)
+    assert torch.equal(batched, again)
+    v = model.model.layers[0].self_attn.v_proj
+    assert v.adapters["a"].lora_B.grad.abs().sum() > 0 and v.adapters["b"].lora_B.grad.abs().sum() > 0
+    with torch.no_grad(), lorakit.adapter_per_row(model, names):
+        model(ids)
+        v.adapters["b"].lora_B.add_(1.0)  # a change inside the block invalidates the cached stacks
+        changed = model(ids).logits
+    assert not torch.allclose(changed[0], batched[0]) and torch.allclose(changed[2], batched[2], atol=ATOL)

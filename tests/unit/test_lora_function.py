@@ -93,6 +93,7 @@ def test_half_precision_input_with_float32_adapter():
     gr, gx, gA, gB = _grads(ours, rb, xb, A, B)
     pr, px, pA, pB = _grads(plain, rb, xb, A, B)
     assert gx.dtype == torch.bfloat16 and gA.dtype == torch.float32
+    torch.testing.assert_close(gr, pr)
     torch.testing.assert_close(gx, px, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(gA, pA, atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(gB, pB, atol=1e-2, rtol=1e-2)
@@ -154,3 +155,16 @@ def test_saves_far_less_for_backward_than_peft_with_dropout():
     theirs = _saved_bytes(peft.get_peft_model(clone(base), peft.LoraConfig(**kwargs)).train(), ids)
     assert floor < ours < theirs
     assert ours - floor < 0.5 * (theirs - floor), (floor, ours, theirs)
+
+
+def test_inference_path_matches_and_leaves_inputs_alone():
+    result, x, A, B = (t.detach() for t in _inputs())
+    x_before = x.clone()
+    expected = result + LF.linear_delta(x, A, B, 0.5)
+    with torch.no_grad():
+        out = LF.lora_linear(result.clone(), x, A, B, 0.5)
+    _assert_rel(out, expected, 1e-6)
+    assert torch.equal(x, x_before)
+    half = LF.lora_linear(result.bfloat16(), x.bfloat16(), A, B, 0.5)  # mixed dtypes, no grad needed
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), expected, atol=5e-2, rtol=2e-2)
