@@ -225,6 +225,14 @@ class LoraLayer(AdapterHost):
         pending = self.pending_merge(names)
         if not pending:
             return
+        weight = self.base_layer.weight
+        if not safe and weight.dtype == LF.accumulate_dtype(weight.dtype):
+            # fp32/fp64 weights: add each ΔW in place, no copy of W.
+            with torch.no_grad():
+                for name in pending:
+                    self.add_delta_(weight, name, 1.0)
+            self.merged = (*self.merged, *pending)
+            return
         new = self.merged_weight(pending)
         if safe and not torch.isfinite(new).all():
             raise LorakitError(
@@ -232,19 +240,27 @@ class LoraLayer(AdapterHost):
                 "nothing was merged"
             )
         with torch.no_grad():
-            self.base_layer.weight.copy_(new)
+            weight.copy_(new)
         self.merged = (*self.merged, *pending)
+
+    def add_delta_(self, weight: torch.Tensor, name: str, sign: float) -> None:
+        """weight += sign·ΔW of adapter `name`, in place (weight in float32/64)."""
+        weight.add_(self.delta_weight(name).to(weight.dtype), alpha=sign)
 
     def unmerge(self) -> None:
         """Subtract every merged adapter's ΔW again (W0 is restored up to float rounding)."""
         if not self.merged:
             return
         weight = self.base_layer.weight
-        total = weight.detach().to(LF.accumulate_dtype(weight.dtype))
-        for name in reversed(self.merged):
-            total = total - self.delta_weight(name)
         with torch.no_grad():
-            weight.copy_(total.to(weight.dtype))
+            if weight.dtype == LF.accumulate_dtype(weight.dtype):
+                for name in reversed(self.merged):
+                    self.add_delta_(weight, name, -1.0)
+            else:
+                total = weight.detach().to(LF.accumulate_dtype(weight.dtype))
+                for name in reversed(self.merged):
+                    total = total - self.delta_weight(name)
+                weight.copy_(total.to(weight.dtype))
         self.merged = ()
 
     def remove(self, name: str) -> None:
@@ -351,6 +367,16 @@ class LoraLinear(LoraLayer):
         if record.slices is not None:
             return LF.fused_linear_delta(x, A, B, record.scaling, record.slices, record.n_slices)
         return LF.linear_delta(x, A, B, record.scaling)
+
+    def add_delta_(self, weight: torch.Tensor, name: str, sign: float) -> None:
+        rec = self.adapters[name]
+        if rec.slices is not None or rec.lora_A.dtype != weight.dtype:
+            return super().add_delta_(weight, name, sign)
+        A, B = rec.lora_A.detach(), rec.lora_B.detach()
+        if self.is_conv1d:  # weight is (in, out): += s·(B·A)ᵀ = s·Aᵀ·Bᵀ
+            weight.addmm_(A.t(), B.t(), alpha=sign * rec.scaling)
+        else:
+            weight.addmm_(B, A, alpha=sign * rec.scaling)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         rec = self.adapters[name]
