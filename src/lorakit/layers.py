@@ -266,6 +266,7 @@ class LoraLayer(AdapterHost):
     def remove(self, name: str) -> None:
         if name in self.merged:
             raise LorakitError(f"adapter {name!r} is merged into the weights; unmerge before deleting it")
+        self.__dict__.pop("_stacked_adapters", None)
         super().remove(name)
 
     def _factory(self) -> dict:
@@ -345,16 +346,26 @@ class LoraLinear(LoraLayer):
         dtype = records[0].lora_A.dtype
         if any(rec.lora_A.dtype != dtype for rec in records):
             return None
-        key = tuple((n, rec.lora_A._version, rec.lora_B._version) for n, rec in zip(present, records, strict=True))
+        key = tuple(
+            (n, id(rec.lora_A), rec.lora_A._version, id(rec.lora_B), rec.lora_B._version, rec.scaling)
+            for n, rec in zip(present, records, strict=True)
+        )
         if self.row_cache is not None and self.row_cache[0] == key:
             return self.row_cache[1]
-        r = max(rec.r for rec in records)
-        A = torch.zeros(len(records) + 1, r, self.in_features, dtype=dtype, device=x.device)
-        B = torch.zeros(len(records) + 1, self.out_features, r, dtype=dtype, device=x.device)
-        with torch.no_grad():
-            for i, rec in enumerate(records):
-                A[i, : rec.r] = rec.lora_A
-                B[i, :, : rec.r] = rec.lora_B * rec.scaling
+        stacked = self.__dict__.get("_stacked_adapters")
+        if stacked is None or stacked[0] != key:
+            # All adapters of the batch stacked (ranks zero-padded, scaling folded into B, a zero
+            # slot last for base rows); kept across blocks while the adapters are unchanged.
+            r = max(rec.r for rec in records)
+            A = torch.zeros(len(records) + 1, r, self.in_features, dtype=dtype, device=x.device)
+            B = torch.zeros(len(records) + 1, self.out_features, r, dtype=dtype, device=x.device)
+            with torch.no_grad():
+                for i, rec in enumerate(records):
+                    A[i, : rec.r] = rec.lora_A
+                    B[i, :, : rec.r] = rec.lora_B * rec.scaling
+            stacked = (key, A, B)
+            self.__dict__["_stacked_adapters"] = stacked
+        _, A, B = stacked
         slot = {n: i for i, n in enumerate(present)}
         index = torch.tensor([slot.get(n, len(records)) for n in names], device=x.device)
         stacks = (A[index], B[index])
