@@ -41,9 +41,7 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     """A 2-layer GPT-2 with hidden 16: fused c_attn (Conv1D, weight stored in×out)."""
     torch.manual_seed(seed)
-    cfg = GPT2Config(
-        vocab_size=64, n_embd=16, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
-    )
+    cfg = GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(cfg).eval()
 
 

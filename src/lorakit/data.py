@@ -205,16 +205,7 @@ def load_examples(source: str | os.PathLike[str], *, tokenizer: Any = None) -> l
             (file and line are named), the fields are not an accepted set (the message lists the
             fields found and those accepted), or chat records come without a chat tokenizer.
     """
-    text = os.fspath(source)
-    if text in BUNDLED_DATASETS:
-        path = _BUNDLE_DIR / BUNDLED_DATASETS[text]
-        if not path.is_file():
-            raise DataError(f"bundled dataset {text!r} is missing from the installation ({path}); reinstall lorakit")
-    else:
-        path = Path(text).expanduser()
-        if not path.is_file():
-            what = "is a directory, not a file" if path.is_dir() else "not found"
-            raise DataError(f"data file {what}: {path}. Accepted: {_ACCEPTED_SOURCES}.")
+    path = resolve_source(source)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         examples = [_record_example(record, path, line, tokenizer) for line, record in _read_jsonl(path)]
@@ -229,6 +220,25 @@ def load_examples(source: str | os.PathLike[str], *, tokenizer: Any = None) -> l
     if not examples:
         raise DataError(f"{path} is empty: it holds no records")
     return examples
+
+
+def resolve_source(source: str | os.PathLike) -> Path:
+    """The file a data source names (a path or a bundled dataset's name), checked to exist.
+
+    Raises:
+        DataError: no such file, a directory, or a bundled file missing from the installation.
+    """
+    text = os.fspath(source)
+    if text in BUNDLED_DATASETS:
+        path = _BUNDLE_DIR / BUNDLED_DATASETS[text]
+        if not path.is_file():
+            raise DataError(f"bundled dataset {text!r} is missing from the installation ({path}); reinstall lorakit")
+        return path
+    path = Path(text).expanduser()
+    if not path.is_file():
+        what = "is a directory, not a file" if path.is_dir() else "not found"
+        raise DataError(f"data file {what}: {path}. Accepted: {_ACCEPTED_SOURCES}.")
+    return path
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:

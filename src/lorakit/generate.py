@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import LogitsProcessor, LogitsProcessorList, NoRepeatNGramLogitsProcessor
 
 from lorakit.data import encode_prompt
 
@@ -46,7 +47,11 @@ def generate(
         temperature: sampling temperature.
         top_p: nucleus sampling threshold.
         length_penalty: beam-search length penalty.
-        no_repeat_ngram_size: forbid repeating n-grams of this size (0 = off).
+        no_repeat_ngram_size: forbid repeating n-grams of this size within the new text (0 = off).
+            Only generated tokens count, as in the LoRA repo's decoder (gpt2_beam.py
+            `_calc_banned_ngram_tokens` sees only the generated history) and fairseq; transformers'
+            own `no_repeat_ngram_size` also counts the prompt, which for E2E would forbid copying a
+            slot value such as "more than £ 30" from the MR.
         batch_size: prompts per batch.
         seed: sampling seed.
 
@@ -84,7 +89,9 @@ def generate(
             if num_beams > 1:
                 kwargs.update(length_penalty=length_penalty, early_stopping=True)
             if no_repeat_ngram_size:
-                kwargs["no_repeat_ngram_size"] = no_repeat_ngram_size
+                kwargs["logits_processor"] = LogitsProcessorList(
+                    [_NoRepeatNGramInCompletion(no_repeat_ngram_size, prompt_width=width)]
+                )
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
             for row in out[:, width:]:
                 outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
@@ -92,3 +99,18 @@ def generate(
         torch.random.set_rng_state(generator_state)
         model.train(was_training)
     return outputs
+
+
+class _NoRepeatNGramInCompletion(LogitsProcessor):
+    """transformers' no-repeat-n-gram ban applied to the generated tokens only (prompt excluded).
+
+    Prompts are left-padded to one width, so for every row (and beam) the new tokens are the
+    columns from `prompt_width` on: (batch·beams, width + t) -> (batch·beams, t).
+    """
+
+    def __init__(self, ngram_size: int, *, prompt_width: int) -> None:
+        self._ban = NoRepeatNGramLogitsProcessor(ngram_size)
+        self._width = prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return self._ban(input_ids[:, self._width :], scores)

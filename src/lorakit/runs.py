@@ -244,14 +244,17 @@ def _resolve_adapter_dir(path: str | None) -> Path:
 
 
 def _load_with_adapter(adapter: str | None, model_spec: str | None, task: str, num_labels: int):
-    from lorakit.models import load_model
+    from lorakit.models import PACKAGED_NAMES, load_model
 
     adapter_dir = _resolve_adapter_dir(adapter) if adapter else None
     spec = model_spec
     if adapter_dir is not None and spec is None:
         cfg = lorakit.read_adapter_config(adapter_dir)
         recorded = cfg.base_model_name_or_path
-        spec = recorded if recorded and Path(recorded).exists() else None
+        if recorded in PACKAGED_NAMES.values():  # a packaged model records its upstream id, not its alias
+            spec = next(alias for alias, name in PACKAGED_NAMES.items() if name == recorded)
+        else:
+            spec = recorded if recorded and Path(recorded).exists() else None
     model, tokenizer, name = load_model(spec, task=task, num_labels=num_labels)
     if adapter_dir is not None:
         lorakit.load_adapter(model, adapter_dir)
@@ -333,9 +336,16 @@ def _load_data(opts: TrainOptions, tokenizer: Any):
         if opts.eval_data:
             ea, eb, ey = D.load_classification(opts.eval_data)
         else:
+            # A seeded random held-out fraction (files are often sorted by label or source).
             n_eval = max(1, int(len(y) * opts.eval_fraction))
-            ea, eb, ey = a[-n_eval:], b[-n_eval:] if b else None, y[-n_eval:]
-            a, b, y = a[:-n_eval], b[:-n_eval] if b else None, y[:-n_eval]
+            order = torch.randperm(len(y), generator=torch.Generator().manual_seed(opts.seed)).tolist()
+            held, kept = order[:n_eval], order[n_eval:]
+
+            def pick(values, rows):
+                return [values[i] for i in rows] if values else None
+
+            ea, eb, ey = pick(a, held), pick(b, held), pick(y, held)
+            a, b, y = pick(a, kept), pick(b, kept), pick(y, kept)
         train = D.tokenize_classification(a, b, y, tokenizer, opts.seq_len)
         evald = D.tokenize_classification(ea, eb, ey, tokenizer, opts.seq_len)
         return train, evald, [], train.truncated
@@ -383,6 +393,9 @@ def train_run(opts: TrainOptions, echo: Printer = print) -> dict[str, Any]:
     main = init_distributed().is_main
     say = echo if main else (lambda _msg: None)
     out = _check_out(opts)
+    for source in (opts.data, opts.eval_data):
+        if source and opts.task != "classification":
+            D.resolve_source(source)  # a missing file is reported before the model loads
     torch.manual_seed(opts.seed)
     t0 = time.perf_counter()
     model, tokenizer, name = load_model(opts.model, task=opts.task, num_labels=opts.num_labels)
@@ -436,7 +449,7 @@ def train_run(opts: TrainOptions, echo: Printer = print) -> dict[str, Any]:
         max_grad_norm=opts.max_grad_norm or None,
         seed=opts.seed,
         eval_every=opts.eval_every,
-        save_every=opts.save_every,
+        save_every=opts.save_every or max_steps,  # default: one checkpoint, at the end (see --help)
         loraplus_lr_ratio=opts.loraplus_lr_ratio,
         label_smoothing=opts.label_smoothing,
         grad_checkpointing=opts.grad_checkpointing,
@@ -450,6 +463,10 @@ def train_run(opts: TrainOptions, echo: Printer = print) -> dict[str, Any]:
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        if opts.overwrite and not opts.resume:
+            # Everything is validated by now. The earlier run's checkpoints would make fit() refuse
+            # to start (after run_config.json was already replaced) or a later --resume pick them up.
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
         _write_json(out / "run_config.json", {"options": asdict(opts), "lora": asdict(config), "train": asdict(tcfg)})
     result = fit(
         model,

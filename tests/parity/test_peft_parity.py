@@ -87,9 +87,7 @@ def test_forward_merge_unmerge_disable_unload_match_peft(case, ids):
         plain = lorakit.merge_and_unload(model)
         peft_plain = pm.merge_and_unload()
         assert type(
-            plain.model.layers[0].self_attn.q_proj
-            if hasattr(plain, "model")
-            else plain.transformer.h[0].attn.c_attn
+            plain.model.layers[0].self_attn.q_proj if hasattr(plain, "model") else plain.transformer.h[0].attn.c_attn
         ) in (
             torch.nn.Linear,
             __import__("transformers").pytorch_utils.Conv1D,
@@ -103,9 +101,7 @@ def test_forward_merge_unmerge_disable_unload_match_peft(case, ids):
 
 def test_gpt2_fused_qv_slices_load_in_peft_with_same_logits(tmp_path, ids):
     base = tiny_gpt2()
-    cfg = lorakit.LoraConfig(
-        r=2, lora_alpha=4, target_modules=["c_attn"], fused_slices={"c_attn": [True, False, True]}
-    )
+    cfg = lorakit.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fused_slices={"c_attn": [True, False, True]})
     model = lorakit.inject(clone(base), cfg)
     randomize_adapters(model)
     lorakit.save_adapter(model, tmp_path)

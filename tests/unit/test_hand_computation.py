@@ -112,9 +112,7 @@ def test_conv2d_via_im2col():
 
 def test_fused_slices_adapt_only_enabled_parts():
     lin = nn.Linear(2, 6, bias=False).double()  # three slices of 2: q, k, v
-    cfg = lorakit.LoraConfig(
-        r=1, lora_alpha=1, target_modules=["layer"], fused_slices={"layer": [True, False, True]}
-    )
+    cfg = lorakit.LoraConfig(r=1, lora_alpha=1, target_modules=["layer"], fused_slices={"layer": [True, False, True]})
     model = lorakit.inject(Holder(lin), cfg)
     rec = model.layer.adapters["default"]
     assert rec.lora_A.shape == (2, 2) and rec.lora_B.shape == (4, 1)

@@ -42,9 +42,24 @@ def build_parser() -> argparse.ArgumentParser:
         summary = (inspect.getdoc(cls) or "").splitlines()[0]
         p = sub.add_parser(name, help=summary, description=summary)
         p.add_argument("--config", help="TOML file whose keys are this command's flags (flags override it)")
-        p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+        # SUPPRESS: an absent subcommand --debug must not reset `lorakit --debug train ...` to False.
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
         add_options(p, cls, _SHORT)
     return parser
+
+
+def _quiet_transformers() -> None:
+    """Keep transformers' weight-loading bar and load report off stderr (unless --debug).
+
+    Both would come before the one error line bad input ends with; the report also calls a new
+    classification head "MISSING ... newly initialized" although lorakit trains it or loads it
+    from the adapter. transformers is already imported here, so its environment variables
+    (`TRANSFORMERS_VERBOSITY`, `HF_HUB_DISABLE_PROGRESS_BARS`) would come too late.
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = args.debug
     if not debug:
         warnings.filterwarnings("ignore", category=FutureWarning)
+        _quiet_transformers()
     try:
         options = resolve_options(cls, args, args.config)
         run(options)

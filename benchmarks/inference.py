@@ -1,0 +1,127 @@
+"""How much does an unmerged adapter slow inference down, and is a merged one free?
+
+Rows (each in a fresh process, interleaved over repeats), a no-grad forward of batch 8×128 in
+eval mode (dropout off), for r=8 on q,v and r=16 on all seven linear layers per block:
+
+- base: the model without adapters (the reference of every ratio).
+- PEFT unmerged: `get_peft_model`, the LoRA branch computed in every forward.
+- lorakit unmerged: `lorakit.inject`, likewise.
+- lorakit merged: `lorakit.merge` (ΔW added into W0): the same graph as the base model.
+- lorakit unmerged under `torch.compile` (compile time and graph breaks reported; a compile
+  failure is reported in the row).
+
+B is drawn small and random (not zero), so the branch does real work.
+
+Usage:
+    .venv/bin/python benchmarks/inference.py            # full size
+    .venv/bin/python benchmarks/inference.py --quick    # ~1 minute smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import _common as C
+
+DROPOUT = 0.05  # as trained; a no-op in eval mode, but the module is there as in real use
+
+FULL = C.Sizes(batch=8, seq=128, layers=None, warmup=2, steps=10, repeats=3)
+QUICK = C.Sizes(batch=8, seq=64, layers=2, warmup=1, steps=3, repeats=1)
+
+
+def rows_for(args: argparse.Namespace) -> list[C.Row]:
+    rows = [C.Row("base", "base model", {"kind": "base"})]
+    for aset in args.adapter_sets:
+        label = C.ADAPTER_SET_LABELS[aset]
+        rows += [
+            C.Row(f"peft-{aset}", f"PEFT unmerged, {label}", {"kind": "peft", "adapters": aset}),
+            C.Row(f"lorakit-{aset}", f"lorakit unmerged, {label}", {"kind": "lorakit", "adapters": aset}),
+            C.Row(
+                f"lorakit-{aset}-merged",
+                f"lorakit merged, {label}",
+                {"kind": "lorakit", "adapters": aset, "merged": True},
+            ),
+        ]
+        if args.compile:
+            rows.append(
+                C.Row(
+                    f"lorakit-{aset}-compile",
+                    f"lorakit unmerged, {label}, torch.compile",
+                    {"kind": "lorakit", "adapters": aset, "compile": True},
+                )
+            )
+    return rows
+
+
+def run_row(args: argparse.Namespace, row: C.Row) -> dict[str, Any]:
+    import torch
+
+    model = C.load_base(args)
+    kind = row.params["kind"]
+    extra: dict[str, Any] = {}
+    if kind == "peft":
+        import peft
+
+        model = peft.get_peft_model(model, C.lora_configs("peft", row.params["adapters"], DROPOUT))
+        extra["lora_B_tensors"] = C.randomize_lora_B(model)
+    elif kind == "lorakit":
+        import lorakit
+
+        lorakit.inject(model, C.lora_configs("lorakit", row.params["adapters"], DROPOUT))
+        extra["lora_B_tensors"] = C.randomize_lora_B(model)
+        if row.params.get("merged"):
+            lorakit.merge(model)
+    model.eval()
+    ids = C.random_ids(args, model.config.vocab_size)
+    forward = C.maybe_compile(model, row, args)
+
+    def step() -> None:
+        with torch.no_grad():
+            forward(input_ids=ids, use_cache=False)
+
+    return {**C.measure_row(step, args, row), **extra}
+
+
+def report(args: argparse.Namespace, rows: list[C.Row], s: dict[str, dict]) -> str:
+    base_ms = s.get("base", {}).get("ms", {}).get("step")
+    mem = "peak MiB" if args.device == "cuda" else "peak RSS MiB"
+    headers = ["configuration", "forward ms", "vs base", "lorakit / PEFT", mem, "spread"]
+    lines, notes = [], []
+    for row in rows:
+        r = s[row.name]
+        if "ms" not in r:
+            lines.append(C.error_line(row, r, len(headers)))
+            continue
+        ms = r["ms"]["step"]
+        vs_peft = "–"
+        if row.params.get("kind") == "lorakit":
+            peft_ms = s.get(f"peft-{row.params['adapters']}", {}).get("ms", {}).get("step")
+            vs_peft = C.fmt_ratio(C.ratio(ms, peft_ms))
+        label = C.row_label(row, r, notes)
+        lines.append(
+            [
+                label,
+                C.fmt_ms(ms),
+                C.fmt_ratio(C.ratio(ms, base_ms)),
+                vs_peft,
+                C.fmt_mib(r["peak_mib"]),
+                C.fmt_spread(r),
+            ]
+        )
+    text = C.describe_settings(args, "; torch.no_grad, eval mode") + "\n\n" + C.markdown_table(headers, lines)
+    if notes:
+        text += "\n\n" + "\n".join(notes)
+    return text
+
+
+def main() -> int:
+    parser = C.make_parser(__doc__, FULL, QUICK)
+    C.add_adapter_set_flag(parser, full="qv8,all16", quick="qv8")
+    C.add_compile_flag(parser)
+    return C.main(__file__, parser, rows_for, run_row, report)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""How long does one LoRA training step take, and how much memory, against the frozen-model floor?
+
+Rows (each in a fresh process, interleaved over repeats):
+
+- full fine-tuning: every weight trains, AdamW over all of them.
+- floor: every weight frozen, no optimiser; the input embeddings' output requires grad, so the
+  backward still runs through every layer (input gradients only). No LoRA step can cost less.
+- PEFT / lorakit LoRA r=8 on q,v and r=16 on all seven linear layers per block, dropout 0.05,
+  AdamW over A and B; B drawn small and random (not zero) so the branch does real work.
+- lorakit r=8 q,v (the first of `--adapter-sets`) under `torch.compile` (first-step compile
+  time and graph breaks reported; a compile failure is reported in the row, not raised).
+
+Usage:
+    .venv/bin/python benchmarks/train_step.py            # full size (SmolLM2-135M, batch 4×128)
+    .venv/bin/python benchmarks/train_step.py --quick    # ~1 minute smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import _common as C
+
+DROPOUT = 0.05
+LR = 1e-5
+
+FULL = C.Sizes(batch=4, seq=128, layers=None, warmup=2, steps=5, repeats=3)
+QUICK = C.Sizes(batch=4, seq=64, layers=2, warmup=1, steps=3, repeats=1)
+
+
+def rows_for(args: argparse.Namespace) -> list[C.Row]:
+    rows = [
+        C.Row("full", "full fine-tuning", {"kind": "full"}),
+        C.Row("floor", "floor: frozen, input-gradient backward, no optimiser", {"kind": "floor"}),
+    ]
+    for aset in args.adapter_sets:
+        for lib in ("peft", "lorakit"):
+            label = f"{'PEFT' if lib == 'peft' else 'lorakit'} LoRA {C.ADAPTER_SET_LABELS[aset]}, dropout {DROPOUT}"
+            rows.append(C.Row(f"{lib}-{aset}", label, {"kind": lib, "adapters": aset}))
+    if args.compile:
+        aset = args.adapter_sets[0]
+        rows.append(
+            C.Row(
+                f"lorakit-{aset}-compile",
+                f"lorakit LoRA {C.ADAPTER_SET_LABELS[aset]}, dropout {DROPOUT}, torch.compile",
+                {"kind": "lorakit", "adapters": aset, "compile": True},
+            )
+        )
+    return rows
+
+
+def run_row(args: argparse.Namespace, row: C.Row) -> dict[str, Any]:
+    import torch
+
+    model = C.load_base(args)
+    kind = row.params["kind"]
+    extra: dict[str, Any] = {}
+    if kind == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif kind == "floor":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        # The frozen model's own backward: gradients w.r.t. activations only, through every layer.
+        model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+    elif kind == "peft":
+        import peft
+
+        model = peft.get_peft_model(model, C.lora_configs("peft", row.params["adapters"], DROPOUT))
+        extra["lora_B_tensors"] = C.randomize_lora_B(model)
+    elif kind == "lorakit":
+        import lorakit
+
+        lorakit.inject(model, C.lora_configs("lorakit", row.params["adapters"], DROPOUT))
+        extra["lora_B_tensors"] = C.randomize_lora_B(model)
+    else:
+        raise ValueError(kind)
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    extra["trainable_params"] = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=LR) if params else None
+    ids = C.random_ids(args, model.config.vocab_size)
+    forward = C.maybe_compile(model, row, args)
+
+    def step() -> None:
+        loss = forward(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return {**C.measure_row(step, args, row), **extra}
+
+
+def report(args: argparse.Namespace, rows: list[C.Row], s: dict[str, dict]) -> str:
+    floor = s.get("floor", {})
+    floor_ms = floor.get("ms", {}).get("step")
+    floor_mib = floor.get("peak_mib")
+    mem = "peak MiB" if args.device == "cuda" else "peak RSS MiB"
+    headers = ["configuration", "step ms", "vs floor", "lorakit / PEFT", mem, "mem vs floor", "trainable", "spread"]
+    lines = []
+    notes = []
+    for row in rows:
+        r = s[row.name]
+        if "ms" not in r:
+            lines.append(C.error_line(row, r, len(headers)))
+            continue
+        ms = r["ms"]["step"]
+        vs_peft = "–"
+        if row.params.get("kind") == "lorakit":
+            peft_row = s.get(f"peft-{row.params['adapters']}", {})
+            vs_peft = C.fmt_ratio(C.ratio(ms, peft_row.get("ms", {}).get("step")))
+        label = C.row_label(row, r, notes)
+        lines.append(
+            [
+                label,
+                C.fmt_ms(ms),
+                C.fmt_ratio(C.ratio(ms, floor_ms)),
+                vs_peft,
+                C.fmt_mib(r["peak_mib"]),
+                C.fmt_ratio(C.ratio(r["peak_mib"], floor_mib)),
+                f"{r.get('trainable_params', 0):,}",
+                C.fmt_spread(r),
+            ]
+        )
+    text = C.describe_settings(args, f"; AdamW lr {LR} on the trainable parameters") + "\n\n"
+    text += C.markdown_table(headers, lines)
+    if notes:
+        text += "\n\n" + "\n".join(notes)
+    return text
+
+
+def main() -> int:
+    parser = C.make_parser(__doc__, FULL, QUICK)
+    C.add_adapter_set_flag(parser)
+    C.add_compile_flag(parser)
+    return C.main(__file__, parser, rows_for, run_row, report)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

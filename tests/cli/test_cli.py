@@ -1,0 +1,498 @@
+"""The `lorakit` command, run for real: packaged SmolLM2-135M and MiniLM-L6, slices of real data.
+
+Each train run happens once per module and the other commands reuse its output: PEFT loads the
+adapter with the same logits, `merge` writes a plain transformers model, `generate`/`eval` read
+the run directory, and every bad input ends with exit code 2, one line on stderr naming the
+culprit, and no file touched. All the calls run in one module fixture, two at a time, since
+most of each one's time is starting Python and loading a model on one core.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+import lorakit
+from lorakit import runs
+from lorakit.cli.options import field_help
+from lorakit.generate import generate
+from lorakit.models import load_model
+
+REPO = Path(__file__).resolve().parents[2]
+GLUE = REPO.parent / "shared" / "data" / "glue"
+BUNDLED = Path(lorakit.__file__).resolve().parent / "data"
+LORAKIT = Path(sys.executable).with_name("lorakit")  # the console script, as a user runs it
+
+ENV = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
+ENV.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")  # two processes at a time
+
+# A handful of steps at a high learning rate: enough for the eval loss to fall clearly.
+TRAIN_FLAGS = ("--max-steps", 6, "--seq-len", 48, "--batch-size", 4, "--lr", 1e-2, "--warmup-steps", 1)
+QUIET = ("--samples", 0, "--threads", 1, "--no-progress")
+CLS_FLAGS = ("--task", "classification", "--model", "minilm-l6", "--max-steps", 4, "--seq-len", 64)
+CLS_FLAGS += ("--batch-size", 8, "--lr", 5e-3, "--warmup-steps", 1)
+PROMPT = "name : The Eagle | Type : pub | food : French | area : riverside ||"
+
+OPTIONS = {
+    "train": runs.TrainOptions,
+    "generate": runs.GenerateOptions,
+    "eval": runs.EvalOptions,
+    "merge": runs.MergeOptions,
+    "inspect": runs.InspectOptions,
+}
+
+
+def cli(*args: object, module: bool = False) -> list[str]:
+    """The command line `lorakit ARGS` (or `python -m lorakit ARGS`)."""
+    head = [sys.executable, "-m", "lorakit"] if module else [str(LORAKIT)]
+    return [*head, *map(str, args)]
+
+
+def snapshot(root: Path) -> dict[str, object]:
+    """`root` and every path under it, with size, mtime and content hash (None for directories)."""
+    if not root.exists():
+        return {str(root): "missing"}
+    state: dict[str, object] = {}
+    for path in [root, *sorted(root.rglob("*"))] if root.is_dir() else [root]:
+        if path.is_dir():
+            state[str(path)] = None
+        else:
+            stat = path.stat()
+            state[str(path)] = (stat.st_size, stat.st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+    return state
+
+
+@dataclasses.dataclass
+class Result:
+    """A finished `lorakit` process, and the watched paths before and after it ran."""
+
+    proc: subprocess.CompletedProcess
+    before: dict[str, object]
+    after: dict[str, object]
+
+
+def run(argv: list[str], watch: Sequence[Path] = ()) -> Result:
+    before = {k: v for path in watch for k, v in snapshot(path).items()}
+    proc = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=400, check=False)
+    return Result(proc, before, {k: v for path in watch for k, v in snapshot(path).items()})
+
+
+def printed(stdout: str) -> dict[str, float]:
+    """`name: value` lines (what `lorakit eval` prints) as a dict."""
+    return {k: float(v) for k, v in re.findall(r"^(\w+): (-?[0-9.]+(?:e[-+]?[0-9]+)?)$", stdout, re.MULTILINE)}
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+
+@torch.no_grad()
+def logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**batch).logits
+
+
+def read_tsv(path: Path) -> tuple[list[str], list[str], list[int]]:
+    with path.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    return [r["sentence1"] for r in rows], [r["sentence2"] for r in rows], [int(r["label"]) for r in rows]
+
+
+# ------------------------------------------------------------------------------------- bad input
+# id -> (argv, words the one error line must contain). {work}, {out}, {run} (the E2E run) and
+# {cls} (the classification run) are filled in; each case gets its own {out} holding one file.
+TRAIN_SMALL = ("--max-steps", "1", "--seq-len", "32", "--samples", "0", "--no-progress", "--out", "{out}")
+BAD_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "missing-data-file": (
+        ("train", "--data", "{work}/no-such-file.jsonl", *TRAIN_SMALL),
+        ("{work}/no-such-file.jsonl", "not found"),
+    ),
+    "empty-data-file": (("train", "--data", "{work}/empty.jsonl", *TRAIN_SMALL), ("empty.jsonl", "empty")),
+    "unknown-jsonl-keys": (
+        ("train", "--data", "{work}/qa.jsonl", *TRAIN_SMALL),
+        ("qa.jsonl", "line 1", "'question'", "'prompt' and 'completion'"),
+    ),
+    "unknown-tsv-columns": (
+        ("train", "--task", "classification", "--model", "minilm-l6", "--data", "{work}/reviews.tsv", *TRAIN_SMALL),
+        ("reviews.tsv", "'review'"),
+    ),
+    "unknown-model-path": (("train", "--model", "{work}/no-such-model", *TRAIN_SMALL), ("{work}/no-such-model",)),
+    "bad-toml-key": (
+        ("train", "--config", "{work}/run.toml", *TRAIN_SMALL),
+        ("run.toml", "learning_rate", "known keys"),
+    ),
+    "out-holds-a-finished-run": (("train", "--out", "{run}", "--max-steps", "1"), ("{run}", "finished run")),
+    "generate-adapter-for-another-model": (
+        ("generate", "--model", "smollm2-135m", "--adapter", "{cls}", "--max-new-tokens", "2"),
+        ("adapter_model.safetensors", "bert.encoder", "all-MiniLM-L6-v2"),
+    ),
+    "merge-adapter-for-another-model": (
+        ("merge", "--model", "smollm2-135m", "--adapter", "{cls}", "--out", "{out}/merged"),
+        ("adapter_model.safetensors", "bert.encoder", "all-MiniLM-L6-v2"),
+    ),
+    "merge-out-not-empty": (("merge", "--adapter", "{run}", "--out", "{out}"), ("not empty",)),
+}
+
+
+# ------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """The inputs: slices of real data, and the bad files of BAD_INPUTS."""
+    work = tmp_path_factory.mktemp("cli")
+    lines = (BUNDLED / "e2e_dev_sample.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (work / "dev16.jsonl").write_text("".join(lines[:16]), encoding="utf-8")  # a small, fixed eval set
+    lines = (GLUE / "mrpc" / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+    (work / "mrpc48.tsv").write_text("".join(lines[:49]), encoding="utf-8")  # header + 48 rows, quoting kept
+    (work / "empty.jsonl").write_text("")
+    (work / "qa.jsonl").write_text('{"question": "name : Aromi ||", "answer": " Aromi is a pub ."}\n')
+    (work / "reviews.tsv").write_text("review\tlabel\ngreat food\t1\n")
+    (work / "run.toml").write_text("max_steps = 1\nlearning_rate = 0.1\n")
+    return work
+
+
+@pytest.fixture(scope="module")
+def results(work) -> dict[str, Result]:
+    """Every `lorakit` call of this file, two processes at a time (most of each is one core
+    starting Python and loading a model). The two train runs go first; what needs their output
+    is queued once both are done, behind the calls that need nothing."""
+    run_dir, cls_dir, again = work / "run", work / "cls", work / "cls-again"
+    dev, mrpc = work / "dev16.jsonl", work / "mrpc48.tsv"
+    trainings = {
+        "train": cli("train", "--data", "e2e", "--eval-data", dev, *TRAIN_FLAGS, *QUIET, "--out", run_dir),
+        "train-cls": cli("train", *CLS_FLAGS, "--data", mrpc, *QUIET, "--out", cls_dir),
+    }
+    later = {
+        "merge": cli("merge", "--adapter", run_dir, "--out", work / "merged"),
+        "generate": cli("generate", "--adapter", run_dir, "--prompt", PROMPT, "--max-new-tokens", 12),
+        "eval": cli("eval", "--adapter", run_dir, "--data", dev, "--seq-len", 48),
+        # No --model: the adapter records the packaged encoder, which eval must load (not the default LM).
+        "eval-cls": cli("eval", "--adapter", cls_dir, "--task", "classification", "--data", mrpc),
+        "train-overwrite": cli(
+            "train", *CLS_FLAGS, "--data", mrpc, *QUIET, "--max-steps", 2, "--overwrite", "--out", again
+        ),
+    }
+    now: dict[str, list[str]] = {
+        "inspect": cli("inspect", "--target", "all-linear"),
+        "help": cli("--help", module=True),  # `python -m lorakit`, what torchrun runs
+        **{f"help-{name}": cli(name, "--help") for name in OPTIONS},
+        # --debug after the command, or before it
+        "debug-after": cli("train", "--debug", "--model", work / "no-such-model", "--out", work / "debug-out"),
+        "debug-before": cli("--debug", "train", "--model", work / "no-such-model", "--out", work / "debug-out"),
+    }
+    watch: dict[str, list[Path]] = {}
+    for case, (argv, _) in BAD_INPUTS.items():
+        out = work / "bad" / case
+        out.mkdir(parents=True)
+        (out / "keep.txt").write_text(f"written before the {case} run\n")
+        command = cli(*(arg.format(work=work, out=out, run=run_dir, cls=cls_dir) for arg in argv))
+        (later if any("{run}" in a or "{cls}" in a for a in argv) else now)[case] = command
+        # Its --out and every path it names (data, config, run directories) must stay as they were.
+        watch[case] = [out, *(Path(arg) for arg in command[1:] if Path(arg).is_absolute())]
+
+    with ThreadPoolExecutor(2) as pool:
+        first = {key: pool.submit(run, argv, watch.get(key, ())) for key, argv in {**trainings, **now}.items()}
+        futures.wait([first[key] for key in trainings])
+        if cls_dir.is_dir():  # a finished run to overwrite (a copy: the others read the original)
+            shutil.copytree(cls_dir, again)
+        second = {key: pool.submit(run, argv, watch.get(key, ())) for key, argv in later.items()}
+    return {key: future.result() for key, future in {**first, **second}.items()}
+
+
+@pytest.fixture(scope="module")
+def trained(work, results) -> tuple[Path, subprocess.CompletedProcess]:
+    """`lorakit train` on the packaged default model and the bundled E2E sample, 6 steps."""
+    proc = results["train"].proc
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return work / "run", proc
+
+
+@pytest.fixture(scope="module")
+def classified(work, results) -> tuple[Path, subprocess.CompletedProcess]:
+    """`lorakit train --task classification` on the packaged MiniLM-L6 and the MRPC slice, 4 steps."""
+    proc = results["train-cls"].proc
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return work / "cls", proc
+
+
+@pytest.fixture(scope="module")
+def smol() -> tuple[nn.Module, object]:
+    model, tokenizer, _ = load_model("smollm2-135m")
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def adapted(trained, smol) -> nn.Module:
+    """The base model with the trained adapter, loaded by lorakit in this process."""
+    base, _ = smol
+    return lorakit.load_adapter(copy.deepcopy(base), trained[0] / "adapter").eval()
+
+
+@pytest.fixture(scope="module")
+def e2e_batch(smol, work) -> dict[str, torch.Tensor]:
+    _, tokenizer = smol
+    rows = [json.loads(line) for line in (work / "dev16.jsonl").read_text().splitlines()[:2]]
+    texts = [r["prompt"] + r["completion"] for r in rows]
+    return dict(tokenizer(texts, return_tensors="pt", padding=True))
+
+
+# ------------------------------------------------------------------------------------- train
+def test_train_writes_the_run_files(trained):
+    out, proc = trained
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(r["loss"]) and "lr" in r and "grad_norm" in r for r in records)
+    assert "eval_loss" in records[-1]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    run_config = json.loads((out / "run_config.json").read_text())
+    assert run_config["options"]["max_steps"] == 6 and run_config["options"]["seq_len"] == 48
+    assert run_config["train"]["lr"] == pytest.approx(1e-2)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6
+    assert summary["final_train_loss"] == pytest.approx(records[-1]["loss"])
+
+    # README: `checkpoints/step-N/` (adapter + optimizer/scheduler/RNG/data position in safetensors
+    # + JSON); --help: "save_every ... (default: only at the end)".
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-6"]
+    step6 = out / "checkpoints" / "step-6"
+    assert sorted(p.name for p in step6.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "trainer_state.json",
+        "trainer_state.safetensors",
+    ]
+    state = json.loads((step6 / "trainer_state.json").read_text())
+    assert (state["step"], state["epoch"], state["batch"]) == (6, 0, 6)  # 6 batches of the first epoch read
+    assert {"optimizer", "scheduler", "rng"} <= set(state)
+    pickles = [p for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
+    assert pickles == []
+
+
+def test_train_overwrite_replaces_a_finished_run(results, work):
+    proc = results["train-overwrite"].proc
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = work / "cls-again"  # held the 4-step classification run, checkpoints/step-4 included
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((out / "run_config.json").read_text())["options"]["max_steps"] == 2
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+def test_train_loss_falls(trained):
+    out, _ = trained
+    summary = json.loads((out / "summary.json").read_text())
+    # Same 16 held-out rows before and after: 6 steps at lr 1e-2 cut it by about a third.
+    assert summary["eval_loss_after"] < 0.9 * summary["eval_loss_before"]
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(losses[-2:]) / 2 < losses[0]
+
+
+def test_train_truncates_long_rows_with_a_warning_and_a_count(trained):
+    out, proc = trained
+    truncated = json.loads((out / "summary.json").read_text())["truncated_rows"]
+    rows = len((BUNDLED / "e2e_train_sample.jsonl").read_text().splitlines())
+    assert 0 < truncated < rows  # seq_len 48 cuts the longer E2E references, not all of them
+    assert f"{truncated} of {rows} examples are longer than seq_len=48" in proc.stderr
+    assert f"{truncated} rows truncated to seq_len=48" in proc.stdout
+
+
+def test_peft_loads_the_adapter_with_the_same_logits(trained, smol, adapted, e2e_batch):
+    base, _ = smol
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), str(trained[0] / "adapter")).eval()
+    ours_logits = logits(adapted, e2e_batch)
+    assert (ours_logits - logits(theirs, e2e_batch)).abs().max() <= 1e-5
+    assert (ours_logits - logits(base, e2e_batch)).abs().max() > 1e-2  # the adapter is not a no-op
+
+
+# ------------------------------------------------------------------------------------- merge, generate, eval
+def test_merge_writes_a_plain_transformers_model(results, smol, adapted, e2e_batch, work):
+    base, _ = smol
+    merged_dir = work / "merged"
+    proc = results["merge"].proc
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert not list(merged_dir.glob("*.bin"))
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), local_files_only=True, dtype=torch.float32).eval()
+    assert type(merged) is type(base)
+    assert sorted(merged.state_dict()) == sorted(base.state_dict())  # no lora_A/B, no base_layer
+    assert (logits(merged, e2e_batch) - logits(adapted, e2e_batch)).abs().max() <= 1e-4
+
+
+def test_generate_prints_the_adapted_models_text(results, smol, adapted):
+    _, tokenizer = smol
+    proc = results["generate"].proc
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr
+    (expected,) = generate(adapted, tokenizer, [PROMPT], max_new_tokens=12)  # greedy, as the CLI default
+    assert expected.strip()
+    assert proc.stdout.strip() == expected.strip()
+
+
+def test_eval_prints_loss_and_perplexity(results, trained):
+    out, _ = trained
+    proc = results["eval"].proc
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    values = printed(proc.stdout)
+    assert set(values) == {"loss", "perplexity"}
+    # The same rows and seq_len as the run's final eval, now read back from the adapter files.
+    assert values["loss"] == pytest.approx(json.loads((out / "summary.json").read_text())["eval_loss_after"], abs=2e-4)
+    assert values["perplexity"] == pytest.approx(math.exp(values["loss"]), rel=1e-3)
+
+
+# ------------------------------------------------------------------------------------- classification
+@pytest.fixture(scope="module")
+def cls_models(classified) -> tuple[nn.Module, nn.Module, object]:
+    """(PEFT-loaded, lorakit-loaded) MiniLM classifiers sharing one base (same untrained head)."""
+    base, tokenizer, _ = load_model("minilm-l6", task="classification")
+    adapter = classified[0] / "adapter"
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base.eval()), str(adapter)).eval()
+    ours = lorakit.load_adapter(copy.deepcopy(base.eval()), adapter).eval()
+    return theirs, ours, tokenizer
+
+
+def test_classification_train_saves_the_head_in_modules_to_save(classified, cls_models, work):
+    out, proc = classified
+    assert "Traceback" not in proc.stderr
+    # LoRA r=8 on query and value of 6 layers (384 -> 384), plus the whole 384 -> 2 head.
+    assert f"trainable {6 * 2 * 8 * (384 + 384) + 384 * 2 + 2:,} of" in proc.stdout
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["classifier"]
+    assert config["target_modules"] and all(t.endswith((".query", ".value")) for t in config["target_modules"])
+    saved = tensors(out / "adapter" / "adapter_model.safetensors")
+    assert saved["base_model.model.classifier.weight"].shape == (2, 384)
+    assert saved["base_model.model.classifier.bias"].shape == (2,)
+    assert (out / "metrics.jsonl").is_file() and (out / "loss.png").is_file()
+
+    theirs, ours, tokenizer = cls_models
+    first, second, _ = read_tsv(work / "mrpc48.tsv")
+    batch = dict(tokenizer(first[:8], second[:8], truncation=True, max_length=64, padding=True, return_tensors="pt"))
+    ours_logits = logits(ours, batch)
+    assert (ours_logits - logits(theirs, batch)).abs().max() <= 1e-5
+    # The head is the saved one: logits = pooled · Wᵀ + b with W, b read from the file.
+    with torch.no_grad():
+        pooled = ours.bert(**batch).pooler_output  # (8, 384)
+    weight, bias = saved["base_model.model.classifier.weight"], saved["base_model.model.classifier.bias"]
+    torch.testing.assert_close(ours_logits, pooled @ weight.T + bias, rtol=0, atol=1e-5)
+
+
+def test_classification_eval_reports_accuracy_and_f1(results, cls_models, work):
+    proc = results["eval-cls"].proc
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    values = printed(proc.stdout)
+    assert {"loss", "accuracy", "f1"} <= set(values)
+
+    # Recompute both from PEFT's predictions on the same rows (eval's default seq_len is 128).
+    theirs, _, tokenizer = cls_models
+    first, second, labels = read_tsv(work / "mrpc48.tsv")
+    batch = dict(tokenizer(first, second, truncation=True, max_length=128, padding=True, return_tensors="pt"))
+    preds = logits(theirs, batch).argmax(-1).tolist()
+    tp = sum(p == y == 1 for p, y in zip(preds, labels, strict=True))
+    fp = sum(p == 1 and y == 0 for p, y in zip(preds, labels, strict=True))
+    fn = sum(p == 0 and y == 1 for p, y in zip(preds, labels, strict=True))
+    accuracy = sum(p == y for p, y in zip(preds, labels, strict=True)) / len(labels)
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    assert values["accuracy"] == pytest.approx(accuracy, abs=1e-4)
+    assert values["f1"] == pytest.approx(f1, abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------- inspect, --help
+def test_inspect_lists_the_adaptable_layers(results, smol):
+    base, _ = smol
+    proc = results["inspect"].proc
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    layers = [(n, m) for n, m in base.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    assert f"HuggingFaceTB/SmolLM2-135M-Instruct: {len(layers)} adaptable layers" in proc.stdout
+    for leaf in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert re.search(rf"^  {leaf} +Linear +weight \[\d+, \d+\] ×30$", proc.stdout, re.MULTILINE), leaf
+    # all-linear: every linear layer but the output head (README), 8 × (in + out) parameters each.
+    linear = [m for n, m in layers if isinstance(m, nn.Linear) and n != "lm_head"]
+    params = sum(8 * (m.in_features + m.out_features) for m in linear)
+    assert f"adapts {len(linear)} layers, {params:,} trainable parameters" in proc.stdout
+
+
+FLAGS = {
+    "train": ["--lr", "--batch-size", "--target", "--resume", "--config", "--max-steps", "-r", "--out", "--debug"],
+    "generate": ["--adapter", "--prompt", "--max-new-tokens", "--num-beams", "--config", "--debug"],
+    "eval": ["--adapter", "--data", "--task", "--e2e-metrics", "--config", "--debug"],
+    "merge": ["--adapter", "--model", "--out", "--config", "--debug"],
+    "inspect": ["--model", "--target", "-r", "--config", "--debug"],
+}
+
+
+def _squash(text: str) -> str:
+    return "".join(text.split())  # argparse re-wraps help text, also after hyphens
+
+
+@pytest.mark.parametrize("command", list(OPTIONS))
+def test_help_lists_every_flag(results, command):
+    proc = results[f"help-{command}"].proc
+    assert proc.returncode == 0, proc.stderr
+    for flag in FLAGS[command]:
+        assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", proc.stdout), flag
+    # Every option is a flag, with the help text of its docstring (STYLE.md §3: they cannot drift).
+    docs = field_help(OPTIONS[command])
+    for field in dataclasses.fields(OPTIONS[command]):
+        assert "--" + field.name.replace("_", "-") in proc.stdout, field.name
+        assert _squash(docs[field.name]) in _squash(proc.stdout), field.name
+
+
+def test_top_level_help_lists_the_commands(results):
+    proc = results["help"].proc
+    assert proc.returncode == 0, proc.stderr
+    for command in OPTIONS:
+        assert re.search(rf"^    {command} ", proc.stdout, re.MULTILINE), command
+
+
+# ------------------------------------------------------------------------------------- bad input
+def assert_one_error_line(proc: subprocess.CompletedProcess, command: str, *culprits: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr[-4000:]
+    assert lines[0].startswith(f"lorakit {command}: error: "), lines[0]
+    for word in culprits:
+        assert word in lines[0], (word, lines[0])
+    assert "Traceback" not in proc.stdout
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gives_one_error_line_and_touches_nothing(results, work, case):
+    result = results[case]
+    argv, culprits = BAD_INPUTS[case]
+    fill = {"work": work, "out": work / "bad" / case, "run": work / "run", "cls": work / "cls"}
+    assert_one_error_line(result.proc, argv[0], *(word.format(**fill) for word in culprits))
+    assert result.after == result.before  # the file already in --out, the inputs and run directories
+
+
+@pytest.mark.parametrize("case", ["debug-after", "debug-before"])
+def test_debug_shows_the_traceback(results, work, case):
+    proc = results[case].proc
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert "lorakit.errors.ModelLoadError" in proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith("lorakit train: error: unknown model")
+    assert not (work / "debug-out").exists()
