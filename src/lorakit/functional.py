@@ -29,6 +29,7 @@ __all__ = [
     "fused_linear_delta",
     "linear_delta",
     "lora_linear",
+    "masked_input",
     "scaling",
 ]
 
@@ -221,13 +222,14 @@ def dropout_keep_mask(
     return keep, threshold / DROPOUT_RESOLUTION
 
 
-class _SharedMask(threading.local):
-    """The last dropout mask drawn, keyed by the input tensor it was drawn for.
+class _SharedDrop(threading.local):
+    """The last dropped-out input, keyed by the input tensor it was computed from.
 
     q, k and v projections (and gate/up) read the very same input tensor; with sharing on, they
-    reuse one mask, so the input and one 1-byte mask are kept for the backward once per shared
-    input rather than a float copy per layer (and the mask is drawn once, as in the reference
-    implementation's fused `MergedLinear`, where q and v see one dropout of x).
+    reuse one mask and one masked input `where(keep, x, 0)`: it is computed once, kept once for
+    the backward (with its 1-byte mask, by the `where` node) instead of a float copy per layer,
+    and the mask is applied once to the summed input gradient. This is also what the reference
+    implementation does for GPT-2's fused q/v layer (`MergedLinear`: one dropout of x).
     """
 
     def __init__(self) -> None:
@@ -238,22 +240,33 @@ class _SharedMask(threading.local):
     def clear(self, _ref: object = None) -> None:
         self.ref, self.key, self.value = None, (), None
 
-    def get(self, x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
-        key = (x._version, x.shape, _dropout_threshold(p))
+    def get(self, x: torch.Tensor, p: float, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+        key = (x._version, x.shape, _dropout_threshold(p), dtype, torch.is_grad_enabled())
         if self.ref is not None and self.ref() is x and self.key == key and self.value is not None:
             return self.value
-        value = dropout_keep_mask(x.shape, p, x.device)
+        value = _drop(x, p, dtype)
         self.ref, self.key, self.value = weakref.ref(x, self.clear), key, value
         return value
 
 
-_shared_mask = _SharedMask()
+_shared_drop = _SharedDrop()
 
 
-def _keep_mask(x: torch.Tensor, p: float, share: bool) -> tuple[torch.Tensor, float]:
+def _drop(x: torch.Tensor, p: float, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    keep, p_exact = dropout_keep_mask(x.shape, p, x.device)
+    return torch.where(keep, x.to(dtype), 0), p_exact
+
+
+def masked_input(x: torch.Tensor, p: float, share: bool = True, dtype: torch.dtype | None = None):
+    """(where(keep, x, 0) in `dtype`, the exact p): dropout without the 1/(1 − p) rescaling.
+
+    With `share`, a layer that reads the very same (unchanged) tensor gets the same result
+    (except inside `torch.compile`, where each layer draws its own mask).
+    """
+    dtype = dtype or x.dtype
     if share and not torch.compiler.is_compiling():
-        return _shared_mask.get(x, p)
-    return dropout_keep_mask(x.shape, p, x.device)
+        return _shared_drop.get(x, p, dtype)
+    return _drop(x, p, dtype)
 
 
 def dropout_input(x: torch.Tensor, p: float, training: bool, share: bool = True) -> torch.Tensor:
@@ -267,44 +280,41 @@ def dropout_input(x: torch.Tensor, p: float, training: bool, share: bool = True)
     """
     if not training or _dropout_threshold(p) == 0:
         return x
-    keep, p_exact = _keep_mask(x, p, share)
-    return torch.where(keep, x, 0) * (1 / (1 - p_exact))
+    xm, p_exact = masked_input(x, p, share)
+    return xm * (1 / (1 - p_exact))
 
 
 # ---------------------------------------------------------------------------- fused LoRA linear
 class LoraLinearFunction(torch.autograd.Function):
-    """result + s·B·A·dropout(x) in one autograd node that saves only what its backward needs.
+    """result + s·B·A·x in one autograd node that saves only what its backward needs.
 
-    Plain autograd keeps, per adapted layer, the dropped-out input as a float copy, its float or
-    bool mask and the product x·Aᵀ. This node keeps the input itself (the same tensor the other
-    projections of that input keep: no copy), a 1-byte keep-mask (shared with them, see
-    `dropout_input`) and the (N, r) product; the dropped input is recomputed in the backward.
-    The scaling and 1/(1 − p) are folded into one `addmm`, which also adds the branch to the base
+    Plain autograd keeps, per adapted layer, the dropped-out input as its own float copy next to
+    its mask and the product x·Aᵀ. This node keeps its input x (with dropout: the masked input
+    shared by the projections of that input, see `masked_input`; without: the layer input the
+    other projections keep too — no copy either way) and the small (N, r) product. The scaling
+    (with 1/(1 − p) folded in) goes into one `addmm` that also adds the branch to the base
     output without an extra (N, out) temporary.
 
-    Inputs: result (..., out) the base layer's output; x (..., in) the layer input (any float
-    dtype; cast to A's dtype inside); A (r, in); B (out, r); keep: bool mask like x, or None for
-    no dropout; s: the scaling including 1/(1 − p).
+    Inputs: result (..., out) the base layer's output; x (..., in) the branch input (any float
+    dtype; cast to A's dtype inside); A (r, in); B (out, r); s the scaling.
     """
 
     @staticmethod
-    def forward(ctx, result, x, A, B, keep, s):
+    def forward(ctx, result, x, A, B, s):
         x2 = x.reshape(-1, x.shape[-1]).to(A.dtype)
-        if keep is not None:
-            x2 = torch.where(keep.reshape(x2.shape), x2, 0)
         a = torch.mm(x2, A.t())
         r2 = result.reshape(-1, result.shape[-1])
         if r2.dtype == A.dtype:
             out = torch.addmm(r2, a, B.t(), alpha=s)
         else:
             out = r2 + torch.mm(a, B.t()).mul_(s).to(r2.dtype)
-        ctx.save_for_backward(x, keep, a, A, B)
+        ctx.save_for_backward(x, a, A, B)
         ctx.s = s
         return out.view(result.shape)
 
     @staticmethod
     def backward(ctx, grad):
-        x, keep, a, A, B = ctx.saved_tensors
+        x, a, A, B = ctx.saved_tensors
         s = ctx.s
         need_x, need_A, need_B = ctx.needs_input_grad[1:4]
         g = grad.reshape(-1, grad.shape[-1]).to(A.dtype)
@@ -314,16 +324,10 @@ class LoraLinearFunction(torch.autograd.Function):
         if need_x or need_A:
             ga = torch.mm(g, B).mul_(s)  # (N, r)
             if need_A:
-                x2 = x.reshape(-1, x.shape[-1]).to(A.dtype)
-                if keep is not None:
-                    x2 = torch.where(keep.reshape(x2.shape), x2, 0)
-                grad_A = torch.mm(ga.t(), x2)
+                grad_A = torch.mm(ga.t(), x.reshape(-1, x.shape[-1]).to(A.dtype))
             if need_x:
-                gx = torch.mm(ga, A)
-                if keep is not None:
-                    gx = torch.where(keep.reshape(gx.shape), gx, 0)
-                grad_x = gx.view(x.shape).to(x.dtype)
-        return grad, grad_x, grad_A, grad_B, None, None
+                grad_x = torch.mm(ga, A).view(x.shape).to(x.dtype)
+        return grad, grad_x, grad_A, grad_B, None
 
 
 def lora_linear(
@@ -354,9 +358,8 @@ def lora_linear(
     Returns:
         (..., out) in result's dtype.
     """
-    keep = None
     if training and _dropout_threshold(dropout) > 0:
-        keep, p_exact = _keep_mask(x, dropout, share_mask)
+        x, p_exact = masked_input(x, dropout, share_mask, A.dtype)
         s = s / (1 - p_exact)
     elif not (torch.is_grad_enabled() and any(t.requires_grad for t in (result, x, A, B))):
         # Inference: no node, and the branch is accumulated into the base output in place.
@@ -365,4 +368,4 @@ def lora_linear(
             result.view(-1, result.shape[-1]).addmm_(a, B.t(), alpha=s)
             return result
         return result + torch.mm(a, B.t()).mul_(s).view(result.shape).to(result.dtype)
-    return LoraLinearFunction.apply(result, x, A, B, keep, s)
+    return LoraLinearFunction.apply(result, x, A, B, s)
