@@ -195,6 +195,32 @@ def weights_bytes(model: nn.Module) -> int:
     return total
 
 
+def train_record(stats: TrainStats, dataset: TokenizedDataset | ClassificationDataset, cfg: TrainConfig) -> dict:
+    """What results.json keeps of one training run."""
+    return dict(
+        train_rows=len(dataset),
+        train_truncated=dataset.truncated,
+        train=cfg.to_dict(),
+        steps=stats.steps,
+        train_seconds=stats.seconds,
+        seconds_per_step=stats.seconds_per_step,
+        step_seconds=stats.step_seconds,
+        final_loss=sum(stats.losses[-50:]) / len(stats.losses[-50:]),
+        losses=stats.losses,
+    )
+
+
+def save_trained(method: str, model: nn.Module, folder: Path) -> int:
+    """Write a LoRA method's adapter to `folder/adapter` and return its size in bytes; for full
+    fine-tuning, the model's weight bytes (the whole model is the "adapter"; not written)."""
+    if method == "lora":
+        return directory_bytes(lorakit.save_adapter(model, folder / "adapter"))
+    if method == "peft":
+        model.save_pretrained(str(folder / "adapter"), save_embedding_layers=False)
+        return directory_bytes(folder / "adapter")
+    return weights_bytes(model)
+
+
 def directory_bytes(path: Path) -> int:
     """Total size of the files directly in `path`."""
     return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file())

@@ -257,24 +257,8 @@ def run_method(
         flush=True,
     )
     stats = X.train(model, train_ds, cfg, label=method)
-    result.update(
-        train_rows=len(train_ds),
-        train_truncated=train_ds.truncated,
-        train=cfg.to_dict(),
-        steps=stats.steps,
-        train_seconds=stats.seconds,
-        seconds_per_step=stats.seconds_per_step,
-        step_seconds=stats.step_seconds,
-        final_loss=sum(stats.losses[-50:]) / len(stats.losses[-50:]),
-        losses=stats.losses,
-    )
-    if method == "lora":
-        result["adapter_bytes"] = X.directory_bytes(lorakit.save_adapter(model, folder / "adapter"))
-    elif method == "peft":
-        model.save_pretrained(str(folder / "adapter"), save_embedding_layers=False)
-        result["adapter_bytes"] = X.directory_bytes(folder / "adapter")
-    else:
-        result["adapter_bytes"] = X.weights_bytes(model)  # the whole model; not written
+    result.update(X.train_record(stats, train_ds, cfg))
+    result["adapter_bytes"] = X.save_trained(method, model, folder)
 
     started = time.perf_counter()
     preds = predict(model, eval_ds, 64)
