@@ -220,6 +220,20 @@ def random_ids(args: argparse.Namespace, vocab: int, batch: int | None = None, s
     return torch.randint(0, vocab, shape, generator=g).to(args.device)
 
 
+def add_lora(model: Any, lib: str, adapter_set: str, dropout: float) -> Any:
+    """`model` with one LoRA adapter of `adapter_set` from `lib` ("peft" or "lorakit"), B drawn
+    small and random (see `randomize_lora_B`); returns the model (PEFT wraps it) and that count."""
+    if lib == "peft":
+        import peft
+
+        model = peft.get_peft_model(model, lora_configs("peft", adapter_set, dropout))
+    else:
+        import lorakit
+
+        lorakit.inject(model, lora_configs("lorakit", adapter_set, dropout))
+    return model, randomize_lora_B(model)
+
+
 def randomize_lora_B(model, std: float = B_STD, seed: int = 0) -> int:
     """Draw every LoRA B (lorakit's `...lora_B`, PEFT's `...lora_B.<name>.weight`) from N(0, std²).
 

@@ -61,17 +61,11 @@ def run_row(args: argparse.Namespace, row: C.Row) -> dict[str, Any]:
     model = C.load_base(args)
     kind = row.params["kind"]
     extra: dict[str, Any] = {}
-    if kind == "peft":
-        import peft
-
-        model = peft.get_peft_model(model, C.lora_configs("peft", row.params["adapters"], DROPOUT))
-        extra["lora_B_tensors"] = C.randomize_lora_B(model)
-    elif kind == "lorakit":
-        import lorakit
-
-        lorakit.inject(model, C.lora_configs("lorakit", row.params["adapters"], DROPOUT))
-        extra["lora_B_tensors"] = C.randomize_lora_B(model)
+    if kind in ("peft", "lorakit"):
+        model, extra["lora_B_tensors"] = C.add_lora(model, kind, row.params["adapters"], DROPOUT)
         if row.params.get("merged"):
+            import lorakit
+
             lorakit.merge(model)
     model.eval()
     ids = C.random_ids(args, model.config.vocab_size)

@@ -65,16 +65,8 @@ def run_row(args: argparse.Namespace, row: C.Row) -> dict[str, Any]:
             p.requires_grad_(False)
         # The frozen model's own backward: gradients w.r.t. activations only, through every layer.
         model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
-    elif kind == "peft":
-        import peft
-
-        model = peft.get_peft_model(model, C.lora_configs("peft", row.params["adapters"], DROPOUT))
-        extra["lora_B_tensors"] = C.randomize_lora_B(model)
-    elif kind == "lorakit":
-        import lorakit
-
-        lorakit.inject(model, C.lora_configs("lorakit", row.params["adapters"], DROPOUT))
-        extra["lora_B_tensors"] = C.randomize_lora_B(model)
+    elif kind in ("peft", "lorakit"):
+        model, extra["lora_B_tensors"] = C.add_lora(model, kind, row.params["adapters"], DROPOUT)
     else:
         raise ValueError(kind)
 
