@@ -395,16 +395,20 @@ class TokenizedDataset:
             `input_ids`, `attention_mask` and `labels`, each a `(len(indices), longest row)` long
             tensor; padding has `pad_id`, attention 0 and label -100.
         """
-        width = max(len(self.input_ids[i]) for i in indices)
-        ids = torch.full((len(indices), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(indices), width), dtype=torch.long)
-        labels = torch.full((len(indices), width), IGNORE_INDEX, dtype=torch.long)
-        for row, index in enumerate(indices):
-            length = len(self.input_ids[index])
-            ids[row, :length] = torch.tensor(self.input_ids[index], dtype=torch.long)
-            mask[row, :length] = 1
-            labels[row, :length] = torch.tensor(self.labels[index], dtype=torch.long)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        rows = [self.input_ids[i] for i in indices]
+        return {
+            "input_ids": _right_pad(rows, self.pad_id),
+            "attention_mask": _right_pad([[1] * len(r) for r in rows], 0),
+            "labels": _right_pad([self.labels[i] for i in indices], IGNORE_INDEX),
+        }
+
+
+def _right_pad(rows: Sequence[Sequence[int]], fill: int) -> torch.Tensor:
+    """Rows of token ids as one (len(rows), longest row) long tensor, right-padded with `fill`."""
+    out = torch.full((len(rows), max(len(r) for r in rows)), fill, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -704,19 +708,13 @@ class ClassificationDataset:
             `input_ids`, `attention_mask` (and `token_type_ids` when present) as
             `(len(indices), longest row)` long tensors, and `labels` as a `(len(indices),)` tensor.
         """
-        width = max(len(self.input_ids[i]) for i in indices)
-        ids = torch.full((len(indices), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(indices), width), dtype=torch.long)
-        types = torch.zeros((len(indices), width), dtype=torch.long)
-        for row, index in enumerate(indices):
-            length = len(self.input_ids[index])
-            ids[row, :length] = torch.tensor(self.input_ids[index], dtype=torch.long)
-            mask[row, :length] = 1
-            if self.token_type_ids is not None:
-                types[row, :length] = torch.tensor(self.token_type_ids[index], dtype=torch.long)
-        batch = {"input_ids": ids, "attention_mask": mask}
+        rows = [self.input_ids[i] for i in indices]
+        batch = {
+            "input_ids": _right_pad(rows, self.pad_id),
+            "attention_mask": _right_pad([[1] * len(r) for r in rows], 0),
+        }
         if self.token_type_ids is not None:
-            batch["token_type_ids"] = types
+            batch["token_type_ids"] = _right_pad([self.token_type_ids[i] for i in indices], 0)
         batch["labels"] = torch.tensor([self.labels[i] for i in indices], dtype=torch.long)
         return batch
 
