@@ -7,6 +7,7 @@ spells the formula out.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import weakref
@@ -17,6 +18,8 @@ import torch.nn.functional as F
 
 __all__ = [
     "DROPOUT_RESOLUTION",
+    "Branch",
+    "GatedMlpFunction",
     "LoraLinearFunction",
     "accumulate_dtype",
     "conv2d_delta",
@@ -27,6 +30,7 @@ __all__ = [
     "embedding_delta",
     "expand_fused",
     "fused_linear_delta",
+    "gated_mlp",
     "linear_delta",
     "lora_linear",
     "masked_input",
@@ -369,3 +373,184 @@ def lora_linear(
             return result
         return result + torch.mm(a, B.t()).mul_(s).view(result.shape).to(result.dtype)
     return LoraLinearFunction.apply(result, x, A, B, s)
+
+
+# ---------------------------------------------------------------------------- gated MLP with LoRA
+@dataclasses.dataclass(frozen=True)
+class Branch:
+    """One LoRA branch of a projection inside `gated_mlp`: s·B·A·dropout(x).
+
+    Args:
+        A: (r, in).
+        B: (out, r).
+        s: scaling (α/r or α/√r), without the dropout rescaling.
+        dropout: probability on the branch input (0 when not training).
+        share_mask: with the gate and up branches both sharing, one mask serves both (as
+            `masked_input` does for layers reading the same tensor).
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    s: float
+    dropout: float = 0.0
+    share_mask: bool = True
+
+
+def _branch_input(x2: torch.Tensor, br: Branch | None, shared: tuple | None = None) -> tuple:
+    """(branch input in A's dtype: x or where(keep, x, 0); keep or None; the exact p).
+
+    `shared` is the same triple drawn for another branch that reads the same x.
+    """
+    if br is None:
+        return None, None, 0.0
+    if _dropout_threshold(br.dropout) == 0:
+        return x2.to(br.A.dtype), None, 0.0
+    if shared is not None:
+        return shared
+    keep, p_exact = dropout_keep_mask(x2.shape, br.dropout, x2.device)
+    return torch.where(keep, x2.to(br.A.dtype), 0), keep, p_exact
+
+
+def _scaled(br: Branch | None, p_exact: float) -> float:
+    """The branch's s with the dropout rescaling 1/(1 − p) folded in (as `lora_linear`)."""
+    if br is None:
+        return 0.0
+    return br.s / (1 - p_exact) if p_exact else br.s
+
+
+def _shares_mask(a: Branch | None, b: Branch | None) -> bool:
+    return (
+        a is not None
+        and b is not None
+        and a.share_mask
+        and b.share_mask
+        and _dropout_threshold(a.dropout) == _dropout_threshold(b.dropout) > 0
+        and a.A.dtype == b.A.dtype
+    )
+
+
+def _project(x2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, xa, A, B, s):
+    """(x·Wᵀ + b + s·(xa·Aᵀ)·Bᵀ, xa·Aᵀ): a base projection with its branch, as `lora_linear` adds it."""
+    out = F.linear(x2, W, b)
+    if A is None:
+        return out, None
+    a = torch.mm(xa, A.t())
+    if out.dtype == A.dtype:
+        return torch.addmm(out, a, B.t(), alpha=s), a
+    return out + torch.mm(a, B.t()).mul_(s).to(out.dtype), a
+
+
+class GatedMlpFunction(torch.autograd.Function):
+    """down(act(gate(x)) · up(x)) with LoRA on any of the three projections, in one node.
+
+    The frozen gated MLP (LLaMA's SwiGLU, Gemma's GeGLU) keeps act(e), e and u = up(x) for its
+    backward, and with LoRA on down_proj plain autograd also keeps h = act(e)·u (or its dropped-
+    out copy) as the branch input: four (N, hidden) tensors per layer. This node keeps e and u
+    only, recomputes act(e) and h in the backward (one activation and one product, elementwise),
+    and keeps for the branches the (shared) masked input of gate/up, the 1-byte masks and the
+    (N, r) products — less than the frozen model alone keeps. Masks are drawn in the same order
+    as the unfused layers draw them, so a seed gives the same training either way.
+
+    Inputs: x (..., in); the frozen weights Wg, Wu (hidden, in), Wd (out, hidden) and biases (or
+    None); A and B of each branch (or None); the activation; the three `Branch`es (or None).
+    Only x and the A/B tensors get gradients (frozen weights and biases are required).
+    """
+
+    @staticmethod
+    def forward(ctx, x, Wg, Wu, Wd, bg, bu, bd, Ag, Bg, Au, Bu, Ad, Bd, act, branches):
+        bg_, bu_, bd_ = branches
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        in_g = _branch_input(x2, bg_)
+        in_u = _branch_input(x2, bu_, in_g if _shares_mask(bg_, bu_) else None)
+        (xg, keep_g, pg), (xu, keep_u, pu) = in_g, in_u
+        sg, su = _scaled(bg_, pg), _scaled(bu_, pu)
+        e, a_g = _project(x2, Wg, bg, xg, Ag, Bg, sg)  # (N, hidden)
+        u, a_u = _project(x2, Wu, bu, xu, Au, Bu, su)
+        h = act(e) * u
+        xd, keep_d, pd = _branch_input(h, bd_)
+        sd = _scaled(bd_, pd)
+        y, a_d = _project(h, Wd, bd, xd, Ad, Bd, sd)
+        # The down branch's input is recomputed from e and u in the backward.
+        ctx.save_for_backward(Wg, Wu, Wd, Ag, Bg, Au, Bu, Ad, Bd, xg, xu, keep_g, keep_u, keep_d, a_g, a_u, a_d, e, u)
+        ctx.act, ctx.s, ctx.x_shape, ctx.x_dtype = act, (sg, su, sd), x.shape, x.dtype
+        ctx.shared = keep_u is not None and keep_u is keep_g
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, gy):
+        (Wg, Wu, Wd, Ag, Bg, Au, Bu, Ad, Bd, xg, xu, keep_g, keep_u, keep_d, a_g, a_u, a_d, e, u) = ctx.saved_tensors
+        sg, su, sd = ctx.s
+        need = ctx.needs_input_grad
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        with torch.enable_grad():
+            e_ = e.detach().requires_grad_(True)
+            act_e = ctx.act(e_)
+        h = act_e.detach() * u
+        grads: dict[str, torch.Tensor | None] = {}
+
+        def branch_grads(g2, xa, a, A, B, s, iA):
+            """Set the grads of A (input iA) and B (iA + 1) as needed; return ga·A, the input's grad before masking."""
+            if A is None:
+                return None
+            g = g2.to(A.dtype)
+            if need[iA + 1]:
+                grads[iA + 1] = torch.mm(g.t(), a).mul_(s)
+            ga = torch.mm(g, B).mul_(s)  # (N, r)
+            if need[iA]:
+                grads[iA] = torch.mm(ga.t(), xa)
+            return torch.mm(ga, A)
+
+        # down: y = h·Wdᵀ + s·(hm·Adᵀ)·Bdᵀ
+        gh = gy2.mm(Wd)
+        hd = None
+        if Ad is not None:
+            hd = h.to(Ad.dtype)
+            hd = torch.where(keep_d, hd, 0) if keep_d is not None else hd
+        gxd = branch_grads(gy2, hd, a_d, Ad, Bd, sd, 11)
+        if gxd is not None:
+            gh = gh + (torch.where(keep_d, gxd, 0) if keep_d is not None else gxd).to(gh.dtype)
+        del h, hd
+        # h = act(e)·u
+        gu = gh * act_e.detach()
+        (ge,) = torch.autograd.grad(act_e, e_, gh * u)
+        # gate and up
+        gxg = branch_grads(ge, xg, a_g, Ag, Bg, sg, 7)
+        gxu = branch_grads(gu, xu, a_u, Au, Bu, su, 9)
+        gx = None
+        if need[0]:
+            gx = ge.mm(Wg) + gu.mm(Wu)
+            if ctx.shared:
+                gx += torch.where(keep_g, gxg + gxu, 0).to(gx.dtype)
+            else:
+                for gxb, keep in ((gxg, keep_g), (gxu, keep_u)):
+                    if gxb is not None:
+                        gx += (torch.where(keep, gxb, 0) if keep is not None else gxb).to(gx.dtype)
+            gx = gx.view(ctx.x_shape).to(ctx.x_dtype)
+        return (gx, None, None, None, None, None, None, *(grads.get(i) for i in range(7, 13)), None, None)
+
+
+def gated_mlp(
+    x: torch.Tensor,
+    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    biases: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+    branches: tuple[Branch | None, Branch | None, Branch | None],
+    act,
+) -> torch.Tensor:
+    """down(act(gate(x)) · up(x)) where each projection may carry one LoRA branch.
+
+    Equal (to float rounding, with the same dropout masks for the same RNG state) to running the
+    three `LoraLinear` layers and the activation one after another; computed by
+    `GatedMlpFunction`, which keeps less for the backward.
+
+    Args:
+        x: (..., in).
+        weights: frozen (Wg, Wu, Wd), nn.Linear layout.
+        biases: frozen biases or None.
+        branches: a `Branch` per projection (gate, up, down) or None.
+        act: the activation (a module or function of one tensor).
+
+    Returns:
+        (..., out).
+    """
+    tensors = [t for br in branches for t in ((br.A, br.B) if br is not None else (None, None))]
+    return GatedMlpFunction.apply(x, *weights, *biases, *tensors, act, branches)

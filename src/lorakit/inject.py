@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lorakit import mlp_fusion
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.functional import scaling
@@ -151,6 +152,7 @@ def apply(
         host.set_active(state.active)
     if trainable and adapter_name in state.active:
         _set_bias_trainable(model, config)
+    mlp_fusion.install(model)
 
 
 def unload(model: nn.Module) -> nn.Module:
@@ -167,6 +169,7 @@ def unload(model: nn.Module) -> nn.Module:
         else:
             assert isinstance(host, SavedModule)
             _set_module(model, path, host.original_module)
+    mlp_fusion.uninstall(model)
     clear_state(model)
     return model
 
