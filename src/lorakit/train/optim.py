@@ -35,7 +35,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
         cfg: learning rate, weight decay, betas, eps, LoRA+ ratio.
 
     Returns:
-        The optimizer; each group also carries `"param_names"` (the parameters' names).
+        The optimizer (PyTorch's fused implementation when every parameter is a float tensor on
+        CPU or CUDA); each group also carries `"param_names"` (the parameters' names).
 
     Raises:
         TrainingError: no parameter requires grad.
@@ -69,7 +70,13 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     for key, (lr, wd) in specs.items():
         if key in groups:
             param_groups.append({**groups[key], "name": key, "lr": lr, "weight_decay": wd})
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    # PyTorch's fused AdamW (one kernel over all parameters) where it exists: on CPU it took
+    # 30 ms instead of 76 ms per step for the 420 A/B tensors of SmolLM2 all-linear r=16.
+    params = [p for group in param_groups for p in group["params"]]
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(
+        param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused or None
+    )
 
 
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str) -> float:
