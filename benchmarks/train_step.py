@@ -7,12 +7,12 @@ Rows (each in a fresh process, interleaved over repeats):
   backward still runs through every layer (input gradients only). No LoRA step can cost less.
 - PEFT / lorakit LoRA r=8 on q,v and r=16 on all seven linear layers per block, dropout 0.05,
   AdamW over A and B; B drawn small and random (not zero) so the branch does real work.
+- lorakit r=8 q,v (the first of `--adapter-sets`) under `torch.compile` (first-step compile
+  time and graph breaks reported; a compile failure is reported in the row, not raised).
 
 Every row with an optimiser uses PyTorch's fused AdamW (`fused=True`, what `lorakit.train`
 builds): the optimiser is the caller's choice, not the LoRA implementation's, so all rows get
 the fastest one.
-- lorakit r=8 q,v (the first of `--adapter-sets`) under `torch.compile` (first-step compile
-  time and graph breaks reported; a compile failure is reported in the row, not raised).
 
 Usage:
     .venv/bin/python benchmarks/train_step.py            # full size (SmolLM2-135M, batch 4×128)

@@ -34,7 +34,9 @@ __all__ = [
     "linear_delta",
     "lora_linear",
     "masked_input",
+    "pack_mask",
     "scaling",
+    "unpack_mask",
 ]
 
 
@@ -256,9 +258,49 @@ class _SharedDrop(threading.local):
 _shared_drop = _SharedDrop()
 
 
+# Bit j of a packed byte is mask element 8·k + j: multiplying 8 one-byte flags by _GATHER brings
+# them into the top byte without carries; multiplying a byte by _SPREAD copies it into all eight
+# bytes, and _SELECT keeps bit j in byte j.
+_GATHER = 0x0102040810204080
+_SPREAD = 0x0101010101010101
+_SELECT = 0x8040201008040201 - (1 << 64)  # as a signed int64
+
+
+def pack_mask(keep: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor as bits, 8 per byte (uint8, ceil(numel / 8) entries); see `unpack_mask`."""
+    flat = keep.reshape(-1).view(torch.uint8)
+    if flat.numel() % 8:
+        flat = F.pad(flat, (0, 8 - flat.numel() % 8))
+    return ((flat.view(torch.int64) * _GATHER) >> 56).to(torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """The boolean tensor of `shape` that `pack_mask` packed."""
+    spread = (packed.to(torch.int64) * _SPREAD) & _SELECT
+    return (spread.view(torch.uint8)[: math.prod(shape)] != 0).view(tuple(shape))
+
+
+class _MaskedInput(torch.autograd.Function):
+    """where(keep, x, 0), keeping the mask for the backward as bits (1/8 of a bool tensor)."""
+
+    @staticmethod
+    def forward(ctx, x, keep):
+        ctx.save_for_backward(pack_mask(keep))
+        ctx.shape = keep.shape
+        return torch.where(keep, x, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (packed,) = ctx.saved_tensors
+        return torch.where(unpack_mask(packed, ctx.shape), grad, 0), None
+
+
 def _drop(x: torch.Tensor, p: float, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
     keep, p_exact = dropout_keep_mask(x.shape, p, x.device)
-    return torch.where(keep, x.to(dtype), 0), p_exact
+    x = x.to(dtype)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _MaskedInput.apply(x, keep), p_exact
+    return torch.where(keep, x, 0), p_exact
 
 
 def masked_input(x: torch.Tensor, p: float, share: bool = True, dtype: torch.dtype | None = None):
@@ -471,14 +513,32 @@ class GatedMlpFunction(torch.autograd.Function):
         sd = _scaled(bd_, pd)
         y, a_d = _project(h, Wd, bd, xd, Ad, Bd, sd)
         # The down branch's input is recomputed from e and u in the backward.
-        ctx.save_for_backward(Wg, Wu, Wd, Ag, Bg, Au, Bu, Ad, Bd, xg, xu, keep_g, keep_u, keep_d, a_g, a_u, a_d, e, u)
-        ctx.act, ctx.s, ctx.x_shape, ctx.x_dtype = act, (sg, su, sd), x.shape, x.dtype
+        # Masks are kept as bits; a mask shared by gate and up is packed once.
         ctx.shared = keep_u is not None and keep_u is keep_g
+        packed_g, packed_d = (pack_mask(k) if k is not None else None for k in (keep_g, keep_d))
+        packed_u = None if ctx.shared or keep_u is None else pack_mask(keep_u)
+        ctx.save_for_backward(
+            Wg, Wu, Wd, Ag, Bg, Au, Bu, Ad, Bd, xg, xu, packed_g, packed_u, packed_d, a_g, a_u, a_d, e, u
+        )
+        ctx.act, ctx.s, ctx.x_shape, ctx.x_dtype = act, (sg, su, sd), x.shape, x.dtype
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, gy):
-        (Wg, Wu, Wd, Ag, Bg, Au, Bu, Ad, Bd, xg, xu, keep_g, keep_u, keep_d, a_g, a_u, a_d, e, u) = ctx.saved_tensors
+        (Wg, Wu, Wd, Ag, Bg, Au, Bu, Ad, Bd, xg, xu, packed_g, packed_u, packed_d, a_g, a_u, a_d, e, u) = (
+            ctx.saved_tensors
+        )
+        n_in, n_hidden = math.prod(ctx.x_shape[:-1]) * ctx.x_shape[-1], e.numel()
+        keep_g, keep_u, keep_d = (
+            unpack_mask(packed, (n,)).view(-1, shape[-1]) if packed is not None else None
+            for packed, n, shape in (
+                (packed_g, n_in, ctx.x_shape),
+                (packed_u, n_in, ctx.x_shape),
+                (packed_d, n_hidden, e.shape),
+            )
+        )
+        if ctx.shared:
+            keep_u = keep_g
         sg, su, sd = ctx.s
         need = ctx.needs_input_grad
         gy2 = gy.reshape(-1, gy.shape[-1])

@@ -202,3 +202,29 @@ def test_torch_compile_full_graph_in_training_and_inference():
     # With dropout the compiled graph draws its masks inside the graph: still no break.
     _, _, _, _, ours, _ = _compiled_step(0.1)
     assert all(torch.isfinite(g).all() for g in ours.values()) and sum(g.abs().sum() for g in ours.values()) > 0
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 64, 1001])
+def test_mask_bits_round_trip(n):
+    gen = torch.Generator().manual_seed(n)
+    keep = torch.rand(n, generator=gen) > 0.4
+    packed = LF.pack_mask(keep)
+    assert packed.dtype == torch.uint8 and packed.numel() == (n + 7) // 8
+    assert torch.equal(LF.unpack_mask(packed, (n,)), keep)
+    assert torch.equal(
+        LF.unpack_mask(LF.pack_mask(keep[: n // 2 * 2].view(-1, 2)), (n // 2, 2)), keep[: n // 2 * 2].view(-1, 2)
+    )
+    bits = [int(b) >> j & 1 for b in packed.tolist() for j in range(8)][:n]
+    assert bits == keep.int().tolist()  # bit j of byte k is element 8k + j
+
+
+def test_dropout_keeps_its_mask_as_bits():
+    """The masked input's node keeps (numel + 7) // 8 bytes, and its gradient is where(keep, g, 0)."""
+    x = torch.randn(6, 40, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        xm, _p = LF.masked_input(x, 0.3, share=False)
+    assert [(t.dtype, t.numel()) for t in saved] == [(torch.uint8, 30)]
+    g = torch.randn(6, 40)
+    (gx,) = torch.autograd.grad(xm, x, g)
+    torch.testing.assert_close(gx, torch.where(xm != 0, g, 0), rtol=0, atol=0)
