@@ -7,7 +7,7 @@ backward keeps two (N, hidden) tensors instead of the frozen model's three plus 
 branch input (about 0.2 GB less at SmolLM2-135M, batch 4×128, LoRA on every linear layer).
 
 The fused forward is used only where it is exactly the module's own computation; otherwise (in
-inference, under `torch.compile`, with per-row adapters, several unmerged adapters on one
+inference, under `torch.compile` or autocast, with per-row adapters, several unmerged adapters on one
 projection, fused slices, trainable base weights or biases, non-`nn.Linear` bases such as
 quantized ones, or forward hooks on the projections) the module's own forward runs. Set
 `lorakit.mlp_fusion.enabled = False` to always run the module's own forward.
@@ -90,7 +90,7 @@ def _fused_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _plan(mlp: nn.Module, x: torch.Tensor):
     """(weights, biases, branches) when the fused node computes exactly this forward, else None."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
         return None
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
         return None

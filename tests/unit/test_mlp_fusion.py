@@ -151,6 +151,8 @@ def test_falls_back_to_the_module_forward_where_it_cannot_fuse():
     hook = model.model.layers[0].mlp.up_proj.register_forward_hook(lambda m, i, o: None)
     assert len(_mlp_nodes(model, IDS)) == 2  # layer 0 unfused (hooked), layer 1 fused
     hook.remove()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "GatedMlpFunctionBackward" not in _mlp_nodes(model, IDS)
     mlp_fusion.enabled = False
     try:
         assert "GatedMlpFunctionBackward" not in _mlp_nodes(model, IDS)
