@@ -190,6 +190,7 @@ def test_optimizer_groups_loraplus_and_no_decay(ratio):
     # The fixture really has each kind: LoRA B, a trained bias, a norm weight.
     kinds = {n.split(".")[-1] for n in (names[p] for p in placed)}
     assert {"lora_A", "lora_B", "bias", "weight"} <= kinds
+    assert optimizer.defaults["fused"]  # one fused kernel over every CPU float parameter
 
 
 # ---------------------------------------------------------------------------------------- the loop
