@@ -1,0 +1,144 @@
+"""Ratios that survive a noisy machine: every configuration in one process, steps alternated.
+
+The other scripts run each row in a fresh process, which measures memory cleanly but lets the
+machine's drift between processes (20–50% here) into the ratios. This script builds all
+configurations side by side in one process, warms each up, then runs one step of each in turn
+(the order reversed every other round) and reports, per configuration, the median over rounds
+of its step time divided by the reference's step time in the same round.
+
+- `--mode train`: reference = the floor (frozen model, input-gradient backward, no optimiser);
+  rows: lorakit, lorakit with `lorakit.mlp_fusion` off, lorakit with dropout 0, PEFT — each
+  dropout 0.05 unless named, fused AdamW (as `train_step.py`).
+- `--mode inference`: reference = the base model; rows: lorakit unmerged, PEFT unmerged, lorakit
+  merged (the same graph as the base: its spread shows what the machine can resolve).
+
+Usage:
+    .venv/bin/python benchmarks/paired.py --mode train --adapter-set all16
+    .venv/bin/python benchmarks/paired.py --mode inference --adapter-set qv8 --pairs 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import _common as C
+
+
+def _train_rows(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
+    import torch
+
+    from lorakit import mlp_fusion
+
+    ids = C.random_ids(args, 49152)
+    rows: dict[str, Callable[[], None]] = {}
+    specs = {
+        "floor": ("floor", 0.0, True),
+        "lorakit": ("lorakit", 0.05, True),
+        "lorakit, MLP fusion off": ("lorakit", 0.05, False),
+        "lorakit, dropout 0": ("lorakit", 0.0, True),
+        "PEFT": ("peft", 0.05, True),
+    }
+    for label, (kind, dropout, fuse) in specs.items():
+        model = C.load_base(args)
+        if kind == "floor":
+            model.requires_grad_(False)
+            model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+        else:
+            model, _ = C.add_lora(model, kind, args.adapter_set, dropout)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True) if params else None
+
+        def step(model=model, optimizer=optimizer, fuse=fuse) -> None:
+            mlp_fusion.enabled = fuse
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        rows[label] = step
+    return rows
+
+
+def _inference_rows(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
+    import torch
+
+    import lorakit
+
+    ids = C.random_ids(args, 49152)
+    rows: dict[str, Callable[[], None]] = {}
+    for label in ("base", "lorakit unmerged", "PEFT unmerged", "lorakit merged"):
+        model = C.load_base(args)
+        if label != "base":
+            model, _ = C.add_lora(model, "peft" if label.startswith("PEFT") else "lorakit", args.adapter_set, 0.0)
+        if label == "lorakit merged":
+            lorakit.merge(model)
+        model.eval()
+
+        def step(model=model) -> None:
+            with torch.no_grad():
+                model(input_ids=ids, use_cache=False)
+
+        rows[label] = step
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=["train", "inference"], required=True)
+    parser.add_argument("--adapter-set", choices=sorted(C.ADAPTER_SETS), default="all16")
+    parser.add_argument("--pairs", type=int, default=6, help="rounds of one step per configuration")
+    parser.add_argument("--batch", type=int, default=None, help="default: 4 (train), 8 (inference)")
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    args.batch = args.batch or (4 if args.mode == "train" else 8)
+    args.device, args.dtype = "cpu", "fp32"
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    torch.manual_seed(0)
+    rows = _train_rows(args) if args.mode == "train" else _inference_rows(args)
+    reference = next(iter(rows))
+    for step in rows.values():  # warm-up: two steps each
+        step()
+        step()
+    times: dict[str, list[float]] = {label: [] for label in rows}
+    order = list(rows)
+    for i in range(args.pairs):
+        for label in order if i % 2 == 0 else reversed(order):
+            started = time.perf_counter()
+            rows[label]()
+            times[label].append(time.perf_counter() - started)
+    lines = []
+    for label, ts in times.items():
+        ratios = [t / r for t, r in zip(ts, times[reference], strict=True)]
+        lines.append(
+            [
+                label,
+                f"{statistics.median(ts) * 1e3:.0f}",
+                f"{statistics.median(ratios):.2f}×",
+                f"{min(ratios):.2f}–{max(ratios):.2f}×",
+            ]
+        )
+    what = "training step" if args.mode == "train" else "no-grad forward"
+    print(
+        f"{C.MODEL}, {what}, batch {args.batch}×{args.seq}, {C.ADAPTER_SET_LABELS[args.adapter_set]}, "
+        f"{args.threads} threads, {args.pairs} rounds, all configurations in one process\n"
+    )
+    print(
+        C.markdown_table(
+            ["configuration", "step ms (median)", f"vs {reference} (median of per-round ratios)", "range"], lines
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
