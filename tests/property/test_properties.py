@@ -107,7 +107,11 @@ def test_only_lora_parameters_get_gradients(c):
         is_lora = name.endswith(("lora_A", "lora_B"))
         assert p.requires_grad == is_lora, name
         assert (p.grad is not None) == is_lora, name
-    assert lora.up.adapters["default"].lora_A.grad.abs().sum() > 0 or c["d_hidden"] == 0
+    # A of `up` gets a non-zero gradient unless tanh saturated at every hidden unit (with
+    # scalings up to 32 in float32, tanh'(z) = 1 − tanh(z)² rounds to exactly 0 for |z| > 9).
+    with torch.no_grad():
+        saturated = bool((1 - torch.tanh(lora.up(x)) ** 2 == 0).all())
+    assert lora.up.adapters["default"].lora_A.grad.abs().sum() > 0 or saturated
 
 
 @SETTINGS
