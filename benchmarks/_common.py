@@ -220,6 +220,14 @@ def random_ids(args: argparse.Namespace, vocab: int, batch: int | None = None, s
     return torch.randint(0, vocab, shape, generator=g).to(args.device)
 
 
+def make_floor(model: Any) -> Any:
+    """The floor: every weight frozen, the input embeddings' output made to require grad, so the
+    backward still runs through every layer computing input gradients only. Returns the model."""
+    model.requires_grad_(False)
+    model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+    return model
+
+
 def add_lora(model: Any, lib: str, adapter_set: str, dropout: float) -> Any:
     """`model` with one LoRA adapter of `adapter_set` from `lib` ("peft" or "lorakit"), B drawn
     small and random (see `randomize_lora_B`); returns the model (PEFT wraps it) and that count."""

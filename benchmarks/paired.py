@@ -32,7 +32,7 @@ def _train_rows(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
 
     from lorakit import mlp_fusion
 
-    ids = C.random_ids(args, 49152)
+    ids = None
     rows: dict[str, Callable[[], None]] = {}
     specs = {
         "floor": ("floor", 0.0, True),
@@ -43,16 +43,16 @@ def _train_rows(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
     }
     for label, (kind, dropout, fuse) in specs.items():
         model = C.load_base(args)
+        ids = ids if ids is not None else C.random_ids(args, model.config.vocab_size)
         if kind == "floor":
-            model.requires_grad_(False)
-            model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+            C.make_floor(model)
         else:
             model, _ = C.add_lora(model, kind, args.adapter_set, dropout)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True) if params else None
 
-        def step(model=model, optimizer=optimizer, fuse=fuse) -> None:
+        def step(model=model, optimizer=optimizer, fuse=fuse, ids=ids) -> None:
             mlp_fusion.enabled = fuse
             model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
             if optimizer is not None:
@@ -68,17 +68,18 @@ def _inference_rows(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
 
     import lorakit
 
-    ids = C.random_ids(args, 49152)
+    ids = None
     rows: dict[str, Callable[[], None]] = {}
     for label in ("base", "lorakit unmerged", "PEFT unmerged", "lorakit merged"):
         model = C.load_base(args)
+        ids = ids if ids is not None else C.random_ids(args, model.config.vocab_size)
         if label != "base":
             model, _ = C.add_lora(model, "peft" if label.startswith("PEFT") else "lorakit", args.adapter_set, 0.0)
         if label == "lorakit merged":
             lorakit.merge(model)
         model.eval()
 
-        def step(model=model) -> None:
+        def step(model=model, ids=ids) -> None:
             with torch.no_grad():
                 model(input_ids=ids, use_cache=False)
 

@@ -65,10 +65,7 @@ def run_row(args: argparse.Namespace, row: C.Row) -> dict[str, Any]:
         for p in model.parameters():
             p.requires_grad_(True)
     elif kind == "floor":
-        for p in model.parameters():
-            p.requires_grad_(False)
-        # The frozen model's own backward: gradients w.r.t. activations only, through every layer.
-        model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+        C.make_floor(model)  # the frozen model's own backward: input gradients only, every layer
     elif kind in ("peft", "lorakit"):
         model, extra["lora_B_tensors"] = C.add_lora(model, kind, row.params["adapters"], DROPOUT)
     else:

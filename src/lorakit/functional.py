@@ -450,7 +450,7 @@ def _branch_input(x2: torch.Tensor, br: Branch | None, shared: tuple | None = No
     if shared is not None:
         return shared
     keep, p_exact = dropout_keep_mask(x2.shape, br.dropout, x2.device)
-    return torch.where(keep, x2.to(br.A.dtype), 0), keep, p_exact
+    return _kept(x2.to(br.A.dtype), keep), keep, p_exact
 
 
 def _scaled(br: Branch | None, p_exact: float) -> float:
@@ -458,6 +458,11 @@ def _scaled(br: Branch | None, p_exact: float) -> float:
     if br is None:
         return 0.0
     return br.s / (1 - p_exact) if p_exact else br.s
+
+
+def _kept(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """where(keep, t, 0), or t itself without dropout."""
+    return t if keep is None else torch.where(keep, t, 0)
 
 
 def _shares_mask(a: Branch | None, b: Branch | None) -> bool:
@@ -489,7 +494,7 @@ class GatedMlpFunction(torch.autograd.Function):
     backward, and with LoRA on down_proj plain autograd also keeps h = act(e)·u (or its dropped-
     out copy) as the branch input: four (N, hidden) tensors per layer. This node keeps e and u
     only, recomputes act(e) and h in the backward (one activation and one product, elementwise),
-    and keeps for the branches the (shared) masked input of gate/up, the 1-byte masks and the
+    and keeps for the branches the (shared) masked input of gate/up, the masks as bits and the
     (N, r) products — less than the frozen model alone keeps. Masks are drawn in the same order
     as the unfused layers draw them, so a seed gives the same training either way.
 
@@ -528,14 +533,10 @@ class GatedMlpFunction(torch.autograd.Function):
         (Wg, Wu, Wd, Ag, Bg, Au, Bu, Ad, Bd, xg, xu, packed_g, packed_u, packed_d, a_g, a_u, a_d, e, u) = (
             ctx.saved_tensors
         )
-        n_in, n_hidden = math.prod(ctx.x_shape[:-1]) * ctx.x_shape[-1], e.numel()
+        in_shape = (e.shape[0], ctx.x_shape[-1])  # (N, in)
         keep_g, keep_u, keep_d = (
-            unpack_mask(packed, (n,)).view(-1, shape[-1]) if packed is not None else None
-            for packed, n, shape in (
-                (packed_g, n_in, ctx.x_shape),
-                (packed_u, n_in, ctx.x_shape),
-                (packed_d, n_hidden, e.shape),
-            )
+            unpack_mask(packed, shape) if packed is not None else None
+            for packed, shape in ((packed_g, in_shape), (packed_u, in_shape), (packed_d, e.shape))
         )
         if ctx.shared:
             keep_u = keep_g
@@ -546,7 +547,7 @@ class GatedMlpFunction(torch.autograd.Function):
             e_ = e.detach().requires_grad_(True)
             act_e = ctx.act(e_)
         h = act_e.detach() * u
-        grads: dict[str, torch.Tensor | None] = {}
+        grads: dict[int, torch.Tensor] = {}  # input index -> gradient
 
         def branch_grads(g2, xa, a, A, B, s, iA):
             """Set the grads of A (input iA) and B (iA + 1) as needed; return ga·A, the input's grad before masking."""
@@ -564,11 +565,10 @@ class GatedMlpFunction(torch.autograd.Function):
         gh = gy2.mm(Wd)
         hd = None
         if Ad is not None:
-            hd = h.to(Ad.dtype)
-            hd = torch.where(keep_d, hd, 0) if keep_d is not None else hd
+            hd = _kept(h.to(Ad.dtype), keep_d)
         gxd = branch_grads(gy2, hd, a_d, Ad, Bd, sd, 11)
         if gxd is not None:
-            gh = gh + (torch.where(keep_d, gxd, 0) if keep_d is not None else gxd).to(gh.dtype)
+            gh = gh + _kept(gxd, keep_d).to(gh.dtype)
         del h, hd
         # h = act(e)·u
         gu = gh * act_e.detach()
@@ -580,11 +580,11 @@ class GatedMlpFunction(torch.autograd.Function):
         if need[0]:
             gx = ge.mm(Wg) + gu.mm(Wu)
             if ctx.shared:
-                gx += torch.where(keep_g, gxg + gxu, 0).to(gx.dtype)
+                gx += _kept(gxg + gxu, keep_g).to(gx.dtype)
             else:
                 for gxb, keep in ((gxg, keep_g), (gxu, keep_u)):
                     if gxb is not None:
-                        gx += (torch.where(keep, gxb, 0) if keep is not None else gxb).to(gx.dtype)
+                        gx += _kept(gxb, keep).to(gx.dtype)
             gx = gx.view(ctx.x_shape).to(ctx.x_dtype)
         return (gx, None, None, None, None, None, None, *(grads.get(i) for i in range(7, 13)), None, None)
 
