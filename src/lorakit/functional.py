@@ -266,10 +266,13 @@ _shared_drop = _SharedDrop()
 
 # Bit j of a packed byte is mask element 8·k + j: multiplying 8 one-byte flags by _GATHER brings
 # them into the top byte without carries; multiplying a byte by _SPREAD copies it into all eight
-# bytes, and _SELECT keeps bit j in byte j.
+# bytes, _SELECT keeps bit j in byte j, and adding 0x7F to every byte then carries a set bit into
+# that byte's top bit (never into the next byte), which `>> 7` and _ONES turn into a 0/1 byte.
 _GATHER = 0x0102040810204080
 _SPREAD = 0x0101010101010101
 _SELECT = 0x8040201008040201 - (1 << 64)  # as a signed int64
+_LOW7 = 0x7F7F7F7F7F7F7F7F
+_ONES = 0x0101010101010101
 
 
 def pack_mask(keep: torch.Tensor) -> torch.Tensor:
@@ -280,20 +283,20 @@ def pack_mask(keep: torch.Tensor) -> torch.Tensor:
     return ((flat.view(torch.int64) * _GATHER) >> 56).to(torch.uint8)
 
 
-def _spread(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """uint8 of `shape`: 0 where the mask was False, a power of two where it was True."""
-    spread = (packed.to(torch.int64) * _SPREAD) & _SELECT
-    return spread.view(torch.uint8)[: math.prod(shape)].view(tuple(shape))
+def _unpack_bytes(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """uint8 of `shape`, 1 where the packed mask was True and 0 elsewhere."""
+    words = ((((packed.to(torch.int64) * _SPREAD) & _SELECT) + _LOW7) >> 7) & _ONES
+    return words.view(torch.uint8)[: math.prod(shape)].view(tuple(shape))
 
 
 def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """The boolean tensor of `shape` that `pack_mask` packed."""
-    return _spread(packed, shape) != 0
+    return _unpack_bytes(packed, shape).view(torch.bool)
 
 
 def unpack_factor(packed: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """The mask that `pack_mask` packed as a 0/1 multiplier of `dtype` (see `keep_factor`)."""
-    return _spread(packed, shape).to(dtype).clamp_(max=1)
+    return _unpack_bytes(packed, shape).to(dtype)
 
 
 def keep_factor(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
