@@ -359,6 +359,16 @@ def dropout_input(x: torch.Tensor, p: float, training: bool, share: bool = True)
 
 
 # ---------------------------------------------------------------------------- fused LoRA linear
+def _in_place_ok(result: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a base layer's output can take its branch in place (a fresh, dense tensor of `dtype`)."""
+    return (
+        result.dtype == dtype
+        and result.is_contiguous()
+        and result._base is None
+        and not (result.is_leaf and result.requires_grad)
+    )
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """result + s·B·A·x in one autograd node that saves only what its backward needs.
 
@@ -366,8 +376,8 @@ class LoraLinearFunction(torch.autograd.Function):
     its mask and the product x·Aᵀ. This node keeps its input x (with dropout: the masked input
     shared by the projections of that input, see `masked_input`; without: the layer input the
     other projections keep too — no copy either way) and the small (N, r) product. The scaling
-    (with 1/(1 − p) folded in) goes into one `addmm` that also adds the branch to the base
-    output without an extra (N, out) temporary.
+    (with 1/(1 − p) folded in) goes into one `addmm_` that adds the branch into the base output
+    in place (marked dirty; nothing else holds that fresh tensor), without an (N, out) copy.
 
     Inputs: result (..., out) the base layer's output; x (..., in) the branch input (any float
     dtype; cast to A's dtype inside); A (r, in); B (out, r); s the scaling.
@@ -377,13 +387,17 @@ class LoraLinearFunction(torch.autograd.Function):
     def forward(ctx, result, x, A, B, s):
         x2 = x.reshape(-1, x.shape[-1]).to(A.dtype)
         a = torch.mm(x2, A.t())
+        ctx.save_for_backward(x, a, A, B)
+        ctx.s = s
+        if _in_place_ok(result, A.dtype):
+            result.view(-1, result.shape[-1]).addmm_(a, B.t(), alpha=s)
+            ctx.mark_dirty(result)
+            return result
         r2 = result.reshape(-1, result.shape[-1])
         if r2.dtype == A.dtype:
             out = torch.addmm(r2, a, B.t(), alpha=s)
         else:
             out = r2 + torch.mm(a, B.t()).mul_(s).to(r2.dtype)
-        ctx.save_for_backward(x, a, A, B)
-        ctx.s = s
         return out.view(result.shape)
 
     @staticmethod
@@ -438,7 +452,7 @@ def lora_linear(
     elif not (torch.is_grad_enabled() and any(t.requires_grad for t in (result, x, A, B))):
         # Inference: no node, and the branch is accumulated into the base output in place.
         a = torch.mm(x.reshape(-1, x.shape[-1]).to(A.dtype), A.t())
-        if result.dtype == A.dtype and result.is_contiguous():
+        if _in_place_ok(result, A.dtype):
             result.view(-1, result.shape[-1]).addmm_(a, B.t(), alpha=s)
             return result
         return result + torch.mm(a, B.t()).mul_(s).view(result.shape).to(result.dtype)
@@ -488,8 +502,21 @@ def _scaled(br: Branch | None, p_exact: float) -> float:
     return br.s / (1 - p_exact) if p_exact else br.s
 
 
-def _add_kept(out: torch.Tensor, t: torch.Tensor, factor: torch.Tensor | None) -> None:
-    """out += t·factor (or t without dropout), in place, in out's dtype."""
+def _add_input_grad(out: torch.Tensor, terms, factor: torch.Tensor | None, buffer: torch.Tensor | None = None) -> None:
+    """out += (Σ ga·A over `terms`)·factor, in place; the branches' share of an input's gradient.
+
+    Without dropout (and in out's dtype) the products go straight into `out` (`addmm_`); with it
+    they are summed in `buffer` (a spent tensor of the right shape and dtype) or a new one, then
+    masked into `out` by one `addcmul_`.
+    """
+    A0 = terms[0][1]
+    if factor is None and A0.dtype == out.dtype:
+        for ga, A in terms:
+            out.addmm_(ga, A)
+        return
+    t = torch.mm(terms[0][0], A0, out=buffer) if buffer is not None else torch.mm(terms[0][0], A0)
+    for ga, A in terms[1:]:
+        t.addmm_(ga, A)
     t = t.to(out.dtype)
     if factor is None:
         out.add_(t)
@@ -515,8 +542,8 @@ def _project(x2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, xa, A, B
         return out, None
     a = torch.mm(xa, A.t())
     if out.dtype == A.dtype:
-        return torch.addmm(out, a, B.t(), alpha=s), a
-    return out + torch.mm(a, B.t()).mul_(s).to(out.dtype), a
+        return out.addmm_(a, B.t(), alpha=s), a
+    return out.add_(torch.mm(a, B.t()).mul_(s).to(out.dtype)), a
 
 
 class GatedMlpFunction(torch.autograd.Function):
@@ -582,7 +609,7 @@ class GatedMlpFunction(torch.autograd.Function):
         grads: dict[int, torch.Tensor] = {}  # input index -> gradient
 
         def branch_grads(g2, xa, a, A, B, s, iA):
-            """Set the grads of A (input iA) and B (iA + 1) as needed; return ga·A, the input's grad before masking."""
+            """Set the grads of A (input iA) and B (iA + 1) as needed; return ga = s·g·B (N, r), or None."""
             if A is None:
                 return None
             g = g2.to(A.dtype)
@@ -591,36 +618,34 @@ class GatedMlpFunction(torch.autograd.Function):
             ga = torch.mm(g, B).mul_(s)  # (N, r)
             if need[iA]:
                 grads[iA] = torch.mm(ga.t(), xa)
-            return torch.mm(ga, A)
+            return ga
 
         # down: y = h·Wdᵀ + s·(hm·Adᵀ)·Bdᵀ. Tensors made here are updated in place: on CPU a
         # fresh (N, hidden) buffer costs as much again as the pass that fills it (page faults).
         gh = gy2.mm(Wd)
-        hd = None
         if Ad is not None:
             hd = (act_e.detach() * u).to(Ad.dtype)
             if keep_d is not None:
                 hd.mul_(keep_d)
-        gxd = branch_grads(gy2, hd, a_d, Ad, Bd, sd, 11)
-        del hd
-        if gxd is not None:
-            _add_kept(gh, gxd, keep_d)
+            ga_d = branch_grads(gy2, hd, a_d, Ad, Bd, sd, 11)
+            _add_input_grad(gh, ((ga_d, Ad),), keep_d, buffer=hd)  # hd is spent: its memory is reused
+            del hd
         # h = act(e)·u
         gu = gh * act_e.detach()
         (ge,) = torch.autograd.grad(act_e, e_, gh.mul_(u))
         del gh
         # gate and up
-        gxg = branch_grads(ge, xg, a_g, Ag, Bg, sg, 7)
-        gxu = branch_grads(gu, xu, a_u, Au, Bu, su, 9)
+        ga_g = branch_grads(ge, xg, a_g, Ag, Bg, sg, 7)
+        ga_u = branch_grads(gu, xu, a_u, Au, Bu, su, 9)
         gx = None
         if need[0]:
             gx = ge.mm(Wg).addmm_(gu, Wu)
             if ctx.shared:
-                _add_kept(gx, gxg.add_(gxu), keep_g)
+                _add_input_grad(gx, ((ga_g, Ag), (ga_u, Au)), keep_g)
             else:
-                for gxb, keep in ((gxg, keep_g), (gxu, keep_u)):
-                    if gxb is not None:
-                        _add_kept(gx, gxb, keep)
+                for ga, A, keep in ((ga_g, Ag, keep_g), (ga_u, Au, keep_u)):
+                    if ga is not None:
+                        _add_input_grad(gx, ((ga, A),), keep)
             gx = gx.view(ctx.x_shape).to(ctx.x_dtype)
         return (gx, None, None, None, None, None, None, *(grads.get(i) for i in range(7, 13)), None, None)
 
