@@ -377,19 +377,20 @@ class LoraLinearFunction(torch.autograd.Function):
     shared by the projections of that input, see `masked_input`; without: the layer input the
     other projections keep too — no copy either way) and the small (N, r) product. The scaling
     (with 1/(1 − p) folded in) goes into one `addmm_` that adds the branch into the base output
-    in place (marked dirty; nothing else holds that fresh tensor), without an (N, out) copy.
+    in place (marked dirty), without an (N, out) copy, unless told the output is shared.
 
     Inputs: result (..., out) the base layer's output; x (..., in) the branch input (any float
-    dtype; cast to A's dtype inside); A (r, in); B (out, r); s the scaling.
+    dtype; cast to A's dtype inside); A (r, in); B (out, r); s the scaling; in_place whether
+    result may be updated in place (nobody else holds it: no forward hook saw it).
     """
 
     @staticmethod
-    def forward(ctx, result, x, A, B, s):
+    def forward(ctx, result, x, A, B, s, in_place=True):
         x2 = x.reshape(-1, x.shape[-1]).to(A.dtype)
         a = torch.mm(x2, A.t())
         ctx.save_for_backward(x, a, A, B)
         ctx.s = s
-        if _in_place_ok(result, A.dtype):
+        if in_place and _in_place_ok(result, A.dtype):
             result.view(-1, result.shape[-1]).addmm_(a, B.t(), alpha=s)
             ctx.mark_dirty(result)
             return result
@@ -415,7 +416,7 @@ class LoraLinearFunction(torch.autograd.Function):
                 grad_A = torch.mm(ga.t(), x.reshape(-1, x.shape[-1]).to(A.dtype))
             if need_x:
                 grad_x = torch.mm(ga, A).view(x.shape).to(x.dtype)
-        return grad, grad_x, grad_A, grad_B, None
+        return grad, grad_x, grad_A, grad_B, None, None
 
 
 def lora_linear(
@@ -427,6 +428,7 @@ def lora_linear(
     dropout: float = 0.0,
     training: bool = False,
     share_mask: bool = True,
+    in_place: bool = True,
 ) -> torch.Tensor:
     """A linear layer's output with one LoRA branch added: result + s·B·A·dropout(x).
 
@@ -442,6 +444,8 @@ def lora_linear(
         dropout: dropout probability on the branch input.
         training: dropout applies only in training.
         share_mask: reuse the mask drawn for this same input tensor by another layer.
+        in_place: add the branch into `result` itself when it is a fresh dense tensor of A's
+            dtype (pass False when something else may hold `result`, e.g. a forward hook).
 
     Returns:
         (..., out) in result's dtype.
@@ -452,11 +456,11 @@ def lora_linear(
     elif not (torch.is_grad_enabled() and any(t.requires_grad for t in (result, x, A, B))):
         # Inference: no node, and the branch is accumulated into the base output in place.
         a = torch.mm(x.reshape(-1, x.shape[-1]).to(A.dtype), A.t())
-        if _in_place_ok(result, A.dtype):
+        if in_place and _in_place_ok(result, A.dtype):
             result.view(-1, result.shape[-1]).addmm_(a, B.t(), alpha=s)
             return result
         return result + torch.mm(a, B.t()).mul_(s).view(result.shape).to(result.dtype)
-    return LoraLinearFunction.apply(result, x, A, B, s)
+    return LoraLinearFunction.apply(result, x, A, B, s, in_place)
 
 
 # ---------------------------------------------------------------------------- gated MLP with LoRA

@@ -317,6 +317,7 @@ class LoraLinear(LoraLayer):
             record.dropout_p,
             record.training,
             record.share_dropout_mask,
+            in_place=not _output_seen(self.base_layer),
         )
 
     def _forward_rows(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -543,3 +544,9 @@ def wrapper_for(module: nn.Module) -> type[LoraLayer] | None:
     if isinstance(module, nn.Conv2d):
         return LoraConv2d
     return None
+
+
+def _output_seen(module: nn.Module) -> bool:
+    """Whether a forward hook (the module's or a global one) saw the module's output, which then
+    must not be updated in place."""
+    return bool(module._forward_hooks or nn.modules.module._global_forward_hooks)

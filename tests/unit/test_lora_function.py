@@ -228,3 +228,42 @@ def test_dropout_keeps_its_mask_as_bits():
     g = torch.randn(6, 40)
     (gx,) = torch.autograd.grad(xm, x, g)
     torch.testing.assert_close(gx, torch.where(xm != 0, g, 0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_branch_added_in_place_into_a_fresh_base_output_keeps_gradients(dropout):
+    """The base output made inside the graph (not a leaf) takes the branch in place; values and
+    gradients still equal plain autograd, the base weight's gradient included."""
+    _, x, A, B = _inputs()
+    W = torch.randn(7, 12, dtype=torch.float32, requires_grad=True)
+    s = 1.5
+    torch.manual_seed(3)
+    result = torch.nn.functional.linear(x, W)
+    ours = LF.lora_linear(result, x, A, B, s, dropout=dropout, training=True, share_mask=False)
+    assert ours.data_ptr() == result.data_ptr()  # the base output's own memory
+    torch.manual_seed(3)
+    keep, p_exact = LF.dropout_keep_mask(x.shape, dropout, x.device)
+    xd = torch.where(keep, x, 0) / (1 - p_exact) if dropout else x
+    plain = torch.nn.functional.linear(x, W) + LF.linear_delta(xd, A, B, s)
+    _assert_rel(ours, plain, 1e-6)
+    for g_ours, g_plain in zip(_grads(ours, x, W, A, B), _grads(plain, x, W, A, B), strict=True):
+        _assert_rel(g_ours, g_plain, 1e-6)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_output_seen_by_a_forward_hook_is_left_alone(training):
+    """A forward hook on the base layer keeps the base output it saw: the branch is not added
+    into that tensor in place."""
+    model = torch.nn.Sequential(torch.nn.Linear(12, 7))
+    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["0"], lora_dropout=0.0))
+    layer = model[0]
+    torch.nn.init.normal_(layer.adapters["default"].lora_B)
+    seen = []
+    layer.base_layer.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    x = torch.randn(3, 12)
+    model.train(training)
+    with torch.set_grad_enabled(training):
+        out = model(x)
+    base = layer.base_layer.weight @ x.T
+    torch.testing.assert_close(seen[0], (base.T + layer.base_layer.bias).detach())
+    assert not torch.allclose(out, seen[0])
