@@ -506,6 +506,14 @@ def _scaled(br: Branch | None, p_exact: float) -> float:
     return br.s / (1 - p_exact) if p_exact else br.s
 
 
+def _is_silu(act) -> bool:
+    """Whether `act` is SiLU (torch's module or function, or transformers' `SiLUActivation`)."""
+    if act is F.silu or isinstance(act, torch.nn.SiLU):
+        return True
+    cls = type(act)
+    return cls.__module__ == "transformers.activations" and cls.__name__ == "SiLUActivation"
+
+
 def _add_input_grad(out: torch.Tensor, terms, factor: torch.Tensor | None, buffer: torch.Tensor | None = None) -> None:
     """out += (Σ ga·A over `terms`)·factor, in place; the branches' share of an input's gradient.
 
@@ -607,9 +615,13 @@ class GatedMlpFunction(torch.autograd.Function):
         sg, su, sd = ctx.s
         need = ctx.needs_input_grad
         gy2 = gy.reshape(-1, gy.shape[-1])
-        with torch.enable_grad():
-            e_ = e.detach().requires_grad_(True)
-            act_e = ctx.act(e_)
+        silu = _is_silu(ctx.act)
+        if silu:  # SwiGLU: its derivative directly, without an autograd graph of the activation
+            act_e = F.silu(e)
+        else:
+            with torch.enable_grad():
+                e_ = e.detach().requires_grad_(True)
+                act_e = ctx.act(e_)
         grads: dict[int, torch.Tensor] = {}  # input index -> gradient
 
         def branch_grads(g2, xa, a, A, B, s, iA):
@@ -636,7 +648,10 @@ class GatedMlpFunction(torch.autograd.Function):
             del hd
         # h = act(e)·u
         gu = gh * act_e.detach()
-        (ge,) = torch.autograd.grad(act_e, e_, gh.mul_(u))
+        if silu:
+            ge = torch.ops.aten.silu_backward(gh.mul_(u), e)
+        else:
+            (ge,) = torch.autograd.grad(act_e, e_, gh.mul_(u))
         del gh
         # gate and up
         ga_g = branch_grads(ge, xg, a_g, Ag, Bg, sg, 7)

@@ -68,6 +68,26 @@ def test_fused_equals_the_three_layers(targets, dropout, share):
         torch.testing.assert_close(g, grads_p[name], rtol=1e-10, atol=1e-14, msg=name)
 
 
+@pytest.mark.parametrize("act", ["gelu_pytorch_tanh", "silu"])
+def test_activations_other_than_silu_go_through_autograd(act):
+    """SiLU's derivative is taken directly; any other activation (Gemma's tanh GELU) through
+    autograd: both equal the three layers (fp64, dropout on)."""
+    from transformers.activations import ACT2FN
+
+    config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.1)
+    fused, plain = _pair(config)
+    for model in (fused, plain):
+        for layer in model.model.layers:
+            layer.mlp.act_fn = ACT2FN[act]
+    assert mlp_fusion._plan(fused.model.layers[0].mlp, torch.zeros(1, 16, dtype=torch.float64)) is not None
+    assert lorakit.functional._is_silu(ACT2FN[act]) == (act == "silu")
+    loss_f, grads_f = _step(fused, IDS)
+    loss_p, grads_p = _step(plain, IDS)
+    torch.testing.assert_close(loss_f, loss_p, rtol=1e-12, atol=0)
+    for name, g in grads_f.items():
+        torch.testing.assert_close(g, grads_p[name], rtol=1e-10, atol=1e-14, msg=name)
+
+
 def test_float32_and_input_gradient():
     """fp32: A/B gradients and the gradient w.r.t. the MLP input within 1e-6 relative."""
     config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.1)
