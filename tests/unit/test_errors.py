@@ -287,6 +287,21 @@ def test_save_is_atomic_and_leaves_no_temp_files(saved, monkeypatch):
     assert sorted(p.name for p in saved.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
+def test_saved_files_get_the_permissions_open_would_give(tmp_path):
+    """New files: 0o666 less the umask (not the temporary file's 0o600); replaced files keep theirs."""
+    model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=4, target_modules=["q_proj"]))
+    old = os.umask(0o027)
+    try:
+        lorakit.save_adapter(model, tmp_path / "ad")
+        modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "ad").iterdir()}
+        assert modes == {"adapter_config.json": 0o640, "adapter_model.safetensors": 0o640}
+        (tmp_path / "ad" / "adapter_model.safetensors").chmod(0o604)
+        lorakit.save_adapter(model, tmp_path / "ad")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "ad" / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o604
+
+
 def test_load_into_name_in_use(saved):
     model = lorakit.load_adapter(tiny_llama(), saved)
     before = state_snapshot(model)
