@@ -39,6 +39,7 @@ __all__ = [
     "scaling",
     "unpack_factor",
     "unpack_mask",
+    "weight_path_is_cheaper",
 ]
 
 
@@ -193,6 +194,15 @@ def conv2d_delta_weight(A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Ten
     """ΔW of a LoRA conv in float32: (out, r)·(r, in·kh·kw) reshaped to (out, in, kh, kw)."""
     out_ch, r = B.shape[:2]
     return delta_weight(A.flatten(1), B.reshape(out_ch, r), s).view(out_ch, *A.shape[1:])
+
+
+def weight_path_is_cheaper(n_rows: int, in_features: int, out_features: int) -> bool:
+    """Whether, without gradients, x·(W0 + s·B·A)ᵀ moves less memory than x·W0ᵀ + s·(x·Aᵀ)·Bᵀ.
+
+    The branch reads x (n·in) and reads and writes the output (2·n·out); building W0 + s·B·A
+    reads W0 and writes the sum (2·out·in). The base product is the same either way.
+    """
+    return 2 * in_features * out_features < n_rows * (in_features + 2 * out_features)
 
 
 # ---------------------------------------------------------------------------- dropout

@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lorakit import functional as LF
@@ -304,6 +305,46 @@ class LoraLinear(LoraLayer):
         if init is False:
             nn.init.kaiming_uniform_(B, a=math.sqrt(5))
         return A, B
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not args and not kwargs:
+            weight = self._weight_on_the_fly(x)
+            if weight is not None:
+                return F.linear(x, weight, self.base_layer.bias)
+        return super().forward(x, *args, **kwargs)
+
+    def _weight_on_the_fly(self, x: torch.Tensor) -> torch.Tensor | None:
+        """W0 + Σ s·B·A for this forward alone, when that is cheaper than the branches (else None).
+
+        Without gradients, a branch reads x and reads and writes the (N, out) output, while
+        W0 + s·B·A costs one pass over the (out, in) weight (`functional.weight_path_is_cheaper`):
+        for prompts and batches of many tokens the layer then runs as fast as a merged one (its
+        values are a merged layer's, to float rounding), for a few tokens (generation) it keeps
+        the branches. Only for a plain `nn.Linear` base without hooks, adapters without fused
+        slices or dropout in effect, one dtype throughout, and nothing that needs a gradient.
+        """
+        base = self.base_layer
+        if self.disabled or self.row_groups is not None or type(base) is not nn.Linear or _output_seen(base):
+            return None
+        if base._forward_pre_hooks or nn.modules.module._global_forward_pre_hooks:
+            return None
+        pending = [self.adapters[n] for n in self.active if n not in self.merged]
+        W = base.weight
+        if not pending or x.dtype != W.dtype or x.shape[-1] != self.in_features:
+            return None
+        if not LF.weight_path_is_cheaper(x.numel() // self.in_features, self.in_features, self.out_features):
+            return None
+        tensors = [W, x] + ([base.bias] if base.bias is not None else [])
+        for rec in pending:
+            if rec.slices is not None or (rec.training and rec.dropout_p > 0) or rec.lora_A.dtype != W.dtype:
+                return None
+            tensors += (rec.lora_A, rec.lora_B)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return None
+        weight = torch.addmm(W, pending[0].lora_B, pending[0].lora_A, alpha=pending[0].scaling)
+        for rec in pending[1:]:
+            weight.addmm_(rec.lora_B, rec.lora_A, alpha=rec.scaling)
+        return weight
 
     def add_branch(self, record: AdapterRecord, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         if record.slices is not None:

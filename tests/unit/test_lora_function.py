@@ -267,3 +267,27 @@ def test_output_seen_by_a_forward_hook_is_left_alone(training):
     base = layer.base_layer.weight @ x.T
     torch.testing.assert_close(seen[0], (base.T + layer.base_layer.bias).detach())
     assert not torch.allclose(out, seen[0])
+
+
+def test_many_token_no_grad_forward_uses_the_summed_weight_and_matches_the_branch():
+    """Without gradients, a forward over many tokens runs x·(W0 + s·B·A)ᵀ (cheaper than the
+    branch there), a few tokens keep the branch; both equal W0·x + b + s·B·A·x."""
+    model = torch.nn.Sequential(torch.nn.Linear(12, 7)).double()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=6, target_modules=["0"], lora_dropout=0.1))
+    layer = model[0]
+    rec = layer.adapters["default"]
+    torch.nn.init.normal_(rec.lora_B)
+    W, b = layer.base_layer.weight, layer.base_layer.bias
+    model.eval()
+    for rows, summed in ((64, True), (1, False)):
+        x = torch.randn(rows, 12, dtype=torch.float64)
+        expected = x @ W.T + b + rec.scaling * (x @ rec.lora_A.T) @ rec.lora_B.T
+        with torch.no_grad():
+            assert (layer._weight_on_the_fly(x) is not None) is summed
+            torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+    x = torch.randn(64, 12, dtype=torch.float64)
+    assert layer._weight_on_the_fly(x) is None  # grad mode and trainable A/B: the branch's node
+    model.train()  # dropout in effect: the branch
+    with torch.no_grad():
+        assert layer._weight_on_the_fly(x) is None
+    assert W.grad is None and torch.equal(layer.base_layer.weight, W)
