@@ -185,11 +185,13 @@ class LoraLayer(AdapterHost):
             return result
         if self.row_groups is not None:
             return self._forward_rows(x, result)
-        for name in self.active:
-            if name in self.merged:
-                continue
+        for name in self.unmerged_active():
             result = self.add_branch(self.adapters[name], x, result)
         return result
+
+    def unmerged_active(self) -> list[str]:
+        """The active adapters whose branch the forward adds (none while disabled)."""
+        return [] if self.disabled else [n for n in self.active if n not in self.merged]
 
     def add_branch(self, record: AdapterRecord, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """result + the branch of one adapter (layers with a fused kernel override this)."""
@@ -324,22 +326,21 @@ class LoraLinear(LoraLayer):
         slices or dropout in effect, one dtype throughout, and nothing that needs a gradient.
         """
         base = self.base_layer
-        if self.disabled or self.row_groups is not None or type(base) is not nn.Linear or _output_seen(base):
+        if self.row_groups is not None or type(base) is not nn.Linear or hooked(base):
             return None
-        if base._forward_pre_hooks or nn.modules.module._global_forward_pre_hooks:
-            return None
-        pending = [self.adapters[n] for n in self.active if n not in self.merged]
+        pending = [self.adapters[n] for n in self.unmerged_active()]
         W = base.weight
         if not pending or x.dtype != W.dtype or x.shape[-1] != self.in_features:
             return None
-        if not LF.weight_path_is_cheaper(x.numel() // self.in_features, self.in_features, self.out_features):
-            return None
-        tensors = [W, x] + ([base.bias] if base.bias is not None else [])
-        for rec in pending:
-            if rec.slices is not None or (rec.training and rec.dropout_p > 0) or rec.lora_A.dtype != W.dtype:
-                return None
-            tensors += (rec.lora_A, rec.lora_B)
+        tensors = [W, x, *([base.bias] if base.bias is not None else [])]
+        tensors += [t for rec in pending for t in (rec.lora_A, rec.lora_B)]
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return None
+        if any(rec.slices is not None or (rec.training and rec.dropout_p > 0) for rec in pending):
+            return None
+        if any(rec.lora_A.dtype != W.dtype for rec in pending):
+            return None
+        if not LF.weight_path_is_cheaper(x.numel() // self.in_features, self.in_features, self.out_features):
             return None
         weight = torch.addmm(W, pending[0].lora_B, pending[0].lora_A, alpha=pending[0].scaling)
         for rec in pending[1:]:
@@ -585,6 +586,18 @@ def wrapper_for(module: nn.Module) -> type[LoraLayer] | None:
     if isinstance(module, nn.Conv2d):
         return LoraConv2d
     return None
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether forward (pre-)hooks, the module's own or global ones, would see a call of `module`:
+    code that computes its output another way must then let the module run."""
+    hooks = nn.modules.module
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or hooks._global_forward_hooks
+        or hooks._global_forward_pre_hooks
+    )
 
 
 def _output_seen(module: nn.Module) -> bool:

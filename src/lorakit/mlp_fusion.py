@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lorakit import functional as LF
-from lorakit.layers import LoraLinear
+from lorakit.layers import LoraLinear, hooked
 
 __all__ = ["enabled", "install", "is_gated_mlp", "uninstall"]
 
@@ -92,16 +92,14 @@ def _plan(mlp: nn.Module, x: torch.Tensor):
     """(weights, biases, branches) when the fused node computes exactly this forward, else None."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
         return None
-    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
-        return None
     weights, biases, branches = [], [], []
     for name in _PROJECTIONS:
         layer = getattr(mlp, name)
         branch = None
         if isinstance(layer, LoraLinear):
-            if layer.row_groups is not None or _hooked(layer):
+            if layer.row_groups is not None or hooked(layer):
                 return None
-            pending = [] if layer.disabled else [n for n in layer.active if n not in layer.merged]
+            pending = layer.unmerged_active()
             if len(pending) > 1:
                 return None
             if pending:
@@ -111,7 +109,7 @@ def _plan(mlp: nn.Module, x: torch.Tensor):
                 p = rec.dropout_p if rec.training else 0.0
                 branch = LF.Branch(rec.lora_A, rec.lora_B, rec.scaling, p, rec.share_dropout_mask)
             layer = layer.base_layer
-        if type(layer) is not nn.Linear or _hooked(layer) or layer.weight.dtype != x.dtype:
+        if type(layer) is not nn.Linear or hooked(layer) or layer.weight.dtype != x.dtype:
             return None
         if layer.weight.requires_grad or (layer.bias is not None and layer.bias.requires_grad):
             return None
@@ -123,7 +121,3 @@ def _plan(mlp: nn.Module, x: torch.Tensor):
     if not (x.requires_grad or any(t.requires_grad for b in branches if b is not None for t in (b.A, b.B))):
         return None
     return tuple(weights), tuple(biases), tuple(branches)
-
-
-def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
