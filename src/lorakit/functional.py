@@ -9,12 +9,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import threading
-import weakref
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from lorakit.dropout import (
+    DROPOUT_RESOLUTION,
+    KeepMask,
+    draw_mask,
+    dropout_active,
+    dropout_input,
+    dropout_keep_mask,
+    keep_factor,
+    masked_input,
+    pack_mask,
+    unpack_factor,
+    unpack_mask,
+)
+
+# The dropout names are re-exported: they were defined here before `lorakit.dropout` existed.
 
 __all__ = [
     "DROPOUT_RESOLUTION",
@@ -205,169 +219,6 @@ def weight_path_is_cheaper(n_rows: int, in_features: int, out_features: int) -> 
     return 2 * in_features * out_features < n_rows * (in_features + 2 * out_features)
 
 
-# ---------------------------------------------------------------------------- dropout
-DROPOUT_RESOLUTION = 1 << 16
-"""Dropout probabilities are applied in steps of 1/65536 (p = 0.05 acts as 3277/65536 ≈ 0.050003);
-the kept inputs are scaled by 1/(1 − that exact p), so the branch's expectation is unchanged."""
-
-
-def _dropout_threshold(p: float) -> int:
-    return min(DROPOUT_RESOLUTION - 1, round(p * DROPOUT_RESOLUTION))
-
-
-def dropout_keep_mask(
-    shape: torch.Size | Sequence[int], p: float, device: torch.device | str
-) -> tuple[torch.Tensor, float]:
-    """A boolean keep-mask for dropout with probability p, and the exact p it realises.
-
-    The mask is drawn as 16-bit uniform integers cut from 64-bit draws of the default generator
-    (four per draw): on CPU this is 5–20× cheaper than `bernoulli_`, which made dropout's mask
-    one fifth of a PEFT LoRA training step. Seeding (`torch.manual_seed`) and checkpointed RNG
-    states reproduce it exactly.
-
-    Args:
-        shape: the mask's shape (that of the input).
-        p: dropout probability in [0, 1).
-        device: where to draw it.
-
-    Returns:
-        (keep, p_exact): keep is True where the input is kept; p_exact = threshold / 65536.
-    """
-    threshold = _dropout_threshold(p)
-    n = math.prod(shape)
-    size = ((n + 3) // 4,)
-    if torch.compiler.is_compiling():  # Dynamo does not trace random_
-        words = torch.randint(-(2**63), 2**63 - 1, size, dtype=torch.int64, device=device)
-    else:  # random_(min, None) draws all 64 bits; randint's range reduction costs ~17% more
-        words = torch.empty(size, dtype=torch.int64, device=device).random_(-(2**63), None)
-    keep = words.view(torch.int16)[:n].view(tuple(shape)) >= threshold - (1 << 15)
-    return keep, threshold / DROPOUT_RESOLUTION
-
-
-class _SharedDrop(threading.local):
-    """The last dropped-out input, keyed by the input tensor it was computed from.
-
-    q, k and v projections (and gate/up) read the very same input tensor; with sharing on, they
-    reuse one mask and one masked input x·keep: it is computed once, kept once for the backward
-    (with its mask as bits, by the `_MaskedInput` node) instead of a float copy per layer,
-    and the mask is applied once to the summed input gradient. This is also what the reference
-    implementation does for GPT-2's fused q/v layer (`MergedLinear`: one dropout of x).
-    """
-
-    def __init__(self) -> None:
-        self.ref: weakref.ref | None = None
-        self.key: tuple = ()
-        self.value: tuple[torch.Tensor, float] | None = None
-
-    def clear(self, _ref: object = None) -> None:
-        self.ref, self.key, self.value = None, (), None
-
-    def get(self, x: torch.Tensor, p: float, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
-        key = (x._version, x.shape, _dropout_threshold(p), dtype, torch.is_grad_enabled())
-        if self.ref is not None and self.ref() is x and self.key == key and self.value is not None:
-            return self.value
-        value = _drop(x, p, dtype)
-        self.ref, self.key, self.value = weakref.ref(x, self.clear), key, value
-        return value
-
-
-_shared_drop = _SharedDrop()
-
-
-# Bit j of a packed byte is mask element 8·k + j: multiplying 8 one-byte flags by _GATHER brings
-# them into the top byte without carries; multiplying a byte by _SPREAD copies it into all eight
-# bytes, _SELECT keeps bit j in byte j, and adding 0x7F to every byte then carries a set bit into
-# that byte's top bit (never into the next byte), which `>> 7` and _ONES turn into a 0/1 byte.
-_GATHER = 0x0102040810204080
-_SPREAD = 0x0101010101010101
-_SELECT = 0x8040201008040201 - (1 << 64)  # as a signed int64
-_LOW7 = 0x7F7F7F7F7F7F7F7F
-_ONES = 0x0101010101010101
-
-
-def pack_mask(keep: torch.Tensor) -> torch.Tensor:
-    """A boolean tensor as bits, 8 per byte (uint8, ceil(numel / 8) entries); see `unpack_mask`."""
-    flat = keep.reshape(-1).view(torch.uint8)
-    if flat.numel() % 8:
-        flat = F.pad(flat, (0, 8 - flat.numel() % 8))
-    return ((flat.view(torch.int64) * _GATHER) >> 56).to(torch.uint8)
-
-
-def _unpack_bytes(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """uint8 of `shape`, 1 where the packed mask was True and 0 elsewhere."""
-    words = ((((packed.to(torch.int64) * _SPREAD) & _SELECT) + _LOW7) >> 7) & _ONES
-    return words.view(torch.uint8)[: math.prod(shape)].view(tuple(shape))
-
-
-def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """The boolean tensor of `shape` that `pack_mask` packed."""
-    return _unpack_bytes(packed, shape).view(torch.bool)
-
-
-def unpack_factor(packed: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    """The mask that `pack_mask` packed as a 0/1 multiplier of `dtype` (see `keep_factor`)."""
-    return _unpack_bytes(packed, shape).to(dtype)
-
-
-def keep_factor(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A boolean mask as a 0/1 tensor of `dtype`, to multiply by.
-
-    On CPU, `x * factor` with a float factor (and the uint8 → float cast that makes it) run
-    vectorised; `torch.where(keep, x, 0)` and bool → float casts do not, and cost 3–5× more.
-    """
-    return keep.view(torch.uint8).to(dtype)
-
-
-class _MaskedInput(torch.autograd.Function):
-    """x·keep (dropout without rescaling), keeping the mask for the backward as bits (1/8 of a bool tensor)."""
-
-    @staticmethod
-    def forward(ctx, x, keep):
-        ctx.save_for_backward(pack_mask(keep))
-        ctx.shape = keep.shape
-        return keep_factor(keep, x.dtype).mul_(x)  # the factor's memory becomes the output
-
-    @staticmethod
-    def backward(ctx, grad):
-        (packed,) = ctx.saved_tensors
-        return unpack_factor(packed, ctx.shape, grad.dtype).mul_(grad), None
-
-
-def _drop(x: torch.Tensor, p: float, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
-    keep, p_exact = dropout_keep_mask(x.shape, p, x.device)
-    x = x.to(dtype)
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _MaskedInput.apply(x, keep), p_exact
-    return keep_factor(keep, dtype).mul_(x), p_exact
-
-
-def masked_input(x: torch.Tensor, p: float, share: bool = True, dtype: torch.dtype | None = None):
-    """(x·keep in `dtype`, the exact p): dropout without the 1/(1 − p) rescaling.
-
-    With `share`, a layer that reads the very same (unchanged) tensor gets the same result
-    (except inside `torch.compile`, where each layer draws its own mask).
-    """
-    dtype = dtype or x.dtype
-    if share and not torch.compiler.is_compiling():
-        return _shared_drop.get(x, p, dtype)
-    return _drop(x, p, dtype)
-
-
-def dropout_input(x: torch.Tensor, p: float, training: bool, share: bool = True) -> torch.Tensor:
-    """Dropout of the LoRA branch input as a plain tensor op (for the branches without a fused kernel).
-
-    Args:
-        x: the input.
-        p: probability.
-        training: apply only when True (and p > 0).
-        share: reuse the mask of another layer that read this very tensor.
-    """
-    if not training or _dropout_threshold(p) == 0:
-        return x
-    xm, p_exact = masked_input(x, p, share)
-    return xm * (1 / (1 - p_exact))
-
-
 # ---------------------------------------------------------------------------- fused LoRA linear
 def _in_place_ok(result: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether a base layer's output can take its branch in place (a fresh, dense tensor of `dtype`)."""
@@ -460,7 +311,7 @@ def lora_linear(
     Returns:
         (..., out) in result's dtype.
     """
-    if training and _dropout_threshold(dropout) > 0:
+    if training and dropout_active(dropout):
         x, p_exact = masked_input(x, dropout, share_mask, A.dtype)
         s = s / (1 - p_exact)
     elif not (torch.is_grad_enabled() and any(t.requires_grad for t in (result, x, A, B))):
@@ -495,18 +346,18 @@ class Branch:
 
 
 def _branch_input(x2: torch.Tensor, br: Branch | None, shared: tuple | None = None) -> tuple:
-    """(branch input in A's dtype: x or x·keep; keep (bool) or None; the exact p).
+    """(branch input in A's dtype: x or x·keep; the `KeepMask` or None; the exact p).
 
     `shared` is the same triple drawn for another branch that reads the same x.
     """
     if br is None:
         return None, None, 0.0
-    if _dropout_threshold(br.dropout) == 0:
+    if not dropout_active(br.dropout):
         return x2.to(br.A.dtype), None, 0.0
     if shared is not None:
         return shared
-    keep, p_exact = dropout_keep_mask(x2.shape, br.dropout, x2.device)
-    return keep_factor(keep, br.A.dtype).mul_(x2), keep, p_exact
+    mask = draw_mask(x2.shape, br.dropout, x2.device)
+    return mask.apply(x2, br.A.dtype), mask, mask.p
 
 
 def _scaled(br: Branch | None, p_exact: float) -> float:
@@ -524,26 +375,24 @@ def _is_silu(act) -> bool:
     return cls.__module__ == "transformers.activations" and cls.__name__ == "SiLUActivation"
 
 
-def _add_input_grad(out: torch.Tensor, terms, factor: torch.Tensor | None, buffer: torch.Tensor | None = None) -> None:
-    """out += (Σ ga·A over `terms`)·factor, in place; the branches' share of an input's gradient.
+def _add_input_grad(out: torch.Tensor, terms, mask: KeepMask | None, buffer: torch.Tensor | None = None) -> None:
+    """out += (Σ ga·A over `terms`)·keep, in place; the branches' share of an input's gradient.
 
     Without dropout (and in out's dtype) the products go straight into `out` (`addmm_`); with it
-    they are summed in `buffer` (a spent tensor of the right shape and dtype) or a new one, then
-    masked into `out` by one `addcmul_`.
+    they are summed in `buffer` (a spent tensor of the right shape and dtype) or a new one, masked
+    there in place and added into `out`.
     """
     A0 = terms[0][1]
-    if factor is None and A0.dtype == out.dtype:
+    if mask is None and A0.dtype == out.dtype:
         for ga, A in terms:
             out.addmm_(ga, A)
         return
     t = torch.mm(terms[0][0], A0, out=buffer) if buffer is not None else torch.mm(terms[0][0], A0)
     for ga, A in terms[1:]:
         t.addmm_(ga, A)
-    t = t.to(out.dtype)
-    if factor is None:
-        out.add_(t)
-    else:
-        out.addcmul_(t, factor.to(out.dtype))
+    if mask is not None:
+        mask.apply_(t)
+    out.add_(t)
 
 
 def _shares_mask(a: Branch | None, b: Branch | None) -> bool:
@@ -552,7 +401,8 @@ def _shares_mask(a: Branch | None, b: Branch | None) -> bool:
         and b is not None
         and a.share_mask
         and b.share_mask
-        and _dropout_threshold(a.dropout) == _dropout_threshold(b.dropout) > 0
+        and a.dropout == b.dropout
+        and dropout_active(a.dropout)
         and a.A.dtype == b.A.dtype
     )
 
@@ -599,26 +449,24 @@ class GatedMlpFunction(torch.autograd.Function):
         sd = _scaled(bd_, pd)
         y, a_d = _project(h, Wd, bd, xd, Ad, Bd, sd)
         # The down branch's input is recomputed from e and u in the backward.
-        # Masks are kept as bits; a mask shared by gate and up is packed once.
+        # Masks are kept as positions or bits; a mask shared by gate and up is kept once.
         ctx.shared = keep_u is not None and keep_u is keep_g
-        packed_g, packed_d = (pack_mask(k) if k is not None else None for k in (keep_g, keep_d))
-        packed_u = None if ctx.shared or keep_u is None else pack_mask(keep_u)
+        saved_g, saved_d = (k.saved() if k is not None else None for k in (keep_g, keep_d))
+        saved_u = None if ctx.shared or keep_u is None else keep_u.saved()
         ctx.save_for_backward(
-            Wg, Wu, Wd, Ag, Bg, Au, Bu, Ad, Bd, xg, xu, packed_g, packed_u, packed_d, a_g, a_u, a_d, e, u
+            Wg, Wu, Wd, Ag, Bg, Au, Bu, Ad, Bd, xg, xu, saved_g, saved_u, saved_d, a_g, a_u, a_d, e, u
         )
         ctx.act, ctx.s, ctx.x_shape, ctx.x_dtype = act, (sg, su, sd), x.shape, x.dtype
+        ctx.p = (pg, pu, pd)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, gy):
-        (Wg, Wu, Wd, Ag, Bg, Au, Bu, Ad, Bd, xg, xu, packed_g, packed_u, packed_d, a_g, a_u, a_d, e, u) = (
-            ctx.saved_tensors
-        )
+        (Wg, Wu, Wd, Ag, Bg, Au, Bu, Ad, Bd, xg, xu, saved_g, saved_u, saved_d, a_g, a_u, a_d, e, u) = ctx.saved_tensors
         in_shape = (e.shape[0], ctx.x_shape[-1])  # (N, in)
-        # The masks as 0/1 factors in their branch's dtype.
         keep_g, keep_u, keep_d = (
-            unpack_factor(packed, shape, A.dtype) if packed is not None else None
-            for packed, shape, A in ((packed_g, in_shape, Ag), (packed_u, in_shape, Au), (packed_d, e.shape, Ad))
+            KeepMask.from_saved(saved, shape, p) if saved is not None else None
+            for saved, shape, p in zip((saved_g, saved_u, saved_d), (in_shape, in_shape, e.shape), ctx.p, strict=True)
         )
         if ctx.shared:
             keep_u = keep_g
@@ -652,7 +500,7 @@ class GatedMlpFunction(torch.autograd.Function):
         if Ad is not None:
             hd = (act_e.detach() * u).to(Ad.dtype)
             if keep_d is not None:
-                hd.mul_(keep_d)
+                keep_d.apply_(hd)
             ga_d = branch_grads(gy2, hd, a_d, Ad, Bd, sd, 11)
             _add_input_grad(gh, ((ga_d, Ad),), keep_d, buffer=hd)  # hd is spent: its memory is reused
             del hd

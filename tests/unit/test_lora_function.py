@@ -43,44 +43,19 @@ def test_no_dropout_matches_plain_autograd(dtype, shape):
         _assert_rel(g_ours, g_plain, rel)
 
 
-def test_dropout_matches_plain_autograd_with_the_same_mask():
+@pytest.mark.parametrize("p", [0.1, 0.3])  # a sparse and a dense mask
+def test_dropout_matches_plain_autograd_with_the_same_mask(p):
     result, x, A, B = _inputs()
-    p, s = 0.3, 2.0
+    s = 2.0
     torch.manual_seed(7)
     ours = LF.lora_linear(result, x, A, B, s, dropout=p, training=True, share_mask=False)
     torch.manual_seed(7)
     keep, p_exact = LF.dropout_keep_mask(x.shape, p, x.device)
-    assert 0.25 < (~keep).float().mean().item() < 0.35
+    assert p - 0.05 < (~keep).float().mean().item() < p + 0.05
     plain = result + LF.linear_delta(torch.where(keep, x, 0) / (1 - p_exact), A, B, s)
     _assert_rel(ours, plain, 1e-6)
     for g_ours, g_plain in zip(_grads(ours, result, x, A, B), _grads(plain, result, x, A, B), strict=True):
         _assert_rel(g_ours, g_plain, 1e-6)
-
-
-def test_dropout_rate_and_expectation():
-    p = 0.05
-    keep, p_exact = LF.dropout_keep_mask((1000, 1000), p, "cpu")
-    assert p_exact == round(p * 65536) / 65536
-    dropped = (~keep).float().mean().item()
-    assert abs(dropped - p_exact) < 5 * (p_exact * (1 - p_exact) / 1e6) ** 0.5
-    # Every 16-bit lane of the 64-bit draws is uniform (a biased lane would show here).
-    lanes = (~keep).flatten()[: 4 * (keep.numel() // 4)].view(-1, 4).float().mean(0)
-    assert ((lanes - p_exact).abs() < 0.003).all(), lanes
-    x = torch.ones(1000, 1000)
-    assert abs(LF.dropout_input(x, p, training=True, share=False).mean().item() - 1) < 2e-3
-    assert LF.dropout_input(x, p, training=False) is x
-    assert LF.dropout_input(x, 0.0, training=True) is x
-
-
-def test_mask_is_shared_only_for_the_very_same_unchanged_tensor():
-    x = torch.randn(64, 32)
-    a = LF.dropout_input(x, 0.5, training=True)
-    b = LF.dropout_input(x, 0.5, training=True)
-    assert torch.equal(a == 0, b == 0)
-    assert not torch.equal(a == 0, LF.dropout_input(x, 0.5, training=True, share=False) == 0)
-    assert not torch.equal(a == 0, LF.dropout_input(x.clone(), 0.5, training=True) == 0)
-    x.mul_(1.0)  # an in-place change bumps the version: a new mask
-    assert not torch.equal(a == 0, LF.dropout_input(x, 0.5, training=True) == 0)
 
 
 def test_half_precision_input_with_float32_adapter():
@@ -204,33 +179,7 @@ def test_torch_compile_full_graph_in_training_and_inference():
     assert all(torch.isfinite(g).all() for g in ours.values()) and sum(g.abs().sum() for g in ours.values()) > 0
 
 
-@pytest.mark.parametrize("n", [1, 7, 8, 9, 64, 1001])
-def test_mask_bits_round_trip(n):
-    gen = torch.Generator().manual_seed(n)
-    keep = torch.rand(n, generator=gen) > 0.4
-    packed = LF.pack_mask(keep)
-    assert packed.dtype == torch.uint8 and packed.numel() == (n + 7) // 8
-    assert torch.equal(LF.unpack_mask(packed, (n,)), keep)
-    assert torch.equal(
-        LF.unpack_mask(LF.pack_mask(keep[: n // 2 * 2].view(-1, 2)), (n // 2, 2)), keep[: n // 2 * 2].view(-1, 2)
-    )
-    bits = [int(b) >> j & 1 for b in packed.tolist() for j in range(8)][:n]
-    assert bits == keep.int().tolist()  # bit j of byte k is element 8k + j
-
-
-def test_dropout_keeps_its_mask_as_bits():
-    """The masked input's node keeps (numel + 7) // 8 bytes, and its gradient is where(keep, g, 0)."""
-    x = torch.randn(6, 40, requires_grad=True)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        xm, _p = LF.masked_input(x, 0.3, share=False)
-    assert [(t.dtype, t.numel()) for t in saved] == [(torch.uint8, 30)]
-    g = torch.randn(6, 40)
-    (gx,) = torch.autograd.grad(xm, x, g)
-    torch.testing.assert_close(gx, torch.where(xm != 0, g, 0), rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("dropout", [0.0, 0.1, 0.3])
 def test_branch_added_in_place_into_a_fresh_base_output_keeps_gradients(dropout):
     """The base output made inside the graph (not a leaf) takes the branch in place; values and
     gradients still equal plain autograd, the base weight's gradient included."""
