@@ -425,7 +425,7 @@ class GatedMlpFunction(torch.autograd.Function):
     backward, and with LoRA on down_proj plain autograd also keeps h = act(e)·u (or its dropped-
     out copy) as the branch input: four (N, hidden) tensors per layer. This node keeps e and u
     only, recomputes act(e) and h in the backward (one activation and one product, elementwise),
-    and keeps for the branches the (shared) masked input of gate/up, the masks as bits and the
+    and keeps for the branches the (shared) masked input of gate/up, the masks (positions or bits) and the
     (N, r) products — less than the frozen model alone keeps. Masks are drawn in the same order
     as the unfused layers draw them, so a seed gives the same training either way.
 
