@@ -194,7 +194,8 @@ def _dropped_positions(n: int, p: float, device: torch.device | str, first: int 
     parts, start = [], 0
     while True:
         u = torch.rand(count, device=device).double()
-        pos = u.neg_().log1p_().div_(log_q).floor_().to(torch.int64).add_(1).cumsum_(0).add_(start - 1)
+        gaps = u.neg_().log1p_().div_(log_q).to(torch.int64)  # ≥ 0, so truncation is floor
+        pos = gaps.add_(1).cumsum_(0).add_(start - 1)
         parts.append(pos)
         last = int(pos[-1])
         if last >= n:
