@@ -209,13 +209,16 @@ def _uses_sparse(p: float, device: torch.device | str) -> bool:
     return torch.device(device).type == "cpu" and p <= SPARSE_MAX_P and not torch.compiler.is_compiling()
 
 
-def draw_mask(shape: Sequence[int], p: float, device: torch.device | str) -> KeepMask:
+def draw_mask(shape: Sequence[int], p: float, device: torch.device | str, sparse: bool | None = None) -> KeepMask:
     """A dropout mask over `shape` with probability p in [0, 1), drawn from the default generator.
 
     Sparse (dropped positions, the exact p) on CPU for p ≤ `SPARSE_MAX_P` outside `torch.compile`;
-    dense (a boolean tensor, p in steps of 1/65536) otherwise. See the module docstring.
+    dense (a boolean tensor, p in steps of 1/65536) otherwise; `sparse` forces one or the other
+    (benchmarks, tests). See the module docstring.
     """
-    if _uses_sparse(p, device) and dropout_active(p):
+    if sparse is None:
+        sparse = _uses_sparse(p, device)
+    if sparse and dropout_active(p):
         return KeepMask(shape, p, dropped=_dropped_positions(math.prod(shape), p, device))
     keep, p_exact = _dense_keep(shape, p, device)
     return KeepMask(shape, p_exact, keep=keep)

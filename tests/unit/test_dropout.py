@@ -136,3 +136,14 @@ def test_mask_bits_round_trip(n):
     )
     bits = [int(b) >> j & 1 for b in packed.tolist() for j in range(8)][:n]
     assert bits == keep.int().tolist()  # bit j of byte k is element 8k + j
+
+
+def test_either_form_can_be_forced_and_both_drop_at_p():
+    torch.manual_seed(3)
+    dense = D.draw_mask((400, 500), SPARSE_P, "cpu", sparse=False)
+    sparse = D.draw_mask((400, 500), DENSE_P, "cpu", sparse=True)
+    assert dense.dropped is None and dense.saved().dtype == torch.uint8
+    assert dense.p == round(SPARSE_P * 65536) / 65536
+    assert sparse.dropped is not None and sparse.p == DENSE_P
+    for mask in (dense, sparse):
+        assert _within((~mask.to_bool()).float().mean().item(), mask.p, 200_000)
