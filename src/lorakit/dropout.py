@@ -244,26 +244,26 @@ def dropout_keep_mask(
 
 
 class _MaskedInput(torch.autograd.Function):
-    """x·keep (dropout without rescaling), keeping only the mask's positions or bits for the backward."""
+    """x·keep in `dtype` (dropout without rescaling; the cast, if any, in the same pass), keeping
+    only the mask's positions or bits for the backward."""
 
     @staticmethod
-    def forward(ctx, x, mask: KeepMask):
+    def forward(ctx, x, mask: KeepMask, dtype: torch.dtype):
         ctx.save_for_backward(mask.saved())
-        ctx.shape, ctx.p = mask.shape, mask.p
-        return mask.apply(x)
+        ctx.shape, ctx.p, ctx.x_dtype = mask.shape, mask.p, x.dtype
+        return mask.apply(x, dtype)
 
     @staticmethod
     def backward(ctx, grad):
         (saved,) = ctx.saved_tensors
-        return KeepMask.from_saved(saved, ctx.shape, ctx.p).apply(grad), None
+        return KeepMask.from_saved(saved, ctx.shape, ctx.p).apply(grad, ctx.x_dtype), None, None
 
 
 def _drop(x: torch.Tensor, p: float, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
     mask = draw_mask(x.shape, p, x.device)
-    x = x.to(dtype)
     if torch.is_grad_enabled() and x.requires_grad:
-        return _MaskedInput.apply(x, mask), mask.p
-    return mask.apply(x), mask.p
+        return _MaskedInput.apply(x, mask, dtype), mask.p
+    return mask.apply(x, dtype), mask.p
 
 
 class _SharedDrop(threading.local):

@@ -74,6 +74,26 @@ def test_half_precision_input_with_float32_adapter():
     torch.testing.assert_close(gB, pB, atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("p", [0.1, 0.3])  # sparse and dense masks
+def test_half_precision_input_with_dropout_casts_once_and_keeps_gradients(p):
+    """bf16 input, fp32 adapter, dropout: the masked input is made in fp32 in one pass and x's
+    gradient comes back in bf16, equal to plain autograd with the same mask."""
+    result, x, A, B = _inputs(torch.float32)
+    rb, xb = result.detach().bfloat16().requires_grad_(), x.detach().bfloat16().requires_grad_()
+    torch.manual_seed(11)
+    ours = LF.lora_linear(rb, xb, A, B, 0.5, dropout=p, training=True, share_mask=False)
+    torch.manual_seed(11)
+    keep, p_exact = LF.dropout_keep_mask(xb.shape, p, xb.device)
+    plain = rb + LF.linear_delta(torch.where(keep, xb.float(), 0) / (1 - p_exact), A, B, 0.5).bfloat16()
+    torch.testing.assert_close(ours, plain, atol=2e-2, rtol=2e-2)
+    gx, gA = _grads(ours, xb, A)
+    px, pA = _grads(plain, xb, A)
+    assert gx.dtype == torch.bfloat16 and gA.dtype == torch.float32
+    assert torch.equal(gx == 0, ~keep)  # dropped inputs get no gradient
+    torch.testing.assert_close(gx, px, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(gA, pA, atol=1e-2, rtol=1e-2)
+
+
 def _lora_grads(model, ids):
     out = model(ids).logits
     out.square().mean().backward()
