@@ -10,8 +10,8 @@ gate/up, (512, 1536) for down_proj — each row times, in one process with the r
 
 and reports what the backward keeps per mask. Rows: `torch.ops.aten.native_dropout` (what
 `nn.Dropout`, hence PEFT, runs: a `bernoulli_` mask kept as bool), lorakit dense (16-bit draws,
-kept as bits; lorakit's form on GPU, under `torch.compile` and for p > 0.25) and lorakit sparse
-(dropped positions; lorakit's form on CPU for p ≤ 0.25). Ratios are to torch's row.
+kept as bits; lorakit's form on GPU, under `torch.compile` and for p > 0.2) and lorakit sparse
+(dropped positions; lorakit's form on CPU for p ≤ 0.2). Ratios are to torch's row.
 
 Usage:
     .venv/bin/python benchmarks/dropout_masks.py
