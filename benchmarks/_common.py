@@ -622,6 +622,15 @@ def describe_settings(args: argparse.Namespace, extra: str = "") -> str:
     )
 
 
+def report_in_process(
+    args: argparse.Namespace, title: str, headers: Sequence[str], lines: Sequence[Sequence[Any]], rows: Any
+) -> None:
+    """Print an in-process benchmark's title and table; with `args.out`, also write them as JSON."""
+    print(title + "\n")
+    print(markdown_table(headers, lines))
+    write_json(args.out, {"title": title, "args": vars(args), "machine": machine_info(args), "rows": rows})
+
+
 def write_json(path: Path | None, payload: dict[str, Any]) -> None:
     if path is None:
         return

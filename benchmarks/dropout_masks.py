@@ -22,20 +22,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import _common as C
 
 
-def _median_ms(fn: Callable[[], object], calls: int) -> float:
-    times = []
-    for _ in range(calls):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e3
+def _median_ms(fn: Callable[[], object], calls: int, warmup: int = 0) -> float:
+    return statistics.median(C.time_steps(fn, "cpu", warmup, calls)) * 1e3
 
 
 def _rows(shape: tuple[int, int], p: float):
@@ -89,8 +83,8 @@ def main() -> int:
     for shape in ((512, 576), (512, 1536)):
         for p in (0.05, 0.1):
             rows = _rows(shape, p)
-            for fwd, bwd, _ in rows.values():  # warm-up
-                _median_ms(fwd, 3), _median_ms(bwd, 3)
+            for fwd, bwd, _ in rows.values():
+                _median_ms(fwd, 1, warmup=3), _median_ms(bwd, 1, warmup=3)
             times = {label: ([], []) for label in rows}
             for i in range(args.rounds):
                 for label in list(rows) if i % 2 == 0 else reversed(list(rows)):
@@ -118,9 +112,7 @@ def main() -> int:
                 )
     title = f"one dropout mask, fp32, {args.threads} threads, median of {args.rounds} interleaved rounds"
     headers = ["input", "p", "row", "forward ms", "backward ms", "fwd+bwd vs torch", "kept KiB"]
-    print(title + "\n")
-    print(C.markdown_table(headers, lines))
-    C.write_json(args.out, {"title": title, "args": vars(args), "machine": C.machine_info(args), "rows": results})
+    C.report_in_process(args, title, headers, lines, results)
     return 0
 
 

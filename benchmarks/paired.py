@@ -153,9 +153,7 @@ def main() -> int:
         "range",
         f"vs {reference} (fastest / fastest)",
     ]
-    print(title + "\n")
-    print(C.markdown_table(headers, lines))
-    C.write_json(args.out, {"title": title, "args": vars(args), "machine": C.machine_info(args), "rows": summary})
+    C.report_in_process(args, title, headers, lines, summary)
     return 0
 
 
