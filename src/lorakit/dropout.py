@@ -36,6 +36,7 @@ __all__ = [
     "keep_factor",
     "masked_input",
     "pack_mask",
+    "shared_mask",
     "unpack_factor",
     "unpack_mask",
 ]
@@ -111,7 +112,7 @@ class KeepMask:
     is what a backward keeps and `from_saved` rebuilds the mask from it.
     """
 
-    __slots__ = ("bits", "dropped", "keep", "p", "shape")
+    __slots__ = ("_saved", "bits", "dropped", "keep", "p", "shape")
 
     def __init__(
         self,
@@ -125,6 +126,7 @@ class KeepMask:
         self.shape = tuple(shape)
         self.p = p
         self.dropped, self.keep, self.bits = dropped, keep, bits
+        self._saved: torch.Tensor | None = None
 
     def _factor(self, dtype: torch.dtype) -> torch.Tensor:
         if self.keep is not None:
@@ -157,11 +159,17 @@ class KeepMask:
         return t
 
     def saved(self) -> torch.Tensor:
-        """What a backward keeps: the dropped positions (int32 where they fit) or the bits."""
-        if self.dropped is not None:
-            small = math.prod(self.shape) < 2**31
-            return self.dropped.to(torch.int32) if small else self.dropped
-        return self.bits if self.bits is not None else pack_mask(self.keep)
+        """What a backward keeps: the dropped positions (int32 where they fit) or the bits.
+
+        Made once per mask: the nodes of layers sharing the mask keep one tensor between them.
+        """
+        if self._saved is None:
+            if self.dropped is not None:
+                small = math.prod(self.shape) < 2**31
+                self._saved = self.dropped.to(torch.int32) if small else self.dropped
+            else:
+                self._saved = self.bits if self.bits is not None else pack_mask(self.keep)
+        return self._saved
 
     @classmethod
     def from_saved(cls, saved: torch.Tensor, shape: Sequence[int], p: float) -> KeepMask:
@@ -261,36 +269,59 @@ class _MaskedInput(torch.autograd.Function):
         return KeepMask.from_saved(saved, ctx.shape, ctx.p).apply(grad, ctx.x_dtype), None, None
 
 
-def _drop(x: torch.Tensor, p: float, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
-    mask = draw_mask(x.shape, p, x.device)
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _MaskedInput.apply(x, mask, dtype), mask.p
-    return mask.apply(x, dtype), mask.p
+class _Drawn:
+    """One mask drawn over one input, with x·keep in the forms asked for so far.
+
+    `plain` is x·keep as a tensor outside autograd (for nodes that keep x itself and rebuild
+    x·keep in their backward, `LoraLinearFunction`); `node` is x·keep as the output of a
+    `_MaskedInput` node (for branches written as plain tensor ops). Each is made at most once.
+    """
+
+    __slots__ = ("_node", "_plain", "dtype", "mask")
+
+    def __init__(self, mask: KeepMask, dtype: torch.dtype) -> None:
+        self.mask, self.dtype = mask, dtype
+        self._plain: torch.Tensor | None = None
+        self._node: torch.Tensor | None = None
+
+    def plain(self, x: torch.Tensor) -> torch.Tensor:
+        if self._plain is None:
+            self._plain = self.mask.apply(x.detach(), self.dtype)
+        return self._plain
+
+    def node(self, x: torch.Tensor) -> torch.Tensor:
+        if self._node is None:
+            if torch.is_grad_enabled() and x.requires_grad:
+                self._node = _MaskedInput.apply(x, self.mask, self.dtype)
+            else:
+                self._node = self.plain(x)
+        return self._node
 
 
 class _SharedDrop(threading.local):
-    """The last dropped-out input, keyed by the input tensor it was computed from.
+    """The mask last drawn, keyed by the input tensor it was drawn for.
 
     q, k and v projections (and gate/up) read the very same input tensor; with sharing on, they
-    reuse one mask and one masked input x·keep: it is computed once, kept once for the backward
-    (with its mask as positions or bits, by the `_MaskedInput` node) instead of a float copy per
-    layer, and the mask is applied once to the summed input gradient. This is also what the
-    reference implementation does for GPT-2's fused q/v layer (`MergedLinear`: one dropout of x).
+    reuse one mask and one masked input x·keep: it is computed once, and what the backward keeps
+    of it — x itself and the mask's positions or bits (`LoraLinearFunction`), or the masked input
+    with the mask (`_MaskedInput`) — is kept once, instead of a float copy per layer; the mask is
+    applied to each branch's share of the input gradient. This is also what the reference
+    implementation does for GPT-2's fused q/v layer (`MergedLinear`: one dropout of x).
     """
 
     def __init__(self) -> None:
         self.ref: weakref.ref | None = None
         self.key: tuple = ()
-        self.value: tuple[torch.Tensor, float] | None = None
+        self.value: _Drawn | None = None
 
     def clear(self, _ref: object = None) -> None:
         self.ref, self.key, self.value = None, (), None
 
-    def get(self, x: torch.Tensor, p: float, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    def get(self, x: torch.Tensor, p: float, dtype: torch.dtype) -> _Drawn:
         key = (x._version, x.shape, p, dtype, torch.is_grad_enabled())
         if self.ref is not None and self.ref() is x and self.key == key and self.value is not None:
             return self.value
-        value = _drop(x, p, dtype)
+        value = _Drawn(draw_mask(x.shape, p, x.device), dtype)
         self.ref, self.key, self.value = weakref.ref(x, self.clear), key, value
         return value
 
@@ -298,16 +329,33 @@ class _SharedDrop(threading.local):
 _shared_drop = _SharedDrop()
 
 
-def masked_input(x: torch.Tensor, p: float, share: bool = True, dtype: torch.dtype | None = None):
-    """(x·keep in `dtype`, the exact p): dropout without the 1/(1 − p) rescaling.
-
-    With `share`, a layer that reads the very same (unchanged) tensor gets the same result
-    (except inside `torch.compile`, where each layer draws its own mask).
-    """
+def _drawn(x: torch.Tensor, p: float, share: bool, dtype: torch.dtype | None) -> _Drawn:
     dtype = dtype or x.dtype
     if share and not torch.compiler.is_compiling():
         return _shared_drop.get(x, p, dtype)
-    return _drop(x, p, dtype)
+    return _Drawn(draw_mask(x.shape, p, x.device), dtype)
+
+
+def masked_input(x: torch.Tensor, p: float, share: bool = True, dtype: torch.dtype | None = None):
+    """(x·keep in `dtype`, the exact p): dropout without the 1/(1 − p) rescaling.
+
+    The result carries x's gradient (through a node that keeps only the mask). With `share`, a
+    layer that reads the very same (unchanged) tensor gets the same result (except inside
+    `torch.compile`, where each layer draws its own mask).
+    """
+    drawn = _drawn(x, p, share, dtype)
+    return drawn.node(x), drawn.mask.p
+
+
+def shared_mask(
+    x: torch.Tensor, p: float, share: bool = True, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, KeepMask]:
+    """(x·keep in `dtype` outside autograd, the mask): for a node that keeps x and the mask.
+
+    Sharing as `masked_input` (the same mask for layers reading the very same tensor).
+    """
+    drawn = _drawn(x, p, share, dtype)
+    return drawn.plain(x), drawn.mask
 
 
 def dropout_input(x: torch.Tensor, p: float, training: bool, share: bool = True) -> torch.Tensor:

@@ -24,6 +24,7 @@ from lorakit.dropout import (
     keep_factor,
     masked_input,
     pack_mask,
+    shared_mask,
     unpack_factor,
     unpack_mask,
 )
@@ -231,26 +232,29 @@ def _in_place_ok(result: torch.Tensor, dtype: torch.dtype) -> bool:
 
 
 class LoraLinearFunction(torch.autograd.Function):
-    """result + s·B·A·x in one autograd node that saves only what its backward needs.
+    """result + s·B·A·dropout(x) in one autograd node that saves only what its backward needs.
 
     Plain autograd keeps, per adapted layer, the dropped-out input as its own float copy next to
-    its mask and the product x·Aᵀ. This node keeps its input x (with dropout: the masked input
-    shared by the projections of that input, see `masked_input`; without: the layer input the
-    other projections keep too — no copy either way) and the small (N, r) product. The scaling
-    (with 1/(1 − p) folded in) goes into one `addmm_` that adds the branch into the base output
-    in place (marked dirty), without an (N, out) copy, unless told the output is shared.
+    its mask and the product x·Aᵀ. This node keeps the layer input x itself (the tensor the
+    projections reading it share), the mask as positions or bits (one per shared input, see
+    `shared_mask`) and the small (N, r) product; its backward rebuilds x·keep for A's gradient
+    and masks its share of x's gradient. The scaling (with 1/(1 − p) folded in) goes into one
+    `addmm_` that adds the branch into the base output in place (marked dirty), without an
+    (N, out) copy, unless told the output is shared.
 
-    Inputs: result (..., out) the base layer's output; x (..., in) the branch input (any float
+    Inputs: result (..., out) the base layer's output; x (..., in) the layer input (any float
     dtype; cast to A's dtype inside); A (r, in); B (out, r); s the scaling; in_place whether
-    result may be updated in place (nobody else holds it: no forward hook saw it).
+    result may be updated in place (nobody else holds it: no forward hook saw it); with dropout,
+    xm = x·keep in A's dtype (a tensor outside autograd) and its `KeepMask`.
     """
 
     @staticmethod
-    def forward(ctx, result, x, A, B, s, in_place=True):
-        x2 = x.reshape(-1, x.shape[-1]).to(A.dtype)
+    def forward(ctx, result, x, A, B, s, in_place=True, xm=None, mask=None):
+        x2 = (x if xm is None else xm).reshape(-1, x.shape[-1]).to(A.dtype)
         a = torch.mm(x2, A.t())
-        ctx.save_for_backward(x, a, A, B)
+        ctx.save_for_backward(x, a, A, B, None if mask is None else mask.saved())
         ctx.s = s
+        ctx.p = None if mask is None else mask.p
         if in_place and _in_place_ok(result, A.dtype):
             result.view(-1, result.shape[-1]).addmm_(a, B.t(), alpha=s)
             ctx.mark_dirty(result)
@@ -264,7 +268,8 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, a, A, B = ctx.saved_tensors
+        x, a, A, B, saved_mask = ctx.saved_tensors
+        mask = None if saved_mask is None else KeepMask.from_saved(saved_mask, x.shape, ctx.p)
         s = ctx.s
         need_x, need_A, need_B = ctx.needs_input_grad[1:4]
         g = grad.reshape(-1, grad.shape[-1]).to(A.dtype)
@@ -274,10 +279,15 @@ class LoraLinearFunction(torch.autograd.Function):
         if need_x or need_A:
             ga = torch.mm(g, B).mul_(s)  # (N, r)
             if need_A:
-                grad_A = torch.mm(ga.t(), x.reshape(-1, x.shape[-1]).to(A.dtype))
+                xm = x.to(A.dtype) if mask is None else mask.apply(x, A.dtype)
+                grad_A = torch.mm(ga.t(), xm.reshape(-1, x.shape[-1]))
+                del xm
             if need_x:
-                grad_x = torch.mm(ga, A).view(x.shape).to(x.dtype)
-        return grad, grad_x, grad_A, grad_B, None, None
+                gx = torch.mm(ga, A).view(x.shape)
+                if mask is not None:
+                    mask.apply_(gx)
+                grad_x = gx.to(x.dtype)
+        return grad, grad_x, grad_A, grad_B, None, None, None, None
 
 
 def lora_linear(
@@ -312,9 +322,9 @@ def lora_linear(
         (..., out) in result's dtype.
     """
     if training and dropout_active(dropout):
-        x, p_exact = masked_input(x, dropout, share_mask, A.dtype)
-        s = s / (1 - p_exact)
-    elif not (torch.is_grad_enabled() and any(t.requires_grad for t in (result, x, A, B))):
+        xm, mask = shared_mask(x, dropout, share_mask, A.dtype)
+        return LoraLinearFunction.apply(result, x, A, B, s / (1 - mask.p), in_place, xm, mask)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (result, x, A, B))):
         # Inference: no node, and the branch is accumulated into the base output in place.
         a = torch.mm(x.reshape(-1, x.shape[-1]).to(A.dtype), A.t())
         if in_place and _in_place_ok(result, A.dtype):
@@ -395,6 +405,13 @@ def _add_input_grad(out: torch.Tensor, terms, mask: KeepMask | None, buffer: tor
     out.add_(t)
 
 
+def _rebuilt_input(x2: torch.Tensor, mask: KeepMask | None, A: torch.Tensor | None) -> torch.Tensor | None:
+    """A branch's input x·keep (or x) in A's dtype, rebuilt in a backward from x and its mask."""
+    if A is None:
+        return None
+    return x2.to(A.dtype) if mask is None else mask.apply(x2, A.dtype)
+
+
 def _shares_mask(a: Branch | None, b: Branch | None) -> bool:
     return (
         a is not None
@@ -425,8 +442,9 @@ class GatedMlpFunction(torch.autograd.Function):
     backward, and with LoRA on down_proj plain autograd also keeps h = act(e)·u (or its dropped-
     out copy) as the branch input: four (N, hidden) tensors per layer. This node keeps e and u
     only, recomputes act(e) and h in the backward (one activation and one product, elementwise),
-    and keeps for the branches the (shared) masked input of gate/up, the masks (positions or bits) and the
-    (N, r) products — less than the frozen model alone keeps. Masks are drawn in the same order
+    and keeps for the branches x itself, the masks (positions or bits; one when gate and up share
+    it) and the (N, r) products — less than the frozen model alone keeps; the branch inputs x·keep
+    are rebuilt in the backward. Masks are drawn in the same order
     as the unfused layers draw them, so a seed gives the same training either way.
 
     Inputs: x (..., in); the frozen weights Wg, Wu (hidden, in), Wd (out, hidden) and biases (or
@@ -453,16 +471,15 @@ class GatedMlpFunction(torch.autograd.Function):
         ctx.shared = keep_u is not None and keep_u is keep_g
         saved_g, saved_d = (k.saved() if k is not None else None for k in (keep_g, keep_d))
         saved_u = None if ctx.shared or keep_u is None else keep_u.saved()
-        ctx.save_for_backward(
-            Wg, Wu, Wd, Ag, Bg, Au, Bu, Ad, Bd, xg, xu, saved_g, saved_u, saved_d, a_g, a_u, a_d, e, u
-        )
+        del xg, xu  # the backward rebuilds them from x and the masks
+        ctx.save_for_backward(Wg, Wu, Wd, Ag, Bg, Au, Bu, Ad, Bd, x2, saved_g, saved_u, saved_d, a_g, a_u, a_d, e, u)
         ctx.act, ctx.s, ctx.x_shape, ctx.x_dtype = act, (sg, su, sd), x.shape, x.dtype
         ctx.p = (pg, pu, pd)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, gy):
-        (Wg, Wu, Wd, Ag, Bg, Au, Bu, Ad, Bd, xg, xu, saved_g, saved_u, saved_d, a_g, a_u, a_d, e, u) = ctx.saved_tensors
+        (Wg, Wu, Wd, Ag, Bg, Au, Bu, Ad, Bd, x2, saved_g, saved_u, saved_d, a_g, a_u, a_d, e, u) = ctx.saved_tensors
         in_shape = (e.shape[0], ctx.x_shape[-1])  # (N, in)
         keep_g, keep_u, keep_d = (
             KeepMask.from_saved(saved, shape, p) if saved is not None else None
@@ -511,9 +528,13 @@ class GatedMlpFunction(torch.autograd.Function):
         else:
             (ge,) = torch.autograd.grad(act_e, e_, gh.mul_(u))
         del gh
-        # gate and up
+        # gate and up: their branch inputs x·keep rebuilt from x (once when the mask is shared)
+        xg = _rebuilt_input(x2, keep_g, Ag)
         ga_g = branch_grads(ge, xg, a_g, Ag, Bg, sg, 7)
+        xu = xg if ctx.shared else _rebuilt_input(x2, keep_u, Au)
+        del xg
         ga_u = branch_grads(gu, xu, a_u, Au, Bu, su, 9)
+        del xu
         gx = None
         if need[0]:
             gx = ge.mm(Wg).addmm_(gu, Wu)

@@ -58,6 +58,48 @@ def test_dropout_matches_plain_autograd_with_the_same_mask(p):
         _assert_rel(g_ours, g_plain, 1e-6)
 
 
+@pytest.mark.parametrize("p", [0.1, 0.3])  # a sparse and a dense mask
+def test_branches_sharing_an_input_keep_it_and_one_mask_and_match_plain_autograd(p):
+    """q and v reading the very same x: one mask; their nodes keep x itself (no float copy of
+    x·keep), one int32 positions or uint8 bits tensor between them and the (N, r) products; the
+    gradients equal plain autograd with that mask."""
+    result, x, A, B = _inputs(shape=(6, 8, 40))
+    result2, _, A2, B2 = _inputs(shape=(6, 8, 40), out=5, seed=3)
+    storages: dict[int, tuple[torch.dtype, int]] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = (t.dtype, t.untyped_storage().nbytes())
+        return t
+
+    torch.manual_seed(5)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        q = LF.lora_linear(result.clone(), x, A, B, 2.0, dropout=p, training=True)
+        v = LF.lora_linear(result2.clone(), x, A2, B2, 0.5, dropout=p, training=True)
+    x_bytes = x.untyped_storage().nbytes()
+    assert storages.pop(x.untyped_storage().data_ptr()) == (torch.float32, x_bytes)  # x itself
+    for t in (A, B, A2, B2):
+        storages.pop(t.untyped_storage().data_ptr())
+    kinds = sorted(storages.values(), key=lambda k: k[1])
+    assert [k for k in kinds if k[1] >= x_bytes] == []  # nothing else of x's size
+    mask_kinds = [k for k in kinds if k[0] in (torch.int32, torch.uint8)]
+    assert len(mask_kinds) == 1 and mask_kinds[0][0] == (torch.int32 if p <= 0.2 else torch.uint8)
+    assert sum(k[0] == torch.float32 for k in kinds) == 2  # the two (N, r) products
+
+    torch.manual_seed(5)
+    keep, p_exact = LF.dropout_keep_mask(x.shape, p, x.device)
+    xm = torch.where(keep, x, 0) / (1 - p_exact)
+    plain_q = result + LF.linear_delta(xm, A, B, 2.0)
+    plain_v = result2 + LF.linear_delta(xm, A2, B2, 0.5)
+    _assert_rel(q, plain_q, 1e-6)
+    _assert_rel(v, plain_v, 1e-6)
+    leaves = (x, A, B, A2, B2)
+    ours = torch.autograd.grad((q * 1.5).sum() + (v * -0.7).sum(), leaves)
+    theirs = torch.autograd.grad((plain_q * 1.5).sum() + (plain_v * -0.7).sum(), leaves)
+    for g_ours, g_plain in zip(ours, theirs, strict=True):
+        _assert_rel(g_ours, g_plain, 1e-6)
+    assert torch.equal(ours[0] == 0, ~keep)  # dropped inputs get no gradient from the branches
+
+
 def test_half_precision_input_with_float32_adapter():
     result, x, A, B = _inputs(torch.float32)
     rb, xb = result.detach().bfloat16().requires_grad_(), x.detach().bfloat16().requires_grad_()
