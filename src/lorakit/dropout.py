@@ -29,6 +29,7 @@ __all__ = [
     "DROPOUT_RESOLUTION",
     "SPARSE_MAX_P",
     "KeepMask",
+    "SharedRebuild",
     "draw_mask",
     "dropout_active",
     "dropout_input",
@@ -269,18 +270,44 @@ class _MaskedInput(torch.autograd.Function):
         return KeepMask.from_saved(saved, ctx.shape, ctx.p).apply(grad, ctx.x_dtype), None, None
 
 
+class SharedRebuild:
+    """x·keep rebuilt once in a backward for all the nodes that keep x and one shared mask.
+
+    Each node that will rebuild x·keep in its backward calls `expect` in its forward; the first
+    `get` in the backward builds x·keep and holds it until the last expected node took it.
+    """
+
+    __slots__ = ("pending", "value")
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.value: torch.Tensor | None = None
+
+    def expect(self) -> None:
+        self.pending += 1
+
+    def get(self, x: torch.Tensor, mask: KeepMask, dtype: torch.dtype) -> torch.Tensor:
+        """x·keep in `dtype` (x and mask as kept by the calling node)."""
+        value = self.value if self.value is not None else mask.apply(x, dtype)
+        self.pending -= 1
+        self.value = value if self.pending > 0 else None
+        return value
+
+
 class _Drawn:
     """One mask drawn over one input, with x·keep in the forms asked for so far.
 
     `plain` is x·keep as a tensor outside autograd (for nodes that keep x itself and rebuild
-    x·keep in their backward, `LoraLinearFunction`); `node` is x·keep as the output of a
-    `_MaskedInput` node (for branches written as plain tensor ops). Each is made at most once.
+    x·keep in their backward through `rebuild`, `LoraLinearFunction`; None when the mask is not
+    shared); `node` is x·keep as the output of a `_MaskedInput` node (for branches written as
+    plain tensor ops). Each is made at most once.
     """
 
-    __slots__ = ("_node", "_plain", "dtype", "mask")
+    __slots__ = ("_node", "_plain", "dtype", "mask", "rebuild")
 
-    def __init__(self, mask: KeepMask, dtype: torch.dtype) -> None:
+    def __init__(self, mask: KeepMask, dtype: torch.dtype, shared: bool) -> None:
         self.mask, self.dtype = mask, dtype
+        self.rebuild = SharedRebuild() if shared else None
         self._plain: torch.Tensor | None = None
         self._node: torch.Tensor | None = None
 
@@ -321,7 +348,7 @@ class _SharedDrop(threading.local):
         key = (x._version, x.shape, p, dtype, torch.is_grad_enabled())
         if self.ref is not None and self.ref() is x and self.key == key and self.value is not None:
             return self.value
-        value = _Drawn(draw_mask(x.shape, p, x.device), dtype)
+        value = _Drawn(draw_mask(x.shape, p, x.device), dtype, shared=True)
         self.ref, self.key, self.value = weakref.ref(x, self.clear), key, value
         return value
 
@@ -333,7 +360,7 @@ def _drawn(x: torch.Tensor, p: float, share: bool, dtype: torch.dtype | None) ->
     dtype = dtype or x.dtype
     if share and not torch.compiler.is_compiling():
         return _shared_drop.get(x, p, dtype)
-    return _Drawn(draw_mask(x.shape, p, x.device), dtype)
+    return _Drawn(draw_mask(x.shape, p, x.device), dtype, shared=False)
 
 
 def masked_input(x: torch.Tensor, p: float, share: bool = True, dtype: torch.dtype | None = None):
@@ -349,13 +376,14 @@ def masked_input(x: torch.Tensor, p: float, share: bool = True, dtype: torch.dty
 
 def shared_mask(
     x: torch.Tensor, p: float, share: bool = True, dtype: torch.dtype | None = None
-) -> tuple[torch.Tensor, KeepMask]:
-    """(x·keep in `dtype` outside autograd, the mask): for a node that keeps x and the mask.
+) -> tuple[torch.Tensor, KeepMask, SharedRebuild | None]:
+    """(x·keep in `dtype` outside autograd, the mask, its `SharedRebuild` or None when not shared):
+    for a node that keeps x and the mask and rebuilds x·keep in its backward.
 
     Sharing as `masked_input` (the same mask for layers reading the very same tensor).
     """
     drawn = _drawn(x, p, share, dtype)
-    return drawn.plain(x), drawn.mask
+    return drawn.plain(x), drawn.mask, drawn.rebuild
 
 
 def dropout_input(x: torch.Tensor, p: float, training: bool, share: bool = True) -> torch.Tensor:

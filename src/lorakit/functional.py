@@ -245,16 +245,20 @@ class LoraLinearFunction(torch.autograd.Function):
     Inputs: result (..., out) the base layer's output; x (..., in) the layer input (any float
     dtype; cast to A's dtype inside); A (r, in); B (out, r); s the scaling; in_place whether
     result may be updated in place (nobody else holds it: no forward hook saw it); with dropout,
-    xm = x·keep in A's dtype (a tensor outside autograd) and its `KeepMask`.
+    xm = x·keep in A's dtype (a tensor outside autograd), its `KeepMask` and the
+    `SharedRebuild` through which the nodes sharing the mask rebuild x·keep once.
     """
 
     @staticmethod
-    def forward(ctx, result, x, A, B, s, in_place=True, xm=None, mask=None):
+    def forward(ctx, result, x, A, B, s, in_place=True, xm=None, mask=None, rebuild=None):
         x2 = (x if xm is None else xm).reshape(-1, x.shape[-1]).to(A.dtype)
         a = torch.mm(x2, A.t())
         ctx.save_for_backward(x, a, A, B, None if mask is None else mask.saved())
         ctx.s = s
         ctx.p = None if mask is None else mask.p
+        ctx.rebuild = rebuild
+        if rebuild is not None and ctx.needs_input_grad[2]:
+            rebuild.expect()
         if in_place and _in_place_ok(result, A.dtype):
             result.view(-1, result.shape[-1]).addmm_(a, B.t(), alpha=s)
             ctx.mark_dirty(result)
@@ -279,7 +283,12 @@ class LoraLinearFunction(torch.autograd.Function):
         if need_x or need_A:
             ga = torch.mm(g, B).mul_(s)  # (N, r)
             if need_A:
-                xm = x.to(A.dtype) if mask is None else mask.apply(x, A.dtype)
+                if mask is None:
+                    xm = x.to(A.dtype)
+                elif ctx.rebuild is not None:
+                    xm = ctx.rebuild.get(x, mask, A.dtype)
+                else:
+                    xm = mask.apply(x, A.dtype)
                 grad_A = torch.mm(ga.t(), xm.reshape(-1, x.shape[-1]))
                 del xm
             if need_x:
@@ -287,7 +296,7 @@ class LoraLinearFunction(torch.autograd.Function):
                 if mask is not None:
                     mask.apply_(gx)
                 grad_x = gx.to(x.dtype)
-        return grad, grad_x, grad_A, grad_B, None, None, None, None
+        return grad, grad_x, grad_A, grad_B, None, None, None, None, None
 
 
 def lora_linear(
@@ -322,8 +331,8 @@ def lora_linear(
         (..., out) in result's dtype.
     """
     if training and dropout_active(dropout):
-        xm, mask = shared_mask(x, dropout, share_mask, A.dtype)
-        return LoraLinearFunction.apply(result, x, A, B, s / (1 - mask.p), in_place, xm, mask)
+        xm, mask, rebuild = shared_mask(x, dropout, share_mask, A.dtype)
+        return LoraLinearFunction.apply(result, x, A, B, s / (1 - mask.p), in_place, xm, mask, rebuild)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (result, x, A, B))):
         # Inference: no node, and the branch is accumulated into the base output in place.
         a = torch.mm(x.reshape(-1, x.shape[-1]).to(A.dtype), A.t())

@@ -100,6 +100,32 @@ def test_branches_sharing_an_input_keep_it_and_one_mask_and_match_plain_autograd
     assert torch.equal(ours[0] == 0, ~keep)  # dropped inputs get no gradient from the branches
 
 
+def test_branches_sharing_a_mask_rebuild_the_masked_input_once_per_backward(monkeypatch):
+    """q, k and v over one x with one mask: the first backward rebuilds x·keep once for all three
+    A gradients; a second backward over the retained graph rebuilds it again and agrees."""
+    from lorakit import dropout as D
+
+    x = torch.randn(4, 9, 24, requires_grad=True)
+    branches = [_inputs(shape=(4, 9, 24), out=o, seed=o)[::2] for o in (5, 6, 7)]  # (result, A)
+    Bs = [torch.randn(o, 4, requires_grad=True) for o in (5, 6, 7)]
+    torch.manual_seed(2)
+    outs = [
+        LF.lora_linear(res.detach().clone(), x, A, B, 1.5, dropout=0.1, training=True)
+        for (res, A), B in zip(branches, Bs, strict=True)
+    ]
+    loss = sum((o * (i + 1)).sum() for i, o in enumerate(outs))
+    calls = []
+    apply = D.KeepMask.apply
+    monkeypatch.setattr(D.KeepMask, "apply", lambda self, t, dtype=None: calls.append(1) or apply(self, t, dtype))
+    leaves = (x, *(A for _, A in branches), *Bs)
+    first = torch.autograd.grad(loss, leaves, retain_graph=True)
+    assert len(calls) == 1
+    second = torch.autograd.grad(loss, leaves)
+    assert len(calls) == 4  # nothing was left expecting the shared copy: each node rebuilt its own
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_half_precision_input_with_float32_adapter():
     result, x, A, B = _inputs(torch.float32)
     rb, xb = result.detach().bfloat16().requires_grad_(), x.detach().bfloat16().requires_grad_()
