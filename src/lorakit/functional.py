@@ -453,8 +453,8 @@ class GatedMlpFunction(torch.autograd.Function):
     only, recomputes act(e) and h in the backward (one activation and one product, elementwise),
     and keeps for the branches x itself, the masks (positions or bits; one when gate and up share
     it) and the (N, r) products — less than the frozen model alone keeps; the branch inputs x·keep
-    are rebuilt in the backward. Masks are drawn in the same order
-    as the unfused layers draw them, so a seed gives the same training either way.
+    are rebuilt in the backward. Masks are drawn in the same order as the unfused layers draw
+    them, so a seed gives the same training either way.
 
     Inputs: x (..., in); the frozen weights Wg, Wu (hidden, in), Wd (out, hidden) and biases (or
     None); A and B of each branch (or None); the activation; the three `Branch`es (or None).
