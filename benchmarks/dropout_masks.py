@@ -28,8 +28,8 @@ from pathlib import Path
 import _common as C
 
 
-def _median_ms(fn: Callable[[], object], calls: int, warmup: int = 0) -> float:
-    return statistics.median(C.time_steps(fn, "cpu", warmup, calls)) * 1e3
+def _median_ms(fn: Callable[[], object], calls: int) -> float:
+    return statistics.median(C.time_steps(fn, "cpu", 0, calls)) * 1e3
 
 
 def _rows(shape: tuple[int, int], p: float):
@@ -83,8 +83,9 @@ def main() -> int:
     for shape in ((512, 576), (512, 1536)):
         for p in (0.05, 0.1):
             rows = _rows(shape, p)
-            for fwd, bwd, _ in rows.values():
-                _median_ms(fwd, 1, warmup=3), _median_ms(bwd, 1, warmup=3)
+            for fwd, bwd, _ in rows.values():  # warm-up
+                C.time_steps(fwd, "cpu", 3, 0)
+                C.time_steps(bwd, "cpu", 3, 0)
             times = {label: ([], []) for label in rows}
             for i in range(args.rounds):
                 for label in list(rows) if i % 2 == 0 else reversed(list(rows)):

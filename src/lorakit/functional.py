@@ -283,12 +283,8 @@ class LoraLinearFunction(torch.autograd.Function):
         if need_x or need_A:
             ga = torch.mm(g, B).mul_(s)  # (N, r)
             if need_A:
-                if mask is None:
-                    xm = x.to(A.dtype)
-                elif ctx.rebuild is not None:
-                    xm = ctx.rebuild.get(x, mask, A.dtype)
-                else:
-                    xm = mask.apply(x, A.dtype)
+                # x·keep (or x) again: once for all the nodes sharing a mask, through their rebuild
+                xm = ctx.rebuild.get(x, mask, A.dtype) if ctx.rebuild is not None else _rebuilt_input(x, mask, A)
                 grad_A = torch.mm(ga.t(), xm.reshape(-1, x.shape[-1]))
                 del xm
             if need_x:
