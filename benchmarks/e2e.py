@@ -23,10 +23,10 @@ decay 0.01, linear warmup then linear decay, label smoothing 0.1, no gradient cl
 0.0`). Decoding follows its `gpt2_beam.py`: beam 10, length penalty 0.8, no repeated 4-grams
 among the generated tokens, at most 64 new tokens (`lorakit.generate`: batched, KV cache).
 
-Scores: `lorakit.metrics.e2e_metrics` (BLEU, NIST, METEOR, ROUGE-L, CIDEr as the E2E challenge's
+Scores: `lorakit.e2e.e2e_metrics` (BLEU, NIST, METEOR, ROUGE-L, CIDEr as the E2E challenge's
 `measure_scores.py`). As in the paper's pipeline, predictions and references are both in the
 LoRA repo's tokenised form (`family - friendly`, `£ 20`), the references being `devset.csv`'s
-passed through `lorakit.data.e2e_tokenize`. `--out` also gets `references.txt` (one reference a
+passed through `lorakit.e2e.e2e_tokenize`. `--out` also gets `references.txt` (one reference a
 line, a blank line between MRs): `measure_scores.py references.txt <method>/predictions.txt`
 rescores with the official scorer.
 
@@ -51,7 +51,7 @@ import torch
 
 import lorakit
 from lorakit import data as D
-from lorakit import metrics
+from lorakit import e2e
 from lorakit.generate import generate
 from lorakit.models import load_model
 from lorakit.train import TrainConfig
@@ -160,7 +160,7 @@ def load_eval(args: argparse.Namespace) -> tuple[list[str], list[str], list[list
     for ex in examples:
         prompt_of.setdefault(ex.group, ex.prompt)
     # group_references is the official scorer's grouping; references in the LoRA repo's tokenised form.
-    mrs, refs = metrics.group_references([ex.group for ex in examples], [ex.completion.strip() for ex in examples])
+    mrs, refs = e2e.group_references([ex.group for ex in examples], [ex.completion.strip() for ex in examples])
     if args.eval_size is not None:
         mrs, refs = mrs[: args.eval_size], refs[: args.eval_size]
     return mrs, [prompt_of[mr] for mr in mrs], refs
@@ -263,7 +263,7 @@ def run_method(
     result["decode_seconds_per_mr"] = result["decode_seconds"] / len(prompts)
     X.write_text(folder / "predictions.txt", "".join(text + "\n" for text in predictions))
     started = time.perf_counter()
-    result["scores"] = metrics.e2e_metrics(predictions, refs)
+    result["scores"] = e2e.e2e_metrics(predictions, refs)
     result["score_seconds"] = time.perf_counter() - started
     X.write_json(folder / "scores.json", result["scores"])
     print(f"[{method}] " + "  ".join(f"{k} {v:.4g}" for k, v in result["scores"].items()), flush=True)

@@ -1,12 +1,13 @@
 """Regenerate lorakit's bundled E2E samples from the official E2E NLG CSVs (deterministic).
 
-    python scripts/make_e2e_sample.py [--e2e ../shared/data/e2e] [--out src/lorakit/data]
+    python scripts/make_e2e_sample.py [--e2e ../shared/data/e2e] [--out src/lorakit/data/bundled]
 
 Picks 300 meaning representations (MRs) of `trainset.csv` and 50 of `devset.csv` with a fixed seed
 and writes every reference of each chosen MR, in file order, as JSON lines
 `{"mr": ..., "prompt": ..., "completion": ...}` rendered as `lorakit.data` renders E2E records
-(LoRA-paper context + " ||", " " + Moses-style tokenised reference). The data is CC BY-SA 4.0
-(Novikova, Dušek and Rieser, SIGDIAL 2017); see E2E_LICENSE.md beside the output.
+(`lorakit.e2e.e2e_example`: LoRA-paper context + " ||", " " + Moses-style tokenised reference).
+The data is CC BY-SA 4.0 (Novikova, Dušek and Rieser, SIGDIAL 2017); see E2E_LICENSE.md beside
+the output.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from lorakit.data import e2e_mr_to_context, e2e_tokenize  # noqa: E402
+from lorakit.e2e import e2e_mr_to_context, e2e_tokenize  # noqa: E402
 
 SAMPLES = (  # (source csv, output file, number of MRs, seed)
     ("trainset.csv", "e2e_train_sample.jsonl", 300, 0),
@@ -62,7 +63,7 @@ def write_sample(source: Path, target: Path, count: int, seed: int) -> tuple[int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--e2e", type=Path, default=REPO.parent / "shared" / "data" / "e2e")
-    parser.add_argument("--out", type=Path, default=REPO / "src" / "lorakit" / "data")
+    parser.add_argument("--out", type=Path, default=REPO / "src" / "lorakit" / "data" / "bundled")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for source, target, count, seed in SAMPLES:

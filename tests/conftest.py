@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+import lorakit.kernels
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -20,6 +22,20 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 # One tolerance table per dtype (absolute, on logits of the tiny models).
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+@pytest.fixture(params=["kernels", "reference"])
+def both_paths(request):
+    """Run a module's tests twice: with lorakit's speed paths, then with `lorakit.kernels.disabled()`.
+
+    Spec tests (PEFT parity, hand computations, properties, mixed batches, compile) use it, so the
+    reference and the kernels are each held to the same expectations.
+    """
+    if request.param == "reference":
+        with lorakit.kernels.disabled():
+            yield request.param
+    else:
+        yield request.param
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:

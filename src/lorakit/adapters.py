@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.layers import BASE, LoraLayer
-from lorakit.state import clear_state, hosts, require_adapter, state_of
+from lorakit.layers import BASE, LoraLayer, RowRouting
+from lorakit.state import clear_state, find_state, hosts, require_adapter, state_of
 
 __all__ = [
     "active_adapters",
@@ -25,7 +25,7 @@ __all__ = [
 
 def list_adapters(model: nn.Module) -> list[str]:
     """Names of the adapters on `model`, in the order they were added."""
-    state = model.__dict__.get("_lorakit")
+    state = find_state(model)
     return list(state.configs) if state else []
 
 
@@ -141,14 +141,17 @@ def adapter_per_row(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Modul
     groups: dict[str, list[int]] = {}
     for row, name in enumerate(names):
         groups.setdefault(name, []).append(row)
-    row_groups = [(n, torch.tensor(rows, dtype=torch.long)) for n, rows in groups.items() if n != BASE]
+    routing = RowRouting(
+        names=tuple(names),
+        groups=[(n, torch.tensor(rows, dtype=torch.long)) for n, rows in groups.items() if n != BASE],
+    )
     for host in all_hosts:
-        host.row_groups, host.row_names, host.row_cache = row_groups, tuple(names), None
+        host.rows = routing
     try:
         yield model
     finally:
         for host in all_hosts:
-            host.row_groups, host.row_names, host.row_cache = None, None, None
+            host.rows = None
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

@@ -7,6 +7,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "LorakitError",
+    "MissingExtraError",
     "ModelLoadError",
     "ScorerUnavailableError",
     "ShapeMismatchError",
@@ -50,6 +51,10 @@ class DataError(LorakitError, ValueError):
 
 class ScorerUnavailableError(LorakitError, OSError):
     """An external scorer could not run: no Java for METEOR / the PTB tokenizer, or the jar failed."""
+
+
+class MissingExtraError(LorakitError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
 
 
 class TrainingError(LorakitError, RuntimeError):

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lorakit import mlp_fusion
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.functional import scaling
-from lorakit.layers import BASE, AdapterRecord, LoraLayer, SavedModule, wrapper_for
-from lorakit.state import clear_state, hosts, lora_layers, state_of
+from lorakit.kernels import gated_mlp
+from lorakit.layers import AdapterRecord, LoraLayer, SavedModule, wrapper_for
+from lorakit.state import check_adapter_name, clear_state, hosts, lora_layers, state_of
 from lorakit.targeting import Target, resolve_modules_to_save, resolve_targets
 
 __all__ = ["inject", "unload"]
@@ -49,8 +49,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
         TargetNotFoundError: a target matches nothing (the message lists the names that exist).
         UnsupportedLayerError: a target is a layer type lorakit cannot adapt.
     """
-    existing = model.__dict__.get("_lorakit")
-    _check_name(adapter_name, existing.configs if existing else {})
+    check_adapter_name(model, adapter_name)
     steps = plan(model, config, adapter_name)
     saved_paths = resolve_modules_to_save(model, config)
     apply(model, config, adapter_name, steps, saved_paths, trainable=True)
@@ -75,7 +74,7 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str, targets: list[
                 raise ConfigError(f"init_lora_weights='pissa' supports linear layers; {target.path!r} is not one")
             A, B, residual = wrapper.pissa_tensors(r, scaling(r, alpha, config.use_rslora))
         else:
-            A, B = wrapper.init_tensors(r, config.init_lora_weights, enabled, n_slices)
+            A, B = wrapper.new_pair(r, config.init_lora_weights, enabled, n_slices)
         record = AdapterRecord(
             A,
             B,
@@ -150,9 +149,11 @@ def apply(
         if adapter_name in host.adapters and trainable:
             host.trainable_adapters.add(adapter_name)
         host.set_active(state.active)
+        if isinstance(host, LoraLayer):
+            host.masks = state.masks
     if trainable and adapter_name in state.active:
         _set_bias_trainable(model, config)
-    mlp_fusion.install(model)
+    gated_mlp.install(model)
 
 
 def unload(model: nn.Module) -> nn.Module:
@@ -169,7 +170,7 @@ def unload(model: nn.Module) -> nn.Module:
         else:
             assert isinstance(host, SavedModule)
             _set_module(model, path, host.original_module)
-    mlp_fusion.uninstall(model)
+    gated_mlp.uninstall(model)
     clear_state(model)
     return model
 
@@ -185,15 +186,6 @@ def _set_bias_trainable(model: nn.Module, config: LoraConfig) -> None:
             bias = getattr(layer.base_layer, "bias", None)
             if isinstance(bias, nn.Parameter):
                 bias.requires_grad_(True)
-
-
-def _check_name(name: str, existing) -> None:
-    if not isinstance(name, str) or not name or "." in name or name == BASE:
-        raise ConfigError(f"adapter_name must be a non-empty string without dots, not {BASE!r}; got {name!r}")
-    if name in existing:
-        raise ConfigError(
-            f"this model already has an adapter named {name!r}; pick another name or delete_adapter it first"
-        )
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:

@@ -13,8 +13,6 @@ import difflib
 import json
 import os
 import re
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,17 +20,17 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
+from lorakit import atomic
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFormatError, ShapeMismatchError
-from lorakit.inject import _check_name, apply, plan
+from lorakit.inject import apply, plan
 from lorakit.layers import Conv1D, LoraConv2d, LoraEmbedding, LoraLayer, SavedModule, wrapper_for
-from lorakit.state import hosts, lora_layers, require_adapter, walk
+from lorakit.state import check_adapter_name, hosts, lora_layers, require_adapter, walk
 from lorakit.targeting import Target, resolve_modules_to_save
 
 __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
-    "atomic_write",
     "load_adapter",
     "read_adapter_config",
     "save_adapter",
@@ -112,53 +110,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     payload = safetensors_save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, {"format": "pt"})
-    atomic_write(directory / WEIGHTS_NAME, lambda f: f.write(payload))
-    text = json.dumps(peft, indent=2, sort_keys=True) + "\n"
-    atomic_write(directory / CONFIG_NAME, lambda f: f.write(text.encode()))
+    atomic.write_bytes(directory / WEIGHTS_NAME, payload)
+    atomic.write_json(directory / CONFIG_NAME, peft, sort_keys=True)
     return directory
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where Linux allows (os.umask sets it)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Path, write: Callable) -> None:
-    """Write `path` via a temporary file in the same folder, fsync, then rename over the target.
-
-    A crash at any point leaves either the old file or the new one, never a partial file. The
-    file gets the permissions a plain `open(path, "wb")` would give it: those of the file it
-    replaces, or 0o666 less the umask for a new one (not the temporary file's private 0o600).
-    """
-    path = Path(path)
-    try:
-        mode = path.stat().st_mode & 0o7777
-    except FileNotFoundError:
-        mode = 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _model_name(model: nn.Module) -> str | None:
@@ -229,8 +183,7 @@ def load_adapter(
         ShapeMismatchError: a tensor whose shape does not fit its layer (names file, key, shapes).
         ConfigError: the adapter name is taken or invalid.
     """
-    existing = model.__dict__.get("_lorakit")
-    _check_name(adapter_name, existing.configs if existing else {})
+    check_adapter_name(model, adapter_name)
     config = read_adapter_config(directory)
     weights_path = Path(directory) / WEIGHTS_NAME
     header = _read_header(weights_path)

@@ -1,8 +1,10 @@
-"""LoRA wrappers around one base layer each, holding any number of named adapters.
+"""LoRA wrappers around one base layer each, holding any number of named adapters: the reference path.
 
 A wrapper keeps the original module as `base_layer` (as PEFT does), so the base weights keep
 their names and any `nn.Module` can be adapted. Each adapter is one `AdapterRecord` (A, B,
-scaling, dropout) in the `adapters` ModuleDict, keyed by adapter name.
+scaling, dropout) in the `adapters` ModuleDict, keyed by adapter name. A layer's forward here is
+the formula in plain tensor operations (`lorakit.functional`); `lorakit.kernels` may compute the
+same with less memory or time, and `lorakit.kernels.disabled()` makes every layer run this code.
 """
 
 from __future__ import annotations
@@ -10,17 +12,21 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lorakit import functional as LF
+from lorakit import init
 from lorakit.errors import LorakitError, UnsupportedLayerError
+from lorakit.kernels import linear as linear_kernels
+from lorakit.kernels.dropout import Draw, MaskSharing, dropout_active, dropped
 
 try:  # GPT-2 style layers store their weight as (in, out).
     from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency, but keep the core importable
+except ImportError:  # transformers is an extra: without it there is no Conv1D to adapt
     Conv1D = None  # type: ignore[assignment,misc]
 
 __all__ = [
@@ -31,6 +37,7 @@ __all__ = [
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
+    "RowRouting",
     "SavedModule",
     "supported_types",
     "wrapper_for",
@@ -51,8 +58,8 @@ class AdapterRecord(nn.Module):
         lora_alpha: α.
         use_rslora: scale by α/√r instead of α/r.
         dropout: dropout probability on the branch input.
-        share_dropout_mask: reuse the dropout mask another layer drew for the very same input
-            tensor (q/k/v, gate/up); see `lorakit.functional.dropout_input`.
+        share_dropout_mask: use the dropout mask another layer drew for the very same input
+            tensor (q/k/v, gate/up); see `lorakit.kernels.dropout.MaskSharing`.
         slices: for a fused layer, the indices of the adapted output slices; else None.
         n_slices: for a fused layer, the number of equal output slices.
     """
@@ -89,9 +96,20 @@ class AdapterRecord(nn.Module):
         extra += f", slices={list(self.slices)}/{self.n_slices}" if self.slices is not None else ""
         return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}{extra}"
 
-    def dropout(self, x: torch.Tensor) -> torch.Tensor:
-        """The branch input after this adapter's dropout (identity in eval mode or with p = 0)."""
-        return LF.dropout_input(x, self.dropout_p, self.training, self.share_dropout_mask)
+
+@dataclass
+class RowRouting:
+    """Which adapter each batch row uses inside one `lorakit.adapter_per_row` block.
+
+    Attributes:
+        names: the adapter name of each row (`BASE` for none).
+        groups: (adapter name, row indices) for every named adapter of the batch.
+        derived: what a speed path computed from this routing, per layer; dropped with the block.
+    """
+
+    names: tuple[str, ...]
+    groups: list[tuple[str, torch.Tensor]]
+    derived: dict[nn.Module, Any] = field(default_factory=dict)
 
 
 class AdapterHost(nn.Module):
@@ -103,11 +121,7 @@ class AdapterHost(nn.Module):
         self.active: tuple[str, ...] = ()
         self.trainable_adapters: set[str] = set()
         self.disabled = False
-        # Set by `adapters.adapter_per_row`: [(adapter name, row indices)] and the name of each
-        # row, or None; `row_cache` holds what a layer derived from them (cleared on exit).
-        self.row_groups: list[tuple[str, torch.Tensor]] | None = None
-        self.row_names: tuple[str, ...] | None = None
-        self.row_cache: tuple | None = None
+        self.rows: RowRouting | None = None  # set by `adapters.adapter_per_row`
 
     def set_active(self, names: Iterable[str]) -> None:
         """Make `names` (those this layer has) the active adapters; only they train."""
@@ -125,33 +139,82 @@ class AdapterHost(nn.Module):
 
 
 class LoraLayer(AdapterHost):
-    """Base of the LoRA wrappers: forward = base_layer(x) + Σ over active adapters of s·B·A·x.
+    """Base of the LoRA wrappers: forward = base_layer(x) + Σ over active adapters of s·B·A·dropout(x).
 
-    Subclasses say how the branch is computed (`lora_output`), how ΔW looks in the base weight's
-    layout (`delta_weight`) and how an adapter is laid out in PEFT's file (`peft_tensors`).
+    Subclasses say how one adapter's branch is computed (`branch`), how ΔW looks in the base
+    weight's layout (`delta_weight`), how a new adapter starts (`new_pair`) and how it is laid out
+    in PEFT's file (`peft_tensors`).
     """
+
+    in_features: int
+    out_features: int
+    _peft_a_key = "lora_A.weight"
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.merged: tuple[str, ...] = ()
+        # Dropout masks shared by layers reading the same tensor: `inject` gives every layer of a
+        # model the model's one `MaskSharing`.
+        self.masks = MaskSharing()
+        # What `lorakit.kernels` derived from this layer's adapters (each entry keyed by the
+        # adapters' identities and versions, so a stale one is never used); cleared on `remove`.
+        self.kernel_cache: dict[str, Any] = {}
 
-    # -- to be provided by each layer type
-    in_features: int
-    out_features: int
+    # -- forward: the reference
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.rows is not None and not self.disabled:
+            return self.forward_rows(x, result)
+        for record in self.pending():
+            result = result + self.branch(record, x).to(result.dtype)
+        return result
 
-    def lora_output(self, record: AdapterRecord, x: torch.Tensor) -> torch.Tensor:
-        """The branch s·B·A·dropout(x) for one adapter, in x's batch layout."""
+    def forward_rows(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """result plus, for each adapter of the routing, its branch on its own rows (gather, scatter-add)."""
+        for name, rows in self.rows.groups:
+            if name not in self.adapters:
+                continue
+            rows = rows.to(result.device)
+            delta = self.branch(self.adapters[name], x.index_select(0, rows))
+            result = result.index_add(0, rows, delta.to(result.dtype))
+        return result
+
+    def branch(self, record: AdapterRecord, x: torch.Tensor) -> torch.Tensor:
+        """s·B·A·dropout(x) for one adapter, in x's batch layout and A's dtype."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def pending(self) -> list[AdapterRecord]:
+        """The adapters whose branch the forward adds: active and not merged (none while disabled)."""
+        if self.disabled:
+            return []
+        return [self.adapters[n] for n in self.active if n not in self.merged]
+
+    # -- dropout
+    def dropout_in_effect(self, record: AdapterRecord) -> bool:
+        """Whether the adapter's dropout drops anything now (training, p > 0)."""
+        return record.training and dropout_active(record.dropout_p)
+
+    def draw_dropout(self, record: AdapterRecord, x: torch.Tensor) -> Draw | None:
+        """The dropout mask of `record` over input `x` (shared with layers reading the same x), or None."""
+        if not self.dropout_in_effect(record):
+            return None
+        return self.masks.draw(x, record.dropout_p, record.share_dropout_mask)
+
+    def dropout(self, record: AdapterRecord, x: torch.Tensor) -> torch.Tensor:
+        """x·keep/(1 − p) with the adapter's mask; x itself when no dropout is in effect."""
+        draw = self.draw_dropout(record, x)
+        return x if draw is None else dropped(x, draw)
+
+    # -- new adapters and files
+    def new_pair(
+        self, r: int, init_mode: bool | str, slices: Sequence[int] | None = None, n_slices: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fresh (A, B) for a new adapter of rank r (see `lorakit.init`)."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """ΔW of adapter `name` in float32, laid out as `base_layer.weight`."""
-        raise NotImplementedError  # pragma: no cover - abstract
-
-    def init_tensors(
-        self, r: int, init: bool | str, slices: Sequence[int] | None = None, n_slices: int = 1
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fresh (A, B) for a new adapter of rank r, on the base weight's device, float32."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
@@ -175,36 +238,6 @@ class LoraLayer(AdapterHost):
         # A fused or PiSSA-converted adapter has a larger stored rank; keep s = α/r (or α/√r).
         alpha = rec.scaling * (math.sqrt(rank) if rec.use_rslora else rank)
         return rank, alpha
-
-    _peft_a_key = "lora_A.weight"
-
-    # -- forward
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        if self.disabled:
-            return result
-        if self.row_groups is not None:
-            return self._forward_rows(x, result)
-        for name in self.unmerged_active():
-            result = self.add_branch(self.adapters[name], x, result)
-        return result
-
-    def unmerged_active(self) -> list[str]:
-        """The active adapters whose branch the forward adds (none while disabled)."""
-        return [] if self.disabled else [n for n in self.active if n not in self.merged]
-
-    def add_branch(self, record: AdapterRecord, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """result + the branch of one adapter (layers with a fused kernel override this)."""
-        return result + self.lora_output(record, x).to(result.dtype)
-
-    def _forward_rows(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        for name, rows in self.row_groups or ():
-            if name not in self.adapters:
-                continue
-            rows = rows.to(result.device)
-            delta = self.lora_output(self.adapters[name], x.index_select(0, rows))
-            result = result.index_add(0, rows, delta.to(result.dtype))
-        return result
 
     # -- merge
     def merged_weight(self, names: Iterable[str]) -> torch.Tensor:
@@ -269,7 +302,7 @@ class LoraLayer(AdapterHost):
     def remove(self, name: str) -> None:
         if name in self.merged:
             raise LorakitError(f"adapter {name!r} is merged into the weights; unmerge before deleting it")
-        self.__dict__.pop("_stacked_adapters", None)
+        self.kernel_cache.clear()
         super().remove(name)
 
     def _factory(self) -> dict:
@@ -282,8 +315,10 @@ class LoraLayer(AdapterHost):
 class LoraLinear(LoraLayer):
     """LoRA on `nn.Linear` (weight (out, in)) or transformers' `Conv1D` (weight (in, out)).
 
-    h = W0·x + b + s·B·A·dropout(x), A: (r, in), B: (out, r). With fused slices the output is cut
-    into `n_slices` equal parts and only the enabled ones get an update (loralib's MergedLinear).
+    h = W0·x + b + Σ s·B·A·dropout(x), A: (r, in), B: (out, r), s = α/r, summed over the active,
+    unmerged adapters. With fused slices the output is cut into `n_slices` equal parts and only
+    the enabled ones get an update (loralib's MergedLinear). `lorakit.kernels.linear.forward`
+    computes the same faster where it applies; `LoraLayer.forward` is the reference.
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -292,145 +327,30 @@ class LoraLinear(LoraLayer):
         w = base_layer.weight
         self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.is_conv1d else (w.shape[1], w.shape[0])
 
-    def init_tensors(
-        self, r: int, init: bool | str, slices: Sequence[int] | None = None, n_slices: int = 1
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        e = len(slices) if slices is not None else 1
-        out = self.out_features // n_slices
-        kw = self._factory()
-        A = torch.empty(e * r, self.in_features, **kw)
-        B = torch.zeros(e * out, r, **kw)
-        if init == "gaussian":
-            nn.init.normal_(A, std=1 / r)
-        else:  # True, False: Kaiming-uniform as PEFT (layer.py reset_lora_parameters) and nn.Linear
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        if init is False:
-            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-        return A, B
-
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if not args and not kwargs:
-            weight = self._weight_on_the_fly(x)
-            if weight is not None:
-                return F.linear(x, weight, self.base_layer.bias)
-        return super().forward(x, *args, **kwargs)
+        fast = linear_kernels.forward(self, x, args, kwargs)
+        return fast if fast is not None else super().forward(x, *args, **kwargs)
 
-    def _weight_on_the_fly(self, x: torch.Tensor) -> torch.Tensor | None:
-        """W0 + Σ s·B·A for this forward alone, when that is cheaper than the branches (else None).
-
-        Without gradients, a branch reads x and reads and writes the (N, out) output, while
-        W0 + s·B·A costs one pass over the (out, in) weight (`functional.weight_path_is_cheaper`):
-        for prompts and batches of many tokens the layer then runs as fast as a merged one (its
-        values are a merged layer's, to float rounding), for a few tokens (generation) it keeps
-        the branches. Only for a plain `nn.Linear` base without hooks, adapters without fused
-        slices or dropout in effect, one dtype throughout, and nothing that needs a gradient.
-        """
-        base = self.base_layer
-        if self.row_groups is not None or type(base) is not nn.Linear or hooked(base):
-            return None
-        pending = [self.adapters[n] for n in self.unmerged_active()]
-        W = base.weight
-        if not pending or x.dtype != W.dtype or x.shape[-1] != self.in_features:
-            return None
-        tensors = [W, x, *([base.bias] if base.bias is not None else [])]
-        tensors += [t for rec in pending for t in (rec.lora_A, rec.lora_B)]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return None
-        if any(rec.slices is not None or (rec.training and rec.dropout_p > 0) for rec in pending):
-            return None
-        if any(rec.lora_A.dtype != W.dtype for rec in pending):
-            return None
-        if not LF.weight_path_is_cheaper(x.numel() // self.in_features, self.in_features, self.out_features):
-            return None
-        weight = torch.addmm(W, pending[0].lora_B, pending[0].lora_A, alpha=pending[0].scaling)
-        for rec in pending[1:]:
-            weight.addmm_(rec.lora_B, rec.lora_A, alpha=rec.scaling)
-        return weight
-
-    def add_branch(self, record: AdapterRecord, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        if record.slices is not None:
-            return super().add_branch(record, x, result)
-        return LF.lora_linear(
-            result,
-            x,
-            record.lora_A,
-            record.lora_B,
-            record.scaling,
-            record.dropout_p,
-            record.training,
-            record.share_dropout_mask,
-            in_place=not _output_seen(self.base_layer),
-        )
-
-    def _forward_rows(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        stacks = self._row_stacks(x)
-        if stacks is None:
-            return super()._forward_rows(x, result)
-        A_rows, B_rows = stacks  # (batch, r, in), (batch, out, r) with the scaling folded into B
-        xa = x.reshape(x.shape[0], -1, x.shape[-1]).to(A_rows.dtype)
-        y = torch.bmm(torch.bmm(xa, A_rows.transpose(1, 2)), B_rows.transpose(1, 2))
-        return result + y.view(result.shape).to(result.dtype)
-
-    def _row_stacks(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Each row's (A, s·B), zero for base rows, for one batched product over all rows.
-
-        One `bmm` pair serves any number of distinct adapters, so a batch of 16 adapters costs
-        what one does. Used when no gradient flows (inference) and every adapter in the batch is
-        a plain (not fused-slice) one; otherwise the rows are grouped per adapter. Built once per
-        `adapter_per_row` block and reused while the parameters are unchanged.
-        """
-        names = self.row_names
-        if names is None or torch.is_grad_enabled() or x.dim() < 2 or x.shape[0] != len(names):
-            return None
-        present = [n for n in dict.fromkeys(names) if n in self.adapters]
-        records = [self.adapters[n] for n in present]
-        if not records or any(rec.slices is not None for rec in records):
-            return None
-        dtype = records[0].lora_A.dtype
-        if any(rec.lora_A.dtype != dtype for rec in records):
-            return None
-        key = tuple(
-            (n, id(rec.lora_A), rec.lora_A._version, id(rec.lora_B), rec.lora_B._version, rec.scaling)
-            for n, rec in zip(present, records, strict=True)
-        )
-        if self.row_cache is not None and self.row_cache[0] == key:
-            return self.row_cache[1]
-        stacked = self.__dict__.get("_stacked_adapters")
-        if stacked is None or stacked[0] != key:
-            # All adapters of the batch stacked (ranks zero-padded, scaling folded into B, a zero
-            # slot last for base rows); kept across blocks while the adapters are unchanged.
-            r = max(rec.r for rec in records)
-            A = torch.zeros(len(records) + 1, r, self.in_features, dtype=dtype, device=x.device)
-            B = torch.zeros(len(records) + 1, self.out_features, r, dtype=dtype, device=x.device)
-            with torch.no_grad():
-                for i, rec in enumerate(records):
-                    A[i, : rec.r] = rec.lora_A
-                    B[i, :, : rec.r] = rec.lora_B * rec.scaling
-            stacked = (key, A, B)
-            self.__dict__["_stacked_adapters"] = stacked
-        _, A, B = stacked
-        slot = {n: i for i, n in enumerate(present)}
-        index = torch.tensor([slot.get(n, len(records)) for n in names], device=x.device)
-        stacks = (A[index], B[index])
-        self.row_cache = (key, stacks)
-        return stacks
-
-    def lora_output(self, record: AdapterRecord, x: torch.Tensor) -> torch.Tensor:
+    def branch(self, record: AdapterRecord, x: torch.Tensor) -> torch.Tensor:
         A, B = record.lora_A, record.lora_B
-        x = record.dropout(x).to(A.dtype)
+        x = self.dropout(record, x).to(A.dtype)
         if record.slices is not None:
             return LF.fused_linear_delta(x, A, B, record.scaling, record.slices, record.n_slices)
         return LF.linear_delta(x, A, B, record.scaling)
+
+    def new_pair(
+        self, r: int, init_mode: bool | str, slices: Sequence[int] | None = None, n_slices: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        e = len(slices) if slices is not None else 1
+        out = self.out_features // n_slices
+        return init.lora_pair((e * r, self.in_features), (e * out, r), r, init_mode, **self._factory())
 
     def add_delta_(self, weight: torch.Tensor, name: str, sign: float) -> None:
         rec = self.adapters[name]
         if rec.slices is not None or rec.lora_A.dtype != weight.dtype:
             return super().add_delta_(weight, name, sign)
         A, B = rec.lora_A.detach(), rec.lora_B.detach()
-        if self.is_conv1d:  # weight is (in, out): += s·(B·A)ᵀ = s·Aᵀ·Bᵀ
-            weight.addmm_(A.t(), B.t(), alpha=sign * rec.scaling)
-        else:
-            weight.addmm_(B, A, alpha=sign * rec.scaling)
+        LF.add_delta_(weight, A, B, sign * rec.scaling, transposed=self.is_conv1d)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         rec = self.adapters[name]
@@ -441,28 +361,18 @@ class LoraLinear(LoraLayer):
         return delta.T if self.is_conv1d else delta
 
     def pissa_tensors(self, r: int, s: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """PiSSA initialisation (Meng et al., 2024): (A, B, residual weight in the base layout).
-
-        W = U·S·Vᵀ; A = √(S_r/s)·V_rᵀ, B = U_r·√(S_r/s), so s·B·A is W's best rank-r part and
-        W_res = W − s·B·A; the layer's output is unchanged at the start.
-        """
-        weight = self.base_layer.weight.detach()
-        weight = weight.to(LF.accumulate_dtype(weight.dtype))
-        W = weight.T if self.is_conv1d else weight  # (out, in)
-        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-        root = torch.sqrt(S[:r] / s)
-        A = root[:, None] * Vh[:r]  # (r, in)
-        B = U[:, :r] * root[None, :]  # (out, r)
-        residual = W - s * (B @ A)
+        """PiSSA initialisation (`lorakit.init.pissa`): (A, B, residual weight in the base layout and dtype)."""
+        weight = self.base_layer.weight
+        A, B, residual = init.pissa(weight.T if self.is_conv1d else weight, r, s)
         residual = residual.T if self.is_conv1d else residual
-        return A.contiguous(), B.contiguous(), residual.to(self.base_layer.weight.dtype)
+        return A, B, residual.to(weight.dtype)
 
 
 class LoraEmbedding(LoraLayer):
     """LoRA on `nn.Embedding`: h = E0[ids] + s·(Aᵀ[ids])·Bᵀ, A: (r, num_embeddings), B: (dim, r).
 
-    Initialised as PEFT does for embeddings: A = 0 and B ~ N(0, 1), so a fresh adapter is a no-op.
-    Stored in PEFT files as `lora_embedding_A` / `lora_embedding_B`.
+    Initialised as PEFT does for embeddings: A = 0 and B ~ N(0, 1), so a fresh adapter is a no-op;
+    no dropout (ids are not dropped). Stored in PEFT files as `lora_embedding_A` / `lora_embedding_B`.
     """
 
     _peft_a_key = "lora_embedding_A"
@@ -471,18 +381,13 @@ class LoraEmbedding(LoraLayer):
         super().__init__(base_layer)
         self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
 
-    def init_tensors(
-        self, r: int, init: bool | str, slices: Sequence[int] | None = None, n_slices: int = 1
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        kw = self._factory()
-        A = torch.zeros(r, self.in_features, **kw)
-        B = torch.randn(self.out_features, r, **kw)
-        if init is False:
-            A.normal_()
-        return A, B
-
-    def lora_output(self, record: AdapterRecord, x: torch.Tensor) -> torch.Tensor:
+    def branch(self, record: AdapterRecord, x: torch.Tensor) -> torch.Tensor:
         return LF.embedding_delta(x, record.lora_A, record.lora_B, record.scaling, self.base_layer)
+
+    def new_pair(
+        self, r: int, init_mode: bool | str, slices: Sequence[int] | None = None, n_slices: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return init.embedding_pair(self.in_features, self.out_features, r, init_mode, **self._factory())
 
     def delta_weight(self, name: str) -> torch.Tensor:
         rec = self.adapters[name]
@@ -511,23 +416,15 @@ class LoraConv2d(LoraLayer):
             )
         self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
 
-    def init_tensors(
-        self, r: int, init: bool | str, slices: Sequence[int] | None = None, n_slices: int = 1
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        kw = self._factory()
-        A = torch.empty(r, self.in_features, *self.base_layer.kernel_size, **kw)
-        B = torch.zeros(self.out_features, r, 1, 1, **kw)
-        if init == "gaussian":
-            nn.init.normal_(A, std=1 / r)
-        else:
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        if init is False:
-            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-        return A, B
-
-    def lora_output(self, record: AdapterRecord, x: torch.Tensor) -> torch.Tensor:
+    def branch(self, record: AdapterRecord, x: torch.Tensor) -> torch.Tensor:
         A = record.lora_A
-        return LF.conv2d_delta(record.dropout(x).to(A.dtype), A, record.lora_B, record.scaling, self.base_layer)
+        return LF.conv2d_delta(self.dropout(record, x).to(A.dtype), A, record.lora_B, record.scaling, self.base_layer)
+
+    def new_pair(
+        self, r: int, init_mode: bool | str, slices: Sequence[int] | None = None, n_slices: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        A_shape = (r, self.in_features, *self.base_layer.kernel_size)
+        return init.lora_pair(A_shape, (self.out_features, r, 1, 1), r, init_mode, **self._factory())
 
     def delta_weight(self, name: str) -> torch.Tensor:
         rec = self.adapters[name]
@@ -560,10 +457,10 @@ class SavedModule(AdapterHost):
         return self.original_module
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        if self.row_groups is None or self.disabled:
+        if self.rows is None or self.disabled:
             return self._current()(x, *args, **kwargs)
         out = self.original_module(x, *args, **kwargs)
-        for name, rows in self.row_groups:
+        for name, rows in self.rows.groups:
             if name not in self.adapters:
                 continue
             rows = rows.to(out.device)
@@ -586,21 +483,3 @@ def wrapper_for(module: nn.Module) -> type[LoraLayer] | None:
     if isinstance(module, nn.Conv2d):
         return LoraConv2d
     return None
-
-
-def hooked(module: nn.Module) -> bool:
-    """Whether forward (pre-)hooks, the module's own or global ones, would see a call of `module`:
-    code that computes its output another way must then let the module run."""
-    hooks = nn.modules.module
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or hooks._global_forward_hooks
-        or hooks._global_forward_pre_hooks
-    )
-
-
-def _output_seen(module: nn.Module) -> bool:
-    """Whether a forward hook (the module's or a global one) saw the module's output, which then
-    must not be updated in place."""
-    return bool(module._forward_hooks or nn.modules.module._global_forward_hooks)

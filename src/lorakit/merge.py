@@ -11,9 +11,9 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.functional import expand_fused
-from lorakit.inject import _check_name, apply, plan, unload
+from lorakit.inject import apply, plan, unload
 from lorakit.layers import LoraEmbedding, LoraLayer, SavedModule
-from lorakit.state import hosts, lora_layers, require_adapter, state_of
+from lorakit.state import check_adapter_name, hosts, lora_layers, require_adapter, state_of
 from lorakit.targeting import Target
 
 __all__ = ["add_weighted_adapter", "merge", "merge_and_unload", "unmerge"]
@@ -104,7 +104,7 @@ def add_weighted_adapter(
     state = state_of(model)
     for name in adapters:
         require_adapter(model, name)
-    _check_name(adapter_name, state.configs)
+    check_adapter_name(model, adapter_name)
     if combination_type not in ("linear", "cat", "svd"):
         raise ConfigError(f"combination_type must be 'linear', 'cat' or 'svd', got {combination_type!r}")
     if len(adapters) != len(weights) or not adapters:

@@ -4,28 +4,26 @@ Nothing is ever downloaded: every path handed to transformers is local and `loca
 
 GGUF files are dequantised once by transformers' GGUF support (about 20 s for the packaged
 SmolLM2-135M) and cached as a plain transformers directory (safetensors, config, tokenizer files)
-under the cache directory (`$LORAKIT_CACHE`, else `~/.cache/lorakit`). The cache is written into a
-temporary sibling directory, fsynced and renamed into place, so a reader never sees half a cache
-and two concurrent writers both end up using one complete copy.
+under the cache directory (`$LORAKIT_CACHE`, else `~/.cache/lorakit`). The cache is built by
+`lorakit.atomic.build_directory`, so a reader never sees half a cache and two concurrent writers
+both end up using one complete copy.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import re
 import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from lorakit.atomic import build_directory
 from lorakit.errors import ConfigError, ModelLoadError
 
 __all__ = [
@@ -284,7 +282,7 @@ def _cached_gguf(
         (tmp / _MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
     if fresh() is None:
-        _atomic_build_dir(target, build, is_complete=lambda path: _read_marker(path) is not None)
+        build_directory(target, build, keep_existing=lambda path: _read_marker(path) is not None)
     marker = _read_marker(target) or {}
     return target, str(marker.get("name") or fallback_name), False
 
@@ -360,54 +358,6 @@ def _gguf_string(gguf_path: Path, key: str) -> str | None:
     except Exception:  # metadata is a nicety: any failure just means "unknown"
         return None
     return value if isinstance(value, str) and value else None
-
-
-def _atomic_build_dir(target: Path, build: Callable[[Path], None], *, is_complete: Callable[[Path], bool]) -> Path:
-    """Build a directory in a temporary sibling, fsync it and rename it to `target`.
-
-    If another writer renamed a complete directory into place first, its copy is kept and ours is
-    deleted. On any error nothing is left behind.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        build(tmp)
-        # mkdtemp makes the directory private (0700); a cache warmed by CI must be readable by all.
-        for path in tmp.rglob("*"):
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        tmp.chmod(0o755)
-        _fsync_tree(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Linux refuses to rename onto a non-empty directory: a concurrent writer won the race.
-            if not is_complete(target):
-                raise
-        else:
-            _fsync_path(target.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            _fsync_path(path)
-    for path in sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True):
-        _fsync_path(path)
-    _fsync_path(root)
-
-
-def _fsync_path(path: Path) -> None:
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
-    fd = os.open(path, flags)
-    try:
-        with contextlib.suppress(OSError):  # some filesystems cannot fsync directories
-            os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------- transformers calls

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -22,9 +20,9 @@ import torch
 from torch import nn
 
 import lorakit
+from lorakit import atomic
 from lorakit import data as D
 from lorakit.errors import ConfigError, DataError
-from lorakit.io import atomic_write
 from lorakit.state import lora_layers
 from lorakit.targeting import adaptable_modules, resolve_targets
 
@@ -294,8 +292,7 @@ def _distinct_prompts(examples: list[D.Example], n: int) -> list[D.Example]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    text = json.dumps(data, indent=2, default=str) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode()))
+    atomic.write_json(path, data)
 
 
 def plot_losses(metrics_path: Path, out_path: Path) -> None:
@@ -322,11 +319,8 @@ def plot_losses(metrics_path: Path, out_path: Path) -> None:
     ax.set_ylabel("loss (nats/token)")
     ax.legend()
     ax.grid(alpha=0.3)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=100)
+    atomic.write_file(out_path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, out_path)
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -581,7 +575,7 @@ def eval_run(opts: EvalOptions, echo: Printer = print) -> dict[str, float]:
 
 
 def _e2e_scores(model, tokenizer, examples: list[D.Example], opts: EvalOptions) -> dict[str, float]:
-    from lorakit import metrics
+    from lorakit.e2e import e2e_metrics
     from lorakit.generate import generate
 
     groups: dict[str, tuple[str, list[str]]] = {}
@@ -600,7 +594,7 @@ def _e2e_scores(model, tokenizer, examples: list[D.Example], opts: EvalOptions) 
         length_penalty=0.8,
         no_repeat_ngram_size=4,
     )
-    return metrics.e2e_metrics(preds, [refs for _, refs in items])
+    return e2e_metrics(preds, [refs for _, refs in items])
 
 
 def merge_run(opts: MergeOptions, echo: Printer = print) -> Path:
@@ -612,20 +606,14 @@ def merge_run(opts: MergeOptions, echo: Printer = print) -> Path:
         raise ConfigError(f"--out {str(out)!r} exists and is not empty; nothing was written")
     model, tokenizer, _ = _load_with_adapter(opts.adapter, opts.model, opts.task, opts.num_labels)
     plain = lorakit.merge_and_unload(model, safe=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+
+    def build(tmp: Path) -> None:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if out.exists():
-            out.rmdir()
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    if out.exists():
+        out.rmdir()  # empty, checked above
+    atomic.build_directory(out, build)
     echo(f"merged model written to {out}")
     return out
 

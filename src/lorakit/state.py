@@ -11,20 +11,38 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.errors import LorakitError
-from lorakit.layers import AdapterHost, LoraLayer
+from lorakit.errors import ConfigError, LorakitError
+from lorakit.kernels.dropout import MaskSharing
+from lorakit.layers import BASE, AdapterHost, LoraLayer
 
-__all__ = ["LorakitState", "hosts", "lora_layers", "require_adapter", "state_of"]
+__all__ = [
+    "LorakitState",
+    "check_adapter_name",
+    "clear_state",
+    "find_state",
+    "hosts",
+    "lora_layers",
+    "require_adapter",
+    "state_of",
+    "walk",
+]
 
 _ATTR = "_lorakit"
 
 
 @dataclass
 class LorakitState:
-    """Adapters on one model: name -> config (insertion-ordered), the active names, trainable flags."""
+    """Adapters on one model: name -> config (insertion-ordered), the active names, and the
+    dropout-mask sharing its LoRA layers use (`lorakit.kernels.dropout.MaskSharing`)."""
 
     configs: dict[str, LoraConfig] = field(default_factory=dict)
     active: tuple[str, ...] = ()
+    masks: MaskSharing = field(default_factory=MaskSharing)
+
+
+def find_state(model: nn.Module) -> LorakitState | None:
+    """The model's adapter state, or None when it carries no lorakit adapter."""
+    return model.__dict__.get(_ATTR)
 
 
 def state_of(model: nn.Module, *, create: bool = False) -> LorakitState:
@@ -33,7 +51,7 @@ def state_of(model: nn.Module, *, create: bool = False) -> LorakitState:
     Raises:
         LorakitError: if the model carries no lorakit adapter and `create` is False.
     """
-    state = model.__dict__.get(_ATTR)
+    state = find_state(model)
     if state is None:
         if not create:
             raise LorakitError("this model has no LoRA adapter; call lorakit.inject or lorakit.load_adapter first")
@@ -57,6 +75,21 @@ def require_adapter(model: nn.Module, name: str) -> LorakitState:
     if name not in state.configs:
         raise LorakitError(f"no adapter named {name!r}; this model has {sorted(state.configs) or 'none'}")
     return state
+
+
+def check_adapter_name(model: nn.Module, name: str) -> None:
+    """Check that `name` can name a new adapter on `model`.
+
+    Raises:
+        ConfigError: not a non-empty string without dots, `"__base__"`, or already in use.
+    """
+    if not isinstance(name, str) or not name or "." in name or name == BASE:
+        raise ConfigError(f"adapter_name must be a non-empty string without dots, not {BASE!r}; got {name!r}")
+    state = find_state(model)
+    if state is not None and name in state.configs:
+        raise ConfigError(
+            f"this model already has an adapter named {name!r}; pick another name or delete_adapter it first"
+        )
 
 
 def walk(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:

@@ -40,7 +40,7 @@ from lorakit.models import load_model
 
 REPO = Path(__file__).resolve().parents[2]
 GLUE = REPO.parent / "shared" / "data" / "glue"
-BUNDLED = Path(lorakit.__file__).resolve().parent / "data"
+BUNDLED = Path(lorakit.__file__).resolve().parent / "data" / "bundled"
 LORAKIT = Path(sys.executable).with_name("lorakit")  # the console script, as a user runs it
 
 ENV = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}

@@ -1,4 +1,7 @@
-"""lorakit.data on real files: E2E (official CSV, LoRA txt, bundled sample), GLUE TSVs, real tokenizers."""
+"""lorakit.data on real files: E2E (official CSV, LoRA txt, bundled sample), GLUE TSVs, real tokenizers.
+
+The E2E text rendering itself (`lorakit.e2e.text`) is tested in test_e2e_text.py.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import torch
 import lorakit.data as data
 import lorakit.models as models
 from lorakit.data import Example
+from lorakit.data.formats import BUNDLE_DIR
+from lorakit.e2e import e2e_mr_to_context
 from lorakit.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,27 +56,6 @@ def _jsonl(path: Path, records: list[object]) -> Path:
 # ----------------------------------------------------------------------------- E2E
 
 
-def test_e2e_rendering_reproduces_lora_valid_txt():
-    """The official dev CSV, rendered by lorakit, equals LoRA's valid.txt line for line."""
-    with (E2E / "devset.csv").open(encoding="utf-8", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    lines = (E2E / "valid.txt").read_text(encoding="utf-8").splitlines()
-    assert len(rows) == len(lines)
-    for row, line in zip(rows, lines, strict=True):
-        context, completion = line.split("||", 1)
-        assert data.e2e_mr_to_context(row["mr"]) == context
-        assert data.e2e_tokenize(row["ref"]) + " " == completion
-
-
-def test_e2e_mr_to_context_renames_keys_in_mr_order():
-    mr = "name[The Vaults], eatType[pub], priceRange[£20-25], familyFriendly[yes], customer rating[high]"
-    assert data.e2e_mr_to_context(mr) == (
-        "name : The Vaults | Type : pub | price : £ 20 - 25 | family friendly : yes | customer rating : high"
-    )
-    with pytest.raises(DataError, match="no 'key\\[value\\]' slot"):
-        data.e2e_mr_to_context("just words")
-
-
 def test_e2e_csv_and_lora_txt_load_the_same_examples():
     from_csv = data.load_examples(E2E / "devset.csv")
     from_txt = data.load_examples(E2E / "valid.txt")
@@ -91,14 +75,14 @@ def test_bundled_e2e_samples(e2e_train):
         assert examples
         for example in examples:
             assert example.group is not None
-            assert example.prompt == data.e2e_mr_to_context(example.group) + " ||"
+            assert example.prompt == e2e_mr_to_context(example.group) + " ||"
             assert example.completion.startswith(" ")
     # Every reference of a chosen MR is in the sample.
     train_mrs = {e.group for e in e2e_train}
     with (E2E / "trainset.csv").open(encoding="utf-8", newline="") as handle:
         refs_in_csv = sum(row["mr"] in train_mrs for row in csv.DictReader(handle))
     assert refs_in_csv == len(e2e_train)
-    assert (data._BUNDLE_DIR / "E2E_LICENSE.md").read_text(encoding="utf-8").count("CC BY-SA 4.0") >= 1
+    assert (BUNDLE_DIR / "E2E_LICENSE.md").read_text(encoding="utf-8").count("CC BY-SA 4.0") >= 1
 
 
 def test_bundled_sample_regenerates_byte_for_byte(tmp_path):
@@ -108,7 +92,7 @@ def test_bundled_sample_regenerates_byte_for_byte(tmp_path):
     source, target, count, seed = next(s for s in script.SAMPLES if s[0] == "devset.csv")
     mrs, _ = script.write_sample(E2E / source, tmp_path / target, count, seed)
     assert mrs == count
-    assert (tmp_path / target).read_bytes() == (data._BUNDLE_DIR / target).read_bytes()
+    assert (tmp_path / target).read_bytes() == (BUNDLE_DIR / target).read_bytes()
 
 
 # ----------------------------------------------------------------------------- other formats

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lorakit
 from lorakit.layers import LoraConv2d, LoraEmbedding, LoraLinear
+
+pytestmark = pytest.mark.usefixtures("both_paths")  # kernels on and disabled: the same numbers
 
 
 class Holder(nn.Module):

@@ -151,45 +151,6 @@ def test_truncated_gguf_is_named_and_leaves_no_cache(tmp_path, monkeypatch):
     assert _leftovers(tmp_path / "cache") == []
 
 
-def _write_marker(directory: Path, text: str) -> None:
-    (directory / "weights.txt").write_text(text)
-    (directory / "lorakit-cache.json").write_text("{}")
-
-
-def test_atomic_build_dir_renames_a_complete_directory(tmp_path):
-    target = tmp_path / "cache" / "model"
-    result = models._atomic_build_dir(target, lambda tmp: _write_marker(tmp, "ours"), is_complete=models._read_marker)
-    assert result == target
-    assert (target / "weights.txt").read_text() == "ours"
-    assert _leftovers(tmp_path / "cache") == ["model"]
-
-
-def test_atomic_build_dir_keeps_a_concurrent_writers_copy(tmp_path):
-    target = tmp_path / "cache" / "model"
-
-    def build(tmp: Path) -> None:
-        _write_marker(tmp, "ours")
-        target.mkdir()  # another process finishes first, while we are still writing
-        _write_marker(target, "theirs")
-
-    result = models._atomic_build_dir(target, build, is_complete=lambda p: models._read_marker(p) is not None)
-    assert result == target
-    assert (target / "weights.txt").read_text() == "theirs"
-    assert _leftovers(tmp_path / "cache") == ["model"]
-
-
-def test_atomic_build_dir_leaves_nothing_on_error(tmp_path):
-    target = tmp_path / "cache" / "model"
-
-    def build(tmp: Path) -> None:
-        (tmp / "half.bin").write_bytes(b"x")
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError, match="disk full"):
-        models._atomic_build_dir(target, build, is_complete=lambda p: True)
-    assert _leftovers(tmp_path / "cache") == []
-
-
 def test_gguf_cache_is_reused_and_rebuilt_when_the_file_changes(tmp_path, monkeypatch):
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
     source = tmp_path / "tiny.gguf"

@@ -11,9 +11,9 @@ A checkpoint directory holds
   config, optimizer param groups and non-tensor state, scheduler state, python/numpy RNG state,
   loss and eval history.
 
-The directory is written as `checkpoints/.tmp-step-N-xxxx` (each file fsynced), renamed to
-`step-N` (a rename is atomic on POSIX) and the parent fsynced, so a kill at any moment leaves
-either no `step-N` or a complete one. `.tmp-*` leftovers are ignored and removed on the next run.
+The directory is built by `lorakit.atomic.build_directory` (a temporary `checkpoints/.step-N.tmp-*`,
+every file fsynced, renamed to `step-N`, the parent fsynced), so a kill at any moment leaves
+either no `step-N` or a complete one. Temporary leftovers are ignored and removed on the next run.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +31,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
+from lorakit import atomic
+from lorakit.atomic import build_directory
 from lorakit.errors import TrainingError
-from lorakit.io import atomic_write, save_adapter
+from lorakit.io import save_adapter
 from lorakit.train.distributed import DistInfo, all_gather_bytes, barrier
 
 try:
@@ -67,8 +68,8 @@ TrainerState = dict[str, Any]
 def list_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """Complete checkpoints of a run, oldest first, as (step, directory).
 
-    A directory counts when it is named `step-N` and holds `trainer_state.json`; temporary
-    `.tmp-step-*` directories of an interrupted write never count.
+    A directory counts when it is named `step-N` and holds `trainer_state.json`; the temporary
+    directories of an interrupted write never count.
     """
     root = Path(out_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
@@ -88,11 +89,11 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
 
 
 def remove_partial(out_dir: Path) -> None:
-    """Delete `.tmp-step-*` directories left by a write that was killed."""
+    """Delete the temporary directories (`.step-N.tmp-*`, `.step-N.old-*`) of a write that was killed."""
     root = out_dir / CHECKPOINTS_DIR
     if root.is_dir():
         for path in root.iterdir():
-            if path.name.startswith(".tmp-step-") and path.is_dir():
+            if path.name.startswith(".") and path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
 
 
@@ -161,33 +162,19 @@ def save_checkpoint(
         payload = safetensors_save(
             {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, {"format": "pt"}
         )
-        root = out_dir / CHECKPOINTS_DIR
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step}-", dir=root))
-        try:
+
+        def build(tmp: Path) -> None:
             save_adapter(model, tmp, adapter_name)
-            atomic_write(tmp / STATE_TENSORS, lambda f: f.write(payload))
-            atomic_write(tmp / STATE_JSON, lambda f: f.write(text.encode()))
-            if final.exists():  # the same step saved twice (Ctrl-C right after a periodic save)
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _fsync_dir(root)
+            atomic.write_bytes(tmp / STATE_TENSORS, payload)
+            atomic.write_text(tmp / STATE_JSON, text)
+
+        # The same step saved twice (Ctrl-C right after a periodic save) replaces the first.
+        build_directory(final, build, replace=True)
         if keep is not None:
             for _, old in list_checkpoints(out_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
     barrier(info)
     return final
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _host_rng_state() -> dict[str, Any]:

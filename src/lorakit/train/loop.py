@@ -22,8 +22,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lorakit import atomic
 from lorakit.errors import ConfigError, TrainingError
-from lorakit.io import atomic_write, save_adapter
+from lorakit.io import save_adapter
 from lorakit.state import require_adapter
 from lorakit.train.checkpoint import (
     CHECKPOINTS_DIR,
@@ -486,7 +487,7 @@ def _open_metrics(path: Path, resumed_from: int | None, info: DistInfo):
                 kept.append(line + "\n")
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line cut short by a kill
-    atomic_write(path, lambda f: f.write("".join(kept).encode()))
+    atomic.write_text(path, "".join(kept))
     return open(path, "a", encoding="utf-8")
 
 

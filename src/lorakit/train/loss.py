@@ -7,12 +7,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lorakit.data import IGNORE_INDEX
 from lorakit.errors import TrainingError
 
-__all__ = ["IGNORE_INDEX", "count_targets", "logits_of", "loss_sum"]
-
-IGNORE_INDEX = -100
-"""Label value that marks a position without a target (prompt, padding), as transformers uses."""
+__all__ = ["count_targets", "logits_of", "loss_sum"]
 
 
 def count_targets(labels: torch.Tensor) -> int:

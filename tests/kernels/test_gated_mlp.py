@@ -8,7 +8,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 import lorakit
-from lorakit import mlp_fusion
+from lorakit.kernels import gated_mlp
 from tests.conftest import clone, randomize_adapters, tiny_gpt2, tiny_llama
 
 
@@ -17,7 +17,7 @@ def _pair(config: lorakit.LoraConfig, dtype=torch.float64):
     model = lorakit.inject(tiny_llama().to(dtype), config)
     randomize_adapters(model)
     twin = clone(model)
-    mlp_fusion.uninstall(twin)
+    gated_mlp.uninstall(twin)
     return model.train(), twin.train()
 
 
@@ -79,8 +79,8 @@ def test_activations_other_than_silu_go_through_autograd(act):
     for model in (fused, plain):
         for layer in model.model.layers:
             layer.mlp.act_fn = ACT2FN[act]
-    assert mlp_fusion._plan(fused.model.layers[0].mlp, torch.zeros(1, 16, dtype=torch.float64)) is not None
-    assert lorakit.functional._is_silu(ACT2FN[act]) == (act == "silu")
+    assert gated_mlp.plan(fused.model.layers[0].mlp, torch.zeros(1, 16, dtype=torch.float64)) is not None
+    assert gated_mlp._is_silu(ACT2FN[act]) == (act == "silu")
     loss_f, grads_f = _step(fused, IDS)
     loss_p, grads_p = _step(plain, IDS)
     torch.testing.assert_close(loss_f, loss_p, rtol=1e-12, atol=0)
@@ -146,11 +146,8 @@ def test_mlp_saves_less_than_the_frozen_mlp():
     lora = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"], lora_dropout=0.1)
     lorakit.inject(model, lora).train()
     fused = _saved_bytes(model.mlp, x)
-    mlp_fusion.enabled = False
-    try:
+    with lorakit.kernels.disabled("gated_mlp"):
         plain = _saved_bytes(model.mlp, x)
-    finally:
-        mlp_fusion.enabled = True
     assert fused < floor < plain, (fused, floor, plain)
 
 
@@ -173,11 +170,10 @@ def test_falls_back_to_the_module_forward_where_it_cannot_fuse():
     hook.remove()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert "GatedMlpFunctionBackward" not in _mlp_nodes(model, IDS)
-    mlp_fusion.enabled = False
-    try:
+    with lorakit.kernels.disabled("gated_mlp"):
         assert "GatedMlpFunctionBackward" not in _mlp_nodes(model, IDS)
-    finally:
-        mlp_fusion.enabled = True
+    with lorakit.kernels.disabled():
+        assert _mlp_nodes(model, IDS) == {"AddBackward0"}  # the reference: plain autograd
 
 
 def test_merged_adapter_leaves_base_only_and_unload_restores_forward():
@@ -187,7 +183,7 @@ def test_merged_adapter_leaves_base_only_and_unload_restores_forward():
     mlp = model.model.layers[0].mlp
     assert "forward" in mlp.__dict__
     copy = clone(model)
-    assert copy.model.layers[0].mlp.forward.__self__ is copy.model.layers[0].mlp  # deepcopy rebinds
+    assert copy.model.layers[0].mlp.forward.args == (copy.model.layers[0].mlp,)  # deepcopy rebinds
     lorakit.merge(model)
     x = torch.randn(2, 3, 16, requires_grad=True)
     assert mlp(x).grad_fn.name() != "GatedMlpFunctionBackward"  # merged: nothing to add
@@ -196,8 +192,8 @@ def test_merged_adapter_leaves_base_only_and_unload_restores_forward():
 
 
 def test_recognises_llama_mlp_only():
-    assert mlp_fusion.is_gated_mlp(tiny_llama().model.layers[0].mlp)
-    assert not mlp_fusion.is_gated_mlp(tiny_gpt2().transformer.h[0].mlp)
+    assert gated_mlp.is_gated_mlp(tiny_llama().model.layers[0].mlp)
+    assert not gated_mlp.is_gated_mlp(tiny_gpt2().transformer.h[0].mlp)
 
     class Other(torch.nn.Module):  # same attributes, another computation
         def __init__(self):
@@ -208,4 +204,4 @@ def test_recognises_llama_mlp_only():
         def forward(self, x):
             return self.down_proj(self.act_fn(self.gate_proj(x)) + self.up_proj(x))
 
-    assert not mlp_fusion.is_gated_mlp(Other())
+    assert not gated_mlp.is_gated_mlp(Other())

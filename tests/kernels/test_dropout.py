@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from lorakit import dropout as D
+import lorakit
+from lorakit.kernels import dropout as D
 
 SPARSE_P, DENSE_P = 0.05, 0.5  # on CPU: below and above SPARSE_MAX_P
 
@@ -45,7 +46,8 @@ def test_sparse_positions_drawn_in_several_batches_keep_the_statistics():
 
 
 def test_dense_mask_rate_and_uniform_lanes():
-    keep, p_exact = D.dropout_keep_mask((1000, 1000), DENSE_P + 1e-6, "cpu")
+    mask = D.draw_mask((1000, 1000), DENSE_P + 1e-6, "cpu")
+    keep, p_exact = mask.to_bool(), mask.p
     assert p_exact == round((DENSE_P + 1e-6) * 65536) / 65536
     dropped = (~keep).float()
     assert _within(dropped.mean().item(), p_exact, keep.numel())
@@ -57,9 +59,9 @@ def test_dense_mask_rate_and_uniform_lanes():
 @pytest.mark.parametrize("p", [SPARSE_P, DENSE_P])
 def test_a_seed_reproduces_the_mask(p):
     torch.manual_seed(5)
-    a, _ = D.dropout_keep_mask((37, 53), p, "cpu")
+    a = D.draw_mask((37, 53), p, "cpu").to_bool()
     torch.manual_seed(5)
-    b, _ = D.dropout_keep_mask((37, 53), p, "cpu")
+    b = D.draw_mask((37, 53), p, "cpu").to_bool()
     assert torch.equal(a, b) and not bool(a.all())
 
 
@@ -75,6 +77,7 @@ def test_mask_applies_and_survives_its_saved_form(p):
     assert torch.equal(mask.apply(x.t().contiguous().t()), expected)  # a strided input
     t = x.clone()
     assert mask.apply_(t) is t and torch.equal(t, expected)
+    assert torch.equal(mask.factor(torch.float64) * x, expected)
     saved = mask.saved()
     if p <= D.SPARSE_MAX_P:  # the dropped positions, as int32
         assert saved.dtype == torch.int32 and saved.numel() == int((~keep).sum())
@@ -89,11 +92,12 @@ def test_masked_input_keeps_only_the_mask_for_backward(p):
     """The masked input's node keeps the mask's positions (sparse) or bits (dense) — nothing of
     x's size — and its gradient is where(keep, g, 0)."""
     x = torch.randn(6, 40, requires_grad=True)
+    mask = D.draw_mask(x.shape, p, "cpu")
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        xm, p_exact = D.masked_input(x, p, share=False)
+        xm = D.MaskedInput.apply(x, mask)
     dropped = int((xm == 0).sum())
-    assert 0 < dropped < 240 and p_exact == (p if p <= D.SPARSE_MAX_P else round(p * 65536) / 65536)
+    assert 0 < dropped < 240 and mask.p == (p if p <= D.SPARSE_MAX_P else round(p * 65536) / 65536)
     expected = [(torch.int32, dropped)] if p <= D.SPARSE_MAX_P else [(torch.uint8, 30)]
     assert [(t.dtype, t.numel()) for t in saved] == expected
     g = torch.randn(6, 40)
@@ -101,28 +105,65 @@ def test_masked_input_keeps_only_the_mask_for_backward(p):
     torch.testing.assert_close(gx, torch.where(xm != 0, g, 0), rtol=0, atol=0)
 
 
-def test_dropout_input_scales_kept_values_and_is_off_outside_training():
-    x = torch.ones(1000, 1000)
-    for p in (SPARSE_P, DENSE_P):  # kept values are 1/(1 − p): the mean is 1 within 5 standard errors
-        bound = 5 * math.sqrt(p / (1 - p) / x.numel())
-        assert abs(D.dropout_input(x, p, training=True, share=False).mean().item() - 1) < bound
-    assert D.dropout_input(x, SPARSE_P, training=False) is x
-    assert D.dropout_input(x, 0.0, training=True) is x
-    assert D.dropout_input(x, 1e-7, training=True) is x  # below the resolution: off
-    assert not D.dropout_active(1e-7) and D.dropout_active(1e-4)
+@pytest.mark.parametrize("p", [SPARSE_P, DENSE_P])
+def test_dropped_scales_kept_values_and_both_paths_agree(p):
+    """x·keep/(1 − p): the node (masked_input) and the reference give the same values."""
+    x = torch.ones(1000, 1000, requires_grad=True)
+    draw = D.Draw(D.draw_mask(x.shape, p, "cpu"), shared=False)
+    fast = D.dropped(x, draw)
+    with lorakit.kernels.disabled():
+        reference = D.dropped(x, draw)
+    assert fast.grad_fn is not None and reference.grad_fn is not None
+    torch.testing.assert_close(fast, reference, rtol=0, atol=0)
+    bound = 5 * math.sqrt(p / (1 - p) / x.numel())  # kept values are 1/(1 − p): mean 1 within 5 s.e.
+    assert abs(fast.mean().item() - 1) < bound
+    assert not D.dropout_active(1e-7) and D.dropout_active(1e-4)  # below the resolution: off
+
+
+def test_a_layer_drops_only_in_training_and_above_the_resolution():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["0"], lora_dropout=SPARSE_P))
+    layer, rec = model[0], model[0].adapters["default"]
+    x = torch.ones(4, 8)
+    model.train()
+    assert layer.dropout(rec, x) is not x
+    model.eval()
+    assert layer.dropout(rec, x) is x and layer.draw_dropout(rec, x) is None
+    model.train()
+    rec.dropout_p = 1e-7
+    assert layer.dropout(rec, x) is x
 
 
 @pytest.mark.parametrize("p", [SPARSE_P * 4, DENSE_P])
 def test_mask_is_shared_only_for_the_very_same_unchanged_tensor(p):
+    sharing = D.MaskSharing()
     x = torch.randn(64, 32)
-    a = D.dropout_input(x, p, training=True)
-    b = D.dropout_input(x, p, training=True)
-    assert torch.equal(a == 0, b == 0)
-    assert not torch.equal(a == 0, D.dropout_input(x, p, training=True, share=False) == 0)
-    assert not torch.equal(a == 0, D.dropout_input(x.clone(), p, training=True) == 0)
-    assert not torch.equal(a == 0, D.dropout_input(x, p * 0.9, training=True) == 0)  # another p
-    x.mul_(1.0)  # an in-place change bumps the version: a new mask
-    assert not torch.equal(a == 0, D.dropout_input(x, p, training=True) == 0)
+    a = sharing.draw(x, p)
+    assert sharing.draw(x, p) is a and a.rebuild is not None
+    keep = a.mask.to_bool()
+    unshared = sharing.draw(x, p, share=False)
+    assert unshared is not a and unshared.rebuild is None
+    assert not torch.equal(keep, unshared.mask.to_bool())
+    assert sharing.draw(x.clone(), p) is not a
+    x2 = torch.randn(64, 32)
+    assert sharing.draw(x2, p * 0.9) is not sharing.draw(x2, p)  # another p
+    y = torch.randn(64, 32)
+    first = sharing.draw(y, p)
+    y.mul_(1.0)  # an in-place change bumps the version: a new mask
+    assert sharing.draw(y, p) is not first
+
+
+def test_a_model_shares_one_mask_sharing_and_copies_get_their_own(llama):
+    import copy
+    import pickle
+
+    lorakit.inject(llama, lorakit.LoraConfig(r=2, target_modules="all-linear", lora_dropout=0.1))
+    layers = [m for m in llama.modules() if isinstance(m, lorakit.layers.LoraLayer)]
+    assert len({id(layer.masks) for layer in layers}) == 1
+    for twin in (copy.deepcopy(llama), pickle.loads(pickle.dumps(llama))):
+        twins = [m for m in twin.modules() if isinstance(m, lorakit.layers.LoraLayer)]
+        assert len({id(layer.masks) for layer in twins}) == 1
+        assert twins[0].masks is not layers[0].masks
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 64, 1001])
@@ -139,10 +180,12 @@ def test_mask_bits_round_trip(n):
     assert bits == keep.int().tolist()  # bit j of byte k is element 8k + j
 
 
-def test_either_form_can_be_forced_and_both_drop_at_p():
+def test_both_samplers_drop_at_p_and_draw_mask_picks_sparse_on_cpu_for_small_p():
+    assert D.sparse_applies(SPARSE_P, "cpu") and not D.sparse_applies(DENSE_P, "cpu")
+    assert not D.sparse_applies(SPARSE_P, "meta") and not D.sparse_applies(0.0, "cpu")
     torch.manual_seed(3)
-    dense = D.draw_mask((400, 500), SPARSE_P, "cpu", sparse=False)
-    sparse = D.draw_mask((400, 500), DENSE_P, "cpu", sparse=True)
+    dense = D.dense_mask((400, 500), SPARSE_P, "cpu")
+    sparse = D.sparse_mask((400, 500), DENSE_P, "cpu")
     assert dense.dropped is None and dense.saved().dtype == torch.uint8
     assert dense.p == round(SPARSE_P * 65536) / 65536
     assert sparse.dropped is not None and sparse.p == DENSE_P

@@ -8,6 +8,9 @@ import torch
 
 import lorakit
 from lorakit import functional as LF
+from lorakit.kernels import dropout as D
+from lorakit.kernels import merged_weight
+from lorakit.kernels.linear import lora_linear
 from tests.conftest import clone, randomize_adapters, tiny_llama
 
 
@@ -25,6 +28,16 @@ def _grads(y, *leaves, seed=1):
     return torch.autograd.grad(y, leaves, g)
 
 
+def _draw(x: torch.Tensor, p: float, seed: int) -> D.Draw:
+    """An unshared dropout mask over x, drawn after seeding."""
+    torch.manual_seed(seed)
+    return D.Draw(D.draw_mask(x.shape, p, x.device), shared=False)
+
+
+def _plain_dropout(x: torch.Tensor, draw: D.Draw) -> torch.Tensor:
+    return torch.where(draw.mask.to_bool(), x, 0) / (1 - draw.mask.p)
+
+
 def _assert_rel(a: torch.Tensor, b: torch.Tensor, rel: float) -> None:
     scale = b.abs().max().clamp_min(1e-30)
     assert ((a - b).abs().max() / scale).item() <= rel, f"relative error {((a - b).abs().max() / scale).item():.3g}"
@@ -35,7 +48,7 @@ def _assert_rel(a: torch.Tensor, b: torch.Tensor, rel: float) -> None:
 def test_no_dropout_matches_plain_autograd(dtype, shape):
     result, x, A, B = _inputs(dtype, shape)
     s = 0.75
-    ours = LF.lora_linear(result, x, A, B, s)
+    ours = lora_linear(result, x, A, B, s)
     plain = result + LF.linear_delta(x, A, B, s)
     rel = 1e-6 if dtype == torch.float32 else 1e-12
     _assert_rel(ours, plain, rel)
@@ -47,12 +60,10 @@ def test_no_dropout_matches_plain_autograd(dtype, shape):
 def test_dropout_matches_plain_autograd_with_the_same_mask(p):
     result, x, A, B = _inputs()
     s = 2.0
-    torch.manual_seed(7)
-    ours = LF.lora_linear(result, x, A, B, s, dropout=p, training=True, share_mask=False)
-    torch.manual_seed(7)
-    keep, p_exact = LF.dropout_keep_mask(x.shape, p, x.device)
-    assert p - 0.05 < (~keep).float().mean().item() < p + 0.05
-    plain = result + LF.linear_delta(torch.where(keep, x, 0) / (1 - p_exact), A, B, s)
+    draw = _draw(x, p, 7)
+    ours = lora_linear(result, x, A, B, s, draw=draw)
+    assert p - 0.05 < (~draw.mask.to_bool()).float().mean().item() < p + 0.05
+    plain = result + LF.linear_delta(_plain_dropout(x, draw), A, B, s)
     _assert_rel(ours, plain, 1e-6)
     for g_ours, g_plain in zip(_grads(ours, result, x, A, B), _grads(plain, result, x, A, B), strict=True):
         _assert_rel(g_ours, g_plain, 1e-6)
@@ -71,10 +82,10 @@ def test_branches_sharing_an_input_keep_it_and_one_mask_and_match_plain_autograd
         storages[t.untyped_storage().data_ptr()] = (t.dtype, t.untyped_storage().nbytes())
         return t
 
-    torch.manual_seed(5)
+    sharing = D.MaskSharing()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        q = LF.lora_linear(result.clone(), x, A, B, 2.0, dropout=p, training=True)
-        v = LF.lora_linear(result2.clone(), x, A2, B2, 0.5, dropout=p, training=True)
+        q = lora_linear(result.clone(), x, A, B, 2.0, draw=sharing.draw(x, p))
+        v = lora_linear(result2.clone(), x, A2, B2, 0.5, draw=sharing.draw(x, p))
     x_bytes = x.untyped_storage().nbytes()
     assert storages.pop(x.untyped_storage().data_ptr()) == (torch.float32, x_bytes)  # x itself
     for t in (A, B, A2, B2):
@@ -85,9 +96,9 @@ def test_branches_sharing_an_input_keep_it_and_one_mask_and_match_plain_autograd
     assert len(mask_kinds) == 1 and mask_kinds[0][0] == (torch.int32 if p <= 0.2 else torch.uint8)
     assert sum(k[0] == torch.float32 for k in kinds) == 2  # the two (N, r) products
 
-    torch.manual_seed(5)
-    keep, p_exact = LF.dropout_keep_mask(x.shape, p, x.device)
-    xm = torch.where(keep, x, 0) / (1 - p_exact)
+    draw = sharing.draw(x, p)
+    keep = draw.mask.to_bool()
+    xm = _plain_dropout(x, draw)
     plain_q = result + LF.linear_delta(xm, A, B, 2.0)
     plain_v = result2 + LF.linear_delta(xm, A2, B2, 0.5)
     _assert_rel(q, plain_q, 1e-6)
@@ -103,14 +114,12 @@ def test_branches_sharing_an_input_keep_it_and_one_mask_and_match_plain_autograd
 def test_branches_sharing_a_mask_rebuild_the_masked_input_once_per_backward(monkeypatch):
     """q, k and v over one x with one mask: the first backward rebuilds x·keep once for all three
     A gradients; a second backward over the retained graph rebuilds it again and agrees."""
-    from lorakit import dropout as D
-
     x = torch.randn(4, 9, 24, requires_grad=True)
     branches = [_inputs(shape=(4, 9, 24), out=o, seed=o)[::2] for o in (5, 6, 7)]  # (result, A)
     Bs = [torch.randn(o, 4, requires_grad=True) for o in (5, 6, 7)]
-    torch.manual_seed(2)
+    sharing = D.MaskSharing()
     outs = [
-        LF.lora_linear(res.detach().clone(), x, A, B, 1.5, dropout=0.1, training=True)
+        lora_linear(res.detach().clone(), x, A, B, 1.5, draw=sharing.draw(x, 0.1))
         for (res, A), B in zip(branches, Bs, strict=True)
     ]
     loss = sum((o * (i + 1)).sum() for i, o in enumerate(outs))
@@ -129,7 +138,7 @@ def test_branches_sharing_a_mask_rebuild_the_masked_input_once_per_backward(monk
 def test_half_precision_input_with_float32_adapter():
     result, x, A, B = _inputs(torch.float32)
     rb, xb = result.detach().bfloat16().requires_grad_(), x.detach().bfloat16().requires_grad_()
-    ours = LF.lora_linear(rb, xb, A, B, 0.5)
+    ours = lora_linear(rb, xb, A, B, 0.5)
     plain = rb + LF.linear_delta(xb.float(), A, B, 0.5).bfloat16()
     assert ours.dtype == torch.bfloat16
     torch.testing.assert_close(ours, plain, atol=2e-2, rtol=2e-2)
@@ -148,11 +157,10 @@ def test_half_precision_input_with_dropout_casts_once_and_keeps_gradients(p):
     gradient comes back in bf16, equal to plain autograd with the same mask."""
     result, x, A, B = _inputs(torch.float32)
     rb, xb = result.detach().bfloat16().requires_grad_(), x.detach().bfloat16().requires_grad_()
-    torch.manual_seed(11)
-    ours = LF.lora_linear(rb, xb, A, B, 0.5, dropout=p, training=True, share_mask=False)
-    torch.manual_seed(11)
-    keep, p_exact = LF.dropout_keep_mask(xb.shape, p, xb.device)
-    plain = rb + LF.linear_delta(torch.where(keep, xb.float(), 0) / (1 - p_exact), A, B, 0.5).bfloat16()
+    draw = _draw(xb, p, 11)
+    keep = draw.mask.to_bool()
+    ours = lora_linear(rb, xb, A, B, 0.5, draw=draw)
+    plain = rb + LF.linear_delta(_plain_dropout(xb.float(), draw), A, B, 0.5).bfloat16()
     torch.testing.assert_close(ours, plain, atol=2e-2, rtol=2e-2)
     gx, gA = _grads(ours, xb, A)
     px, pA = _grads(plain, xb, A)
@@ -168,8 +176,8 @@ def _lora_grads(model, ids):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_model_gradients_equal_peft_without_dropout():
-    """A and B gradients of a whole model: the fused node against PEFT's plain autograd branch."""
+def test_model_gradients_equal_peft_without_dropout(both_paths):
+    """A and B gradients of a whole model, the kernels' and the reference's, against PEFT's."""
     base = tiny_llama()
     kwargs = dict(r=4, lora_alpha=8, target_modules="all-linear")
     model = lorakit.inject(clone(base), lorakit.LoraConfig(**kwargs))
@@ -204,7 +212,8 @@ def _saved_bytes(model, ids) -> int:
 
 
 def test_saves_far_less_for_backward_than_peft_with_dropout():
-    """The design rule: the input once per shared input and a 1-byte mask, not a float copy per layer."""
+    """The design rule: the input once per shared input and a 1-byte mask, not a float copy per layer.
+    The reference path (kernels disabled) keeps about what PEFT keeps."""
     torch.manual_seed(0)
     base = tiny_llama()
     for p in base.parameters():
@@ -214,10 +223,14 @@ def test_saves_far_less_for_backward_than_peft_with_dropout():
     floor_model = clone(base).train()
     floor_model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_())
     floor = _saved_bytes(floor_model, ids)
-    ours = _saved_bytes(lorakit.inject(clone(base), lorakit.LoraConfig(**kwargs)).train(), ids)
+    model = lorakit.inject(clone(base), lorakit.LoraConfig(**kwargs)).train()
+    ours = _saved_bytes(model, ids)
+    with lorakit.kernels.disabled():
+        reference = _saved_bytes(model, ids)
     theirs = _saved_bytes(peft.get_peft_model(clone(base), peft.LoraConfig(**kwargs)).train(), ids)
     assert floor < ours < theirs
     assert ours - floor < 0.5 * (theirs - floor), (floor, ours, theirs)
+    assert ours - floor < 0.5 * (reference - floor), (floor, ours, reference)
 
 
 def test_inference_path_matches_and_leaves_inputs_alone():
@@ -225,10 +238,10 @@ def test_inference_path_matches_and_leaves_inputs_alone():
     x_before = x.clone()
     expected = result + LF.linear_delta(x, A, B, 0.5)
     with torch.no_grad():
-        out = LF.lora_linear(result.clone(), x, A, B, 0.5)
+        out = lora_linear(result.clone(), x, A, B, 0.5)
     _assert_rel(out, expected, 1e-6)
     assert torch.equal(x, x_before)
-    half = LF.lora_linear(result.bfloat16(), x.bfloat16(), A, B, 0.5)  # mixed dtypes, no grad needed
+    half = lora_linear(result.bfloat16(), x.bfloat16(), A, B, 0.5)  # mixed dtypes, no grad needed
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), expected, atol=5e-2, rtol=2e-2)
 
@@ -249,7 +262,7 @@ def _compiled_step(dropout: float):
     return model, twin, compiled, ids, ours, eager
 
 
-def test_torch_compile_full_graph_in_training_and_inference():
+def test_torch_compile_full_graph_in_training_and_inference(both_paths):
     """Dynamo traces the injected model without a graph break (fullgraph=True fails on one).
 
     The aot_eager backend runs the traced graphs without inductor's C++ build, which takes
@@ -274,13 +287,11 @@ def test_branch_added_in_place_into_a_fresh_base_output_keeps_gradients(dropout)
     _, x, A, B = _inputs()
     W = torch.randn(7, 12, dtype=torch.float32, requires_grad=True)
     s = 1.5
-    torch.manual_seed(3)
+    draw = _draw(x, dropout, 3) if dropout else None
     result = torch.nn.functional.linear(x, W)
-    ours = LF.lora_linear(result, x, A, B, s, dropout=dropout, training=True, share_mask=False)
+    ours = lora_linear(result, x, A, B, s, draw=draw)
     assert ours.data_ptr() == result.data_ptr()  # the base output's own memory
-    torch.manual_seed(3)
-    keep, p_exact = LF.dropout_keep_mask(x.shape, dropout, x.device)
-    xd = torch.where(keep, x, 0) / (1 - p_exact) if dropout else x
+    xd = _plain_dropout(x, draw) if dropout else x
     plain = torch.nn.functional.linear(x, W) + LF.linear_delta(xd, A, B, s)
     _assert_rel(ours, plain, 1e-6)
     for g_ours, g_plain in zip(_grads(ours, x, W, A, B), _grads(plain, x, W, A, B), strict=True):
@@ -320,11 +331,14 @@ def test_many_token_no_grad_forward_uses_the_summed_weight_and_matches_the_branc
         x = torch.randn(rows, 12, dtype=torch.float64)
         expected = x @ W.T + b + rec.scaling * (x @ rec.lora_A.T) @ rec.lora_B.T
         with torch.no_grad():
-            assert (layer._weight_on_the_fly(x) is not None) is summed
+            assert (merged_weight.weight(layer, x) is not None) is summed
             torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
     x = torch.randn(64, 12, dtype=torch.float64)
-    assert layer._weight_on_the_fly(x) is None  # grad mode and trainable A/B: the branch's node
+    assert merged_weight.weight(layer, x) is None  # grad mode and trainable A/B: the branch's node
     model.train()  # dropout in effect: the branch
     with torch.no_grad():
-        assert layer._weight_on_the_fly(x) is None
+        assert merged_weight.weight(layer, x) is None
+    with torch.no_grad(), lorakit.kernels.disabled():
+        model.eval()
+        assert merged_weight.weight(layer, x) is None  # the switch
     assert W.grad is None and torch.equal(layer.base_layer.weight, W)

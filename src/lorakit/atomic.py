@@ -1,0 +1,159 @@
+"""Atomic writes: a file or a whole directory appears complete or not at all.
+
+Every file lorakit writes (adapters, checkpoints, metrics, JSON reports, plots, merged models, the
+model cache) goes through here:
+
+- `write_file` (and `write_bytes`, `write_text`, `write_json`): a temporary file in the same
+  folder, written, flushed and fsynced, renamed over the target, the folder fsynced.
+- `build_directory`: a temporary sibling directory filled by a callback, every file and folder in
+  it fsynced, renamed to the target, the parent fsynced.
+
+A crash at any moment leaves the old file (or no directory) or the new one, never a partial one,
+and no temporary file behind after an error. Files get the permissions a plain `open()` or
+`mkdir()` would give them (those of the file replaced, or 0o666/0o777 less the umask), not the
+private 0o600/0o700 of `tempfile`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+__all__ = ["build_directory", "fsync_path", "write_bytes", "write_file", "write_json", "write_text"]
+
+
+def write_file(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
+    """Write `path` atomically: `write(f)` fills a temporary file, which is fsynced and renamed.
+
+    Args:
+        path: the file to create or replace; its folder must exist.
+        write: called once with the temporary file, opened for binary writing.
+
+    Returns:
+        The path.
+    """
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        mode = 0o666 & ~_umask()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+    return path
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` atomically (see `write_file`)."""
+    return write_file(path, lambda f: f.write(data))
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` as UTF-8 to `path` atomically (see `write_file`)."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, data: Any, *, indent: int = 2, sort_keys: bool = False) -> Path:
+    """Write `data` as JSON (non-JSON values through `str`) with a final newline, atomically."""
+    return write_text(path, json.dumps(data, indent=indent, sort_keys=sort_keys, default=str) + "\n")
+
+
+def build_directory(
+    target: str | os.PathLike,
+    build: Callable[[Path], Any],
+    *,
+    replace: bool = False,
+    keep_existing: Callable[[Path], bool] | None = None,
+) -> Path:
+    """Create directory `target` atomically: `build(tmp)` fills a temporary sibling that is renamed.
+
+    Args:
+        target: the directory to create; its parent is created if missing.
+        build: fills the temporary directory it is given (write plain files: the whole tree is
+            fsynced before the rename).
+        replace: if `target` already exists, replace it (it is moved aside, then deleted once the
+            new one is in place). Otherwise an existing `target` is an error, unless...
+        keep_existing: ...this returns True for it: then another writer finished first with a
+            complete copy, ours is discarded and theirs kept (a cache filled concurrently).
+
+    Returns:
+        The target path.
+
+    Raises:
+        FileExistsError: `target` exists and neither `replace` nor `keep_existing` allows it.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    aside: Path | None = None
+    try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0o700 would make the result private
+        build(tmp)
+        for path in sorted(tmp.rglob("*"), reverse=True):  # files, then their folders
+            fsync_path(path)
+        fsync_path(tmp)
+        if replace and target.exists():
+            aside = target.with_name(f".{target.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
+            os.rename(target, aside)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if aside is not None:  # put the old directory back: nothing is lost
+                os.rename(aside, target)
+                aside = None
+            # Linux refuses to rename onto an existing non-empty directory.
+            if keep_existing is not None and target.is_dir() and keep_existing(target):
+                return target
+            if target.exists():
+                raise FileExistsError(f"{target} already exists; nothing was written") from None
+            raise
+        fsync_path(target.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+    return target
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or directory (directories where the filesystem allows it)."""
+    path = Path(path)
+    is_dir = path.is_dir()
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if is_dir else 0))
+    try:
+        if is_dir:
+            with contextlib.suppress(OSError):  # some filesystems cannot fsync a directory
+                os.fsync(fd)
+        else:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask sets it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

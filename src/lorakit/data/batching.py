@@ -1,0 +1,151 @@
+"""Splits and batches: a group-preserving holdout, and reproducible epochs of right-padded batches.
+
+`right_pad` is the one padding routine behind every dataset's `collate` (`TokenizedDataset`,
+`ClassificationDataset`); `padding_id` picks the id token rows are padded with.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lorakit.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from lorakit.data.classification import ClassificationDataset
+    from lorakit.data.examples import Example
+    from lorakit.data.tokenize import TokenizedDataset
+
+__all__ = ["iterate_batches", "num_batches", "padding_id", "right_pad", "split_holdout"]
+
+
+def split_holdout(examples: Sequence[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Split examples into train and holdout, deterministically, keeping groups whole.
+
+    Examples sharing a `group` (all references of one E2E MR) land on the same side; examples without
+    a group are their own group. `round(fraction * groups)` groups are held out, at least one and at
+    most all but one when `0 < fraction < 1` and there are two or more groups. Both lists keep the
+    input order.
+
+    Args:
+        examples: The examples to split.
+        fraction: Share of groups to hold out, in `[0, 1)`.
+        seed: Seed of the group shuffle; the same seed gives the same split.
+
+    Returns:
+        `(train, holdout)`.
+
+    Raises:
+        ConfigError: `fraction` is outside `[0, 1)`.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError(f"holdout fraction must be in [0, 1), got {fraction}")
+    keys = [ex.group if ex.group is not None else ("__row__", index) for index, ex in enumerate(examples)]
+    groups = list(dict.fromkeys(keys))  # first-appearance order, so the shuffle is reproducible
+    count = round(fraction * len(groups))
+    if fraction > 0 and len(groups) >= 2:
+        count = min(max(count, 1), len(groups) - 1)
+    random.Random(f"lorakit-holdout:{seed}").shuffle(groups)
+    held = set(groups[:count])
+    train = [ex for ex, key in zip(examples, keys, strict=True) if key not in held]
+    holdout = [ex for ex, key in zip(examples, keys, strict=True) if key in held]
+    return train, holdout
+
+
+def num_batches(dataset: Sequence[Any] | TokenizedDataset | ClassificationDataset, batch_size: int) -> int:
+    """Number of batches `iterate_batches` yields per epoch (the last one may be smaller).
+
+    Args:
+        dataset: A tokenised dataset.
+        batch_size: Rows per batch.
+
+    Returns:
+        `ceil(len(dataset) / batch_size)`.
+
+    Raises:
+        ConfigError: `batch_size < 1`.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    return math.ceil(len(dataset) / batch_size)
+
+
+def iterate_batches(
+    dataset: TokenizedDataset | ClassificationDataset,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+    start: int = 0,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield the batches of one epoch in a fixed order.
+
+    The order depends only on `(seed, epoch)` (a `random.Random` seeded with both), not on global
+    RNG state, so a resumed run sees exactly the batches it would have seen.
+
+    Args:
+        dataset: From `tokenize_examples` or `tokenize_classification`.
+        batch_size: Rows per batch; the last batch of an epoch may be smaller.
+        seed: Shuffle seed.
+        epoch: Epoch number; each epoch has its own order.
+        shuffle: False keeps dataset order.
+        start: Skip the first `start` batches of this epoch (resume mid-epoch); batch `start` is the
+            same tensor data as the `start`-th batch of an uninterrupted epoch.
+
+    Returns:
+        An iterator of batch dicts (see `TokenizedDataset.collate` / `ClassificationDataset.collate`).
+
+    Raises:
+        ConfigError: `batch_size < 1`, or `start` is negative or beyond the epoch's batch count.
+    """
+    total = num_batches(dataset, batch_size)
+    if not 0 <= start <= total:
+        raise ConfigError(f"start must be between 0 and {total} (batches per epoch), got {start}")
+    order = list(range(len(dataset)))
+    if shuffle:
+        random.Random(f"lorakit-batches:{seed}:{epoch}").shuffle(order)
+
+    def batches() -> Iterator[dict[str, torch.Tensor]]:
+        for index in range(start, total):
+            yield dataset.collate(order[index * batch_size : (index + 1) * batch_size])
+
+    return batches()
+
+
+def right_pad(rows: Sequence[Sequence[int]], fill: int) -> torch.Tensor:
+    """Stack rows of ids into one tensor, right-padding the shorter rows.
+
+    Args:
+        rows: Rows of integer ids (token ids, attention bits, labels), at least one.
+        fill: Value of the padding positions (a pad token id, 0 for masks, -100 for labels).
+
+    Returns:
+        A `(len(rows), longest row)` long tensor; row `i` starts with `rows[i]` and is `fill` after it.
+    """
+    out = torch.full((len(rows), max(len(r) for r in rows)), fill, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def padding_id(tokenizer: Any) -> int:
+    """The id a tokenizer's rows are padded with: its pad token, else its EOS token.
+
+    Args:
+        tokenizer: A transformers tokenizer.
+
+    Returns:
+        `tokenizer.pad_token_id`, or `tokenizer.eos_token_id` when there is no pad token.
+
+    Raises:
+        DataError: The tokenizer has neither a pad nor an EOS token.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise DataError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token first")
+    return int(pad)

@@ -1,0 +1,42 @@
+"""Everything lorakit does only for speed or memory, behind one switch.
+
+The reference is `lorakit.layers` + `lorakit.functional`: plain tensor operations under autograd,
+a layer's forward in a dozen lines. Each path here computes the same values and gradients (to
+float rounding) with less memory kept for the backward or fewer passes over memory, applies only
+where its eligibility function says so, and otherwise leaves the reference to run.
+`with lorakit.kernels.disabled():` (or `LORAKIT_KERNELS=0` in the environment) runs the reference
+everywhere; `disabled("gated_mlp")` turns off one path.
+
+The paths (name · module · eligibility function: what it saves; when it applies):
+
+- `fused_linear` · `linear` · `fused_records`: one autograd node per branch keeps x itself, the
+  dropout mask as positions or bits and the (N, r) product, not a float copy of dropout(x) per
+  layer, and adds the branch into the base output in place. Every plain (unsliced) adapter of a
+  `LoraLinear`, in training and inference, under torch.compile too.
+- `masked_input` · `dropout` · `dropped`: dropout of branches written as tensor operations (fused
+  slices, conv, per-row training) keeps the mask as positions or bits, not a float factor. With
+  gradients.
+- `merged_weight` · `merged_weight` · `weight`: without gradients, one x·(W0 + s·B·A)ᵀ instead of
+  the branches: one pass over W instead of two over the output. `nn.Linear` base without hooks, no
+  dropout in effect, enough rows to be cheaper.
+- `stacked_rows` · `rows` · `stacks`: `adapter_per_row` without gradients: every row's (A, s·B)
+  stacked, one `bmm` pair for any number of adapters. Plain adapters of one dtype.
+- `gated_mlp` · `gated_mlp` · `plan`: a LLaMA-style MLP with LoRA as one node that keeps e and u
+  and recomputes act(e)·u: less than even the frozen MLP keeps. Training, outside compile and
+  autocast, `nn.Linear` projections with one unmerged adapter each.
+
+What is not a switchable path: dropout masks are drawn by `dropout.draw_mask` on both paths (a
+sparse sampler on CPU, dense elsewhere) and shared by layers reading the same tensor as
+`LoraConfig.share_dropout_mask` says, so the switch changes how a mask is kept and applied, never
+which elements drop.
+
+How each is checked: `tests/kernels/` pins the internals (what a node keeps, how often a masked
+input is rebuilt, mask statistics, eligibility); the spec tests (`tests/parity`, `tests/unit`,
+`tests/property`) run with the kernels on and with them disabled, and both agree with PEFT and the
+hand computations; `tests/kernels/test_switch.py` trains a model both ways, dropout on, and compares
+every gradient.
+"""
+
+from lorakit.kernels.switch import PATHS, disabled, enabled
+
+__all__ = ["PATHS", "disabled", "enabled"]

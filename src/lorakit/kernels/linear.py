@@ -1,0 +1,213 @@
+"""The LoRA branch of a linear layer as one autograd node, and the dispatch of `LoraLinear`'s speed paths.
+
+`branch_forward` / `branch_backward` are s·(x·Aᵀ)·Bᵀ and its gradients as the nodes compute them
+(`LoraLinearFunction` here, `GatedMlpFunction` in `gated_mlp`); `functional.linear_delta` is the
+same formula under plain autograd, the reference both are tested against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from lorakit.kernels import merged_weight, rows
+from lorakit.kernels.dropout import Draw, KeepMask
+from lorakit.kernels.guards import grad_needed, output_seen
+from lorakit.kernels.switch import enabled
+
+if TYPE_CHECKING:
+    from lorakit.layers import AdapterRecord, LoraLinear
+
+__all__ = ["LoraLinearFunction", "branch_backward", "branch_forward", "forward", "fused_records", "lora_linear"]
+
+
+def branch_forward(out: torch.Tensor, xa: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float, *, in_place: bool):
+    """(out + s·(xa·Aᵀ)·Bᵀ, a = xa·Aᵀ) for 2-D out (N, out) and xa (N, in) in A's dtype.
+
+    In place (`addmm_` into `out`) when `in_place`; the product is cast to out's dtype when it
+    differs from A's (fp32 adapters over a bf16 base).
+    """
+    a = torch.mm(xa, A.t())  # (N, r)
+    if out.dtype == A.dtype:
+        return (out.addmm_(a, B.t(), alpha=s) if in_place else torch.addmm(out, a, B.t(), alpha=s)), a
+    delta = torch.mm(a, B.t()).mul_(s).to(out.dtype)
+    return (out.add_(delta) if in_place else out + delta), a
+
+
+def branch_backward(
+    g: torch.Tensor,
+    a: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    s: float,
+    branch_input: Callable[[], torch.Tensor],
+    need: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of y = s·(xa·Aᵀ)·Bᵀ given g = ∂L/∂y (N, out): (ga = s·g·B, ∂L/∂A, ∂L/∂B).
+
+    Args:
+        g: the output's gradient, 2-D.
+        a: xa·Aᵀ from the forward (N, r).
+        A: (r, in).
+        B: (out, r).
+        s: scaling.
+        branch_input: returns xa (N, in) in A's dtype; called only when A's gradient is needed
+            (a rebuild from x and its mask, so it need not be kept).
+        need: which of (ga, ∂L/∂A, ∂L/∂B) are wanted; ga (for the input gradient, ga·A) is
+            computed whenever ∂L/∂A is.
+
+    Returns:
+        The three, None where not wanted.
+    """
+    need_ga, need_A, need_B = need
+    g = g.to(A.dtype)
+    grad_B = torch.mm(g.t(), a).mul_(s) if need_B else None
+    ga = torch.mm(g, B).mul_(s) if (need_ga or need_A) else None  # (N, r)
+    grad_A = torch.mm(ga.t(), branch_input()) if need_A else None
+    return ga, grad_A, grad_B
+
+
+def _in_place_ok(result: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a base layer's output can take its branch in place (a fresh, dense tensor of `dtype`)."""
+    return (
+        result.dtype == dtype
+        and result.is_contiguous()
+        and result._base is None
+        and not (result.is_leaf and result.requires_grad)
+    )
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """result + s·B·A·dropout(x) in one autograd node that saves only what its backward needs.
+
+    Plain autograd keeps, per adapted layer, the dropped-out input as its own float copy next to
+    its mask and the product x·Aᵀ. This node keeps the layer input x itself (the tensor the
+    projections reading it share), the mask as positions or bits (one per shared input) and the
+    small (N, r) product; its backward rebuilds x·keep for A's gradient (once for all the nodes
+    sharing the mask, through the draw's `Rebuild`) and masks its share of x's gradient. The
+    scaling (with 1/(1 − p) folded in) goes into one `addmm_` that adds the branch into the base
+    output in place (marked dirty), without an (N, out) copy, unless told the output is shared.
+
+    Inputs: result (..., out) the base layer's output; x (..., in) the layer input (any float
+    dtype; cast to A's dtype inside); A (r, in); B (out, r); s the scaling; in_place whether
+    result may be updated in place; with dropout, xm = x·keep in A's dtype (outside autograd), its
+    `KeepMask` and the `Rebuild` of a shared mask (or None).
+    """
+
+    @staticmethod
+    def forward(ctx, result, x, A, B, s, in_place=True, xm=None, mask=None, rebuild=None):
+        in_place = in_place and _in_place_ok(result, A.dtype)
+        xa = (x if xm is None else xm).reshape(-1, x.shape[-1]).to(A.dtype)
+        out, a = branch_forward(result.reshape(-1, result.shape[-1]), xa, A, B, s, in_place=in_place)
+        ctx.save_for_backward(x, a, A, B, None if mask is None else mask.saved())
+        ctx.s, ctx.p, ctx.rebuild = s, None if mask is None else mask.p, rebuild
+        if rebuild is not None and ctx.needs_input_grad[2]:
+            rebuild.claim()
+        if in_place:
+            ctx.mark_dirty(result)
+            return result
+        return out.view(result.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, a, A, B, saved_mask = ctx.saved_tensors
+        mask = None if saved_mask is None else KeepMask.from_saved(saved_mask, x.shape, ctx.p)
+        need_x, need_A, need_B = ctx.needs_input_grad[1:4]
+
+        def branch_input() -> torch.Tensor:  # x·keep (or x) again: once for the nodes sharing a mask
+            if mask is None:
+                return x.reshape(-1, x.shape[-1]).to(A.dtype)
+            xm = ctx.rebuild.take(x, mask, A.dtype) if ctx.rebuild is not None else mask.apply(x, A.dtype)
+            return xm.reshape(-1, x.shape[-1])
+
+        g = grad.reshape(-1, grad.shape[-1])
+        ga, grad_A, grad_B = branch_backward(g, a, A, B, ctx.s, branch_input, (need_x, need_A, need_B))
+        grad_x = None
+        if need_x:
+            gx = torch.mm(ga, A).view(x.shape)
+            if mask is not None:
+                mask.apply_(gx)
+            grad_x = gx.to(x.dtype)
+        return grad, grad_x, grad_A, grad_B, None, None, None, None, None
+
+
+def lora_linear(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    s: float,
+    *,
+    draw: Draw | None = None,
+    in_place: bool = True,
+) -> torch.Tensor:
+    """A linear layer's output with one LoRA branch added: result + s·B·A·dropout(x).
+
+    Equal to `result + functional.linear_delta(functional.dropout(x, keep, p), A, B, s)` (same
+    gradients to float rounding), computed by `LoraLinearFunction`; without gradients, no node: the
+    branch is accumulated into the base output.
+
+    Args:
+        result: (..., out), the base layer's output.
+        x: (..., in), the layer's input (before dropout).
+        A: (r, in).
+        B: (out, r).
+        s: scaling.
+        draw: the dropout mask over x (`MaskSharing.draw`), or None without dropout.
+        in_place: add the branch into `result` itself when it is a fresh dense tensor of A's
+            dtype (pass False when something else may hold `result`, e.g. a forward hook).
+
+    Returns:
+        (..., out) in result's dtype.
+    """
+    if draw is not None:
+        mask = draw.mask
+        xm = draw.plain(x, A.dtype)
+        return LoraLinearFunction.apply(result, x, A, B, s / (1 - mask.p), in_place, xm, mask, draw.rebuild)
+    if not grad_needed(result, x, A, B):
+        in_place = in_place and _in_place_ok(result, A.dtype)
+        xa = x.reshape(-1, x.shape[-1]).to(A.dtype)
+        out, _ = branch_forward(result.reshape(-1, result.shape[-1]), xa, A, B, s, in_place=in_place)
+        return result if in_place else out.view(result.shape)
+    return LoraLinearFunction.apply(result, x, A, B, s, in_place)
+
+
+def fused_records(layer: LoraLinear) -> Sequence[AdapterRecord] | None:
+    """Eligibility of the fused node: the records it computes, or None for the reference.
+
+    Speed path `fused_linear`: every adapter the forward adds is a plain one (no fused slices),
+    and there is at least one. Any base layer, dtype, grad mode and torch.compile qualify.
+    """
+    if not enabled("fused_linear"):
+        return None
+    records = layer.pending()
+    if not records or any(rec.slices is not None for rec in records):
+        return None
+    return records
+
+
+def forward(layer: LoraLinear, x: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """`LoraLinear`'s forward by the first speed path that applies, or None to run the reference.
+
+    In order: the on-the-fly merged weight (`merged_weight`), per-row adapters stacked into one
+    batched product (`rows`), the fused node per adapter (`fused_records`).
+    """
+    if not args and not kwargs:
+        weight = merged_weight.weight(layer, x)
+        if weight is not None:
+            return F.linear(x, weight, layer.base_layer.bias)
+    if layer.rows is not None:
+        return rows.forward(layer, x, args, kwargs)
+    records = fused_records(layer)
+    if records is None:
+        return None
+    result = layer.base_layer(x, *args, **kwargs)
+    in_place = not output_seen(layer.base_layer)
+    for rec in records:
+        result = lora_linear(
+            result, x, rec.lora_A, rec.lora_B, rec.scaling, draw=layer.draw_dropout(rec, x), in_place=in_place
+        )
+    return result
