@@ -265,16 +265,21 @@ def randomize_lora_B(model, std: float = B_STD, seed: int = 0) -> int:
     return n
 
 
-def lora_configs(library: str, adapter_set: str, dropout: float):
-    """A LoraConfig of `library` ("peft" or "lorakit") for one of ADAPTER_SETS."""
+def lora_configs(library: Any, adapter_set: str, dropout: float):
+    """A LoraConfig for one of ADAPTER_SETS of `library`: "peft", "lorakit", or a lorakit module
+    (another revision's, from `_baseline.load`)."""
     r, alpha, targets = ADAPTER_SETS[adapter_set]
     if library == "peft":
         import peft
 
-        return peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets))
-    import lorakit
+        module = peft
+    elif library == "lorakit":
+        import lorakit
 
-    return lorakit.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets))
+        module = lorakit
+    else:
+        module = library
+    return module.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets))
 
 
 def sync(device: str) -> None:
@@ -632,12 +637,13 @@ def report_in_process(
 
 
 def write_json(path: Path | None, payload: dict[str, Any]) -> None:
+    """Write a benchmark's results as JSON (atomically, `lorakit.atomic`), if a path is given."""
     if path is None:
         return
+    from lorakit import atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic.write_json(path, payload)
     print(f"results written to {path}", file=sys.stderr)
 
 

@@ -1,43 +1,60 @@
-"""What the two paper experiments (`e2e.py`, `glue.py`) share: one training loop, PEFT set-up, sizes, tables.
+"""What the two paper experiments (`e2e.py`, `glue.py`) share: training through `fit`, PEFT set-up, data, tables.
 
-The loop is `lorakit.train.fit`'s optimizer step built from the same public parts (`build_optimizer`,
-`build_scheduler`, `loss_sum`, `count_targets`, `iterate_batches`; one batch per step, no DDP) for
-one reason: `fit` trains and saves a *lorakit* adapter and refuses a model without one, and these
-experiments must train a PEFT model and a fully fine-tuned model through the very same loop, so
-that only the LoRA implementation (or its absence) differs between methods. Same optimizer groups
-(AdamW, no decay on < 2-D parameters), same warmup/decay schedule, same token-normalised
-label-smoothed loss, same seeding point (after the optimizer is built) and same batch order.
+Every method trains through `lorakit.train.fit` — a lorakit adapter, a PEFT model and a fully
+fine-tuned model alike (`fit` trains whatever requires grad when the model carries no lorakit
+adapter) — so only the LoRA implementation, or its absence, differs between methods: same
+optimizer groups (AdamW, no decay on < 2-D parameters), same warmup/decay schedule, same
+token-normalised label-smoothed loss, same seeding point and the same batch order.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import math
 import os
-import random
-import time
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 import lorakit
+from lorakit import atomic
 from lorakit.data import ClassificationDataset, TokenizedDataset, iterate_batches, num_batches
-from lorakit.errors import TrainingError
-from lorakit.io import atomic_write
-from lorakit.train import TrainConfig, build_optimizer, build_scheduler, count_targets, loss_sum
-from lorakit.train.loss import logits_of
+from lorakit.train import TrainConfig, fit
+
+DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+"""Default of `--data-dir`: the shared datasets beside the repository (`../shared/data`)."""
 
 
-def seed_everything(seed: int) -> None:
-    """Seed `random`, numpy and torch (CPU and CUDA), as `fit` does at the start of a fresh run."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def add_data_dir_flag(parser: argparse.ArgumentParser) -> None:
+    """`--data-dir DIR`: where the datasets are (default `../shared/data` beside the repository)."""
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DATA_DIR,
+        help=f"folder holding the datasets (e2e/, glue/), default {DATA_DIR}",
+    )
+
+
+def data_file(data_dir: Path, *parts: str) -> Path:
+    """`data_dir/parts...`, or exit with a message saying what is missing and how to point at it.
+
+    Raises:
+        SystemExit: the folder or the file does not exist.
+    """
+    if not data_dir.is_dir():
+        raise SystemExit(
+            f"data directory {data_dir} not found: pass --data-dir with the folder that holds {'/'.join(parts)} "
+            "(the shared datasets, see benchmarks/README.md)"
+        )
+    path = data_dir.joinpath(*parts)
+    if not path.is_file():
+        raise SystemExit(f"{path} not found in --data-dir {data_dir}: the folder must hold {'/'.join(parts)}")
+    return path
 
 
 @dataclass
@@ -50,6 +67,7 @@ class TrainStats:
         seconds: wall time of all steps (data collation included, model loading not).
         seconds_per_step: median wall time of one step, the first (warm-up) step left out.
         step_seconds: wall time of every step.
+        saved: what `fit` saved: the adapter directory (lorakit) or the model directory (others).
     """
 
     steps: int
@@ -57,6 +75,7 @@ class TrainStats:
     seconds: float = 0.0
     seconds_per_step: float = 0.0
     step_seconds: list[float] = field(default_factory=list)
+    saved: Path | None = None
 
 
 def total_steps(dataset: TokenizedDataset | ClassificationDataset, cfg: TrainConfig) -> int:
@@ -69,78 +88,54 @@ def train(
     model: nn.Module,
     dataset: TokenizedDataset | ClassificationDataset,
     cfg: TrainConfig,
+    folder: Path,
     *,
     log_every: int = 50,
     label: str = "train",
 ) -> TrainStats:
-    """Train the parameters of `model` that require grad, one batch per step (see the module docstring).
+    """Train the parameters of `model` that require grad with `fit`, into `folder`.
 
     Args:
         model: any model (lorakit-injected, a PEFT model, or a plain one for full fine-tuning),
             already on its device.
         dataset: from `tokenize_examples` (token labels) or `tokenize_classification` (class labels).
-        cfg: lr, weight decay, warmup, schedule, max_steps/epochs, batch size, max_grad_norm, seed
-            and label smoothing are used; `grad_accum` must be 1.
+        cfg: the run's `TrainConfig`.
+        folder: `fit`'s output directory (metrics.jsonl, and adapter/ or model/).
         log_every: print the loss every this many steps.
         label: prefix of the log lines.
 
     Returns:
-        Steps, per-step losses and timings.
-
-    Raises:
-        TrainingError: a non-finite loss or gradient norm (the bad update is not applied).
+        Steps, per-step losses and timings, and what was saved.
     """
-    if cfg.grad_accum != 1:
-        raise TrainingError("these experiments take one batch per step; set grad_accum=1")
-    torch.set_flush_denormal(True)  # DESIGN.md: CPU steps slow down 4x once values turn denormal.
     steps = total_steps(dataset, cfg)
-    model.train()
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, steps)
-    seed_everything(cfg.seed)  # fit seeds here too: after building the optimizer, before step 1
-    device = next(model.parameters()).device
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
     stats = TrainStats(steps=0)
-    durations: list[float] = []
-    epoch = 0
-    started_all = time.perf_counter()
-    while stats.steps < steps:
-        for batch in iterate_batches(dataset, cfg.batch_size, seed=cfg.seed, epoch=epoch):
-            started = time.perf_counter()
-            batch = {key: value.to(device) for key, value in batch.items()}
-            labels = batch.pop("labels")
-            targets = max(count_targets(labels), 1)
-            summed = loss_sum(logits_of(model(**batch)), labels, cfg.label_smoothing)
-            loss = float(summed.detach()) / targets
-            if not math.isfinite(loss):
-                raise TrainingError(f"{label}: loss became {loss} at step {stats.steps + 1}; lower the lr")
-            (summed / targets).backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
-            if not math.isfinite(grad_norm):
-                raise TrainingError(f"{label}: gradient norm became {grad_norm} at step {stats.steps + 1}")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            durations.append(time.perf_counter() - started)
-            stats.steps += 1
-            stats.losses.append(loss)
-            if stats.steps % log_every == 0 or stats.steps == steps:
-                recent = stats.losses[-log_every:]
-                print(
-                    f"  {label} step {stats.steps}/{steps}: loss {sum(recent) / len(recent):.4f} "
-                    f"({durations[-1]:.2f} s/step)",
-                    flush=True,
-                )
-            if stats.steps == steps:
-                break
-        epoch += 1
-    stats.seconds = time.perf_counter() - started_all
-    stats.step_seconds = durations
-    timed = sorted(durations[1:] or durations)
-    stats.seconds_per_step = timed[len(timed) // 2]
+
+    def batches(epoch: int, start: int):
+        return iterate_batches(dataset, cfg.batch_size, seed=cfg.seed, epoch=epoch, start=start)
+
+    def on_step(step: int, record: dict[str, Any]) -> None:
+        stats.steps = step
+        stats.losses.append(record["loss"])
+        stats.step_seconds.append(record["seconds"])
+        if step % log_every == 0 or step == steps:
+            recent = stats.losses[-log_every:]
+            print(
+                f"  {label} step {step}/{steps}: loss {sum(recent) / len(recent):.4f} ({record['seconds']:.2f} s/step)",
+                flush=True,
+            )
+
+    result = fit(
+        model,
+        batches,
+        cfg,
+        folder,
+        batches_per_epoch=num_batches(dataset, cfg.batch_size),
+        on_step=on_step,
+        progress=False,
+    )
+    stats.seconds = sum(stats.step_seconds)
+    stats.seconds_per_step = statistics.median(stats.step_seconds[1:] or stats.step_seconds)
+    stats.saved = result.adapter_dir or result.model_dir
     return stats
 
 
@@ -184,17 +179,6 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def weights_bytes(model: nn.Module) -> int:
-    """Bytes of the model's weights as a safetensors file would hold them (tied weights once)."""
-    seen: set[int] = set()
-    total = 0
-    for param in model.parameters():
-        if id(param) not in seen:
-            seen.add(id(param))
-            total += param.numel() * param.element_size()
-    return total
-
-
 def train_record(stats: TrainStats, dataset: TokenizedDataset | ClassificationDataset, cfg: TrainConfig) -> dict:
     """What results.json keeps of one training run."""
     return dict(
@@ -210,38 +194,9 @@ def train_record(stats: TrainStats, dataset: TokenizedDataset | ClassificationDa
     )
 
 
-def save_trained(method: str, model: nn.Module, folder: Path) -> int:
-    """Write a LoRA method's adapter to `folder/adapter` and return its size in bytes; for full
-    fine-tuning, the model's weight bytes (the whole model is the "adapter"; not written)."""
-    if method == "lora":
-        return directory_bytes(lorakit.save_adapter(model, folder / "adapter"))
-    if method == "peft":
-        model.save_pretrained(str(folder / "adapter"), save_embedding_layers=False)
-        return directory_bytes(folder / "adapter")
-    return weights_bytes(model)
-
-
 def directory_bytes(path: Path) -> int:
     """Total size of the files directly in `path`."""
     return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file())
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temporary file, fsync, rename)."""
-    text = json.dumps(data, indent=2, default=str) + "\n"
-    atomic_write(Path(path), lambda f: f.write(text.encode()))
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write text atomically."""
-    atomic_write(Path(path), lambda f: f.write(text.encode()))
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub markdown table; numbers are expected to be formatted already."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def human_bytes(size: int | None) -> str:
@@ -333,5 +288,5 @@ def merge_results(path: Path, update: dict[str, Any]) -> dict[str, Any]:
             old = {}
     methods = {**old.get("methods", {}), **update.get("methods", {})}
     merged = {**old, **update, "methods": methods}
-    write_json(path, merged)
+    atomic.write_json(path, merged)
     return merged

@@ -36,7 +36,7 @@ def _rows(shape: tuple[int, int], p: float):
     """{label: (forward, backward, bytes kept)} for one input shape and p."""
     import torch
 
-    from lorakit import dropout as D
+    from lorakit.kernels import dropout as D
 
     x = torch.randn(*shape)
     grad = torch.randn(*shape)
@@ -49,11 +49,11 @@ def _rows(shape: tuple[int, int], p: float):
         lambda: torch.ops.aten.native_dropout_backward(grad, torch_mask, scale),
         torch_mask.numel() * torch_mask.element_size(),
     )
-    for label, sparse in (("lorakit dense", False), ("lorakit sparse", True)):
-        kept = D.draw_mask(shape, p, "cpu", sparse=sparse).saved()
+    for label, sampler in (("lorakit dense", D.dense_mask), ("lorakit sparse", D.sparse_mask)):
+        kept = sampler(shape, p, "cpu").saved()
 
-        def forward(sparse=sparse):
-            mask = D.draw_mask(shape, p, "cpu", sparse=sparse)
+        def forward(sampler=sampler):
+            mask = sampler(shape, p, "cpu")
             return mask.saved(), mask.apply(x)
 
         def backward(kept=kept):

@@ -46,18 +46,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _common as C
 import _experiments as X
 import torch
 
 import lorakit
+from lorakit import atomic, e2e
 from lorakit import data as D
-from lorakit import e2e
-from lorakit.generate import generate
+from lorakit.generate import Decoding, generate
 from lorakit.models import load_model
 from lorakit.train import TrainConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-E2E_DIR = ROOT.parent / "shared" / "data" / "e2e"
 METHODS = ("base", "lora", "peft", "full")
 METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 
@@ -97,11 +96,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="budget defaults; explicit flags win")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--model", default="smollm2-135m", help="packaged alias, model directory or .gguf file")
-    p.add_argument("--train-file", default=str(E2E_DIR / "trainset.csv"), help="E2E CSV (mr,ref) or LoRA .txt")
+    X.add_data_dir_flag(p)
+    p.add_argument("--train-file", help="E2E CSV (mr,ref) or LoRA .txt (default: <data-dir>/e2e/trainset.csv)")
     p.add_argument("--train-size", type=int, help="train on a seeded random subset of N rows (default: all)")
     p.add_argument("--max-steps", type=int, help="optimizer steps (wins over --epochs)")
     p.add_argument("--epochs", type=int, help="passes over the training rows when --max-steps is not set")
-    p.add_argument("--eval-file", default=str(E2E_DIR / "devset.csv"), help="official E2E CSV (mr,ref), or .txt")
+    p.add_argument("--eval-file", help="official E2E CSV (mr,ref), or .txt (default: <data-dir>/e2e/devset.csv)")
     p.add_argument("--eval-size", type=int, help="score only the first N MRs (default: all)")
     p.add_argument("--lr", type=float, default=2e-4, help="LoRA learning rate (lora, peft)")
     p.add_argument("--full-lr", type=float, default=5e-5, help="full fine-tuning learning rate")
@@ -134,6 +134,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             problems.append(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if args.max_steps is None and args.epochs is None:
         problems.append("set --max-steps or --epochs")
+    args.train_file = args.train_file or str(X.data_file(args.data_dir, "e2e", "trainset.csv"))
+    args.eval_file = args.eval_file or str(X.data_file(args.data_dir, "e2e", "devset.csv"))
     for flag in ("train_file", "eval_file"):
         if not Path(getattr(args, flag)).is_file():
             problems.append(f"--{flag.replace('_', '-')}: no such file {getattr(args, flag)}")
@@ -198,19 +200,16 @@ def lora_config(args: argparse.Namespace, name: str) -> lorakit.LoraConfig:
 def decode(model: torch.nn.Module, tokenizer: Any, prompts: list[str], args: argparse.Namespace) -> list[str]:
     """Beam-search every prompt (`lorakit.generate`, batched with the KV cache), printing progress."""
     chunk = args.decode_batch_size * 8
+    decoding = Decoding(
+        max_new_tokens=args.max_new_tokens,
+        num_beams=args.beams,
+        length_penalty=args.length_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram,
+    )
     out: list[str] = []
     started = time.perf_counter()
     for start in range(0, len(prompts), chunk):
-        out += generate(
-            model,
-            tokenizer,
-            prompts[start : start + chunk],
-            max_new_tokens=args.max_new_tokens,
-            num_beams=args.beams,
-            length_penalty=args.length_penalty,
-            no_repeat_ngram_size=args.no_repeat_ngram,
-            batch_size=args.decode_batch_size,
-        )
+        out += generate(model, tokenizer, prompts[start : start + chunk], decoding, batch_size=args.decode_batch_size)
         print(f"  decoded {len(out)}/{len(prompts)} MRs ({time.perf_counter() - started:.0f} s)", flush=True)
     return [" ".join(text.split()) for text in out]  # one line per MR
 
@@ -252,20 +251,20 @@ def run_method(
             f"({train_mrs} MRs): {steps} steps of {cfg.batch_size}, lr {cfg.lr:g}, warmup {cfg.warmup_steps}",
             flush=True,
         )
-        stats = X.train(model, train_ds, cfg, label=method)
+        stats = X.train(model, train_ds, cfg, folder, label=method)
         result.update(X.train_record(stats, train_ds, cfg))
-        result["adapter_bytes"] = X.save_trained(method, model, folder)
+        result["adapter_bytes"] = X.directory_bytes(stats.saved)
 
     print(f"[{method}] decoding {len(prompts)} MRs, beam {args.beams}", flush=True)
     started = time.perf_counter()
     predictions = decode(model, tokenizer, prompts, args)
     result["decode_seconds"] = time.perf_counter() - started
     result["decode_seconds_per_mr"] = result["decode_seconds"] / len(prompts)
-    X.write_text(folder / "predictions.txt", "".join(text + "\n" for text in predictions))
+    atomic.write_text(folder / "predictions.txt", "".join(text + "\n" for text in predictions))
     started = time.perf_counter()
     result["scores"] = e2e.e2e_metrics(predictions, refs)
     result["score_seconds"] = time.perf_counter() - started
-    X.write_json(folder / "scores.json", result["scores"])
+    atomic.write_json(folder / "scores.json", result["scores"])
     print(f"[{method}] " + "  ".join(f"{k} {v:.4g}" for k, v in result["scores"].items()), flush=True)
     del model
     X.release_memory()
@@ -317,7 +316,7 @@ def table(results: dict[str, Any]) -> str:
                 "-",
             ]
         )
-    return X.markdown_table(headers, rows)
+    return C.markdown_table(headers, rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -327,8 +326,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     mrs, prompts, refs = load_eval(args)
-    X.write_text(out / "references.txt", "\n".join("".join(r + "\n" for r in group) for group in refs))
-    X.write_text(out / "mrs.txt", "".join(mr + "\n" for mr in mrs))
+    atomic.write_text(out / "references.txt", "\n".join("".join(r + "\n" for r in group) for group in refs))
+    atomic.write_text(out / "mrs.txt", "".join(mr + "\n" for mr in mrs))
     print(f"eval: {len(mrs)} MRs, {sum(map(len, refs))} references from {args.eval_file}", flush=True)
     settings = {k: v for k, v in vars(args).items() if k != "methods"}
     methods: dict[str, Any] = {}
@@ -345,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
     )
     text = table(results)
-    X.write_text(out / "table.md", text + "\n")
+    atomic.write_text(out / "table.md", text + "\n")
     print()
     print(text)
     if {"lora", "peft"} <= results["methods"].keys():

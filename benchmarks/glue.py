@@ -45,17 +45,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _common as C
 import _experiments as X
 import torch
 
 import lorakit
+from lorakit import atomic, metrics
 from lorakit import data as D
-from lorakit import metrics
 from lorakit.models import load_model
 from lorakit.train import TrainConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-GLUE_DIR = ROOT.parent / "shared" / "data" / "glue"
 METHODS = ("lora", "peft", "full")
 TASKS = ("sst2", "mrpc", "rte", "cola")
 TRAIN_FILES = {
@@ -90,7 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="budget defaults; explicit flags win")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--model", default="minilm-l6", help="packaged alias or model directory")
-    p.add_argument("--train-file", help="comma-separated GLUE TSVs (default: the task's files in shared/data/glue)")
+    X.add_data_dir_flag(p)
+    p.add_argument("--train-file", help="comma-separated GLUE TSVs (default: the task's files in <data-dir>/glue)")
     p.add_argument("--eval-file", help="a GLUE TSV of the task to score on (default: held-out train rows)")
     p.add_argument("--holdout-fraction", type=float, default=0.1, help="share of train held out when no --eval-file")
     p.add_argument("--train-size", type=int, help="train on a seeded random subset of N rows (default: all)")
@@ -131,7 +131,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         problems.append("set --max-steps or --epochs")
     if not 0 < args.holdout_fraction < 1:
         problems.append(f"--holdout-fraction must be in (0, 1), got {args.holdout_fraction}")
-    args.train_file = args.train_file or ",".join(str(GLUE_DIR / f) for f in TRAIN_FILES[args.task])
+    if not args.train_file:
+        files = [X.data_file(args.data_dir, "glue", *name.split("/")) for name in TRAIN_FILES[args.task]]
+        args.train_file = ",".join(map(str, files))
     for path in [*args.train_file.split(","), *([args.eval_file] if args.eval_file else [])]:
         if not Path(path).is_file():
             problems.append(f"no such file: {path}")
@@ -256,21 +258,21 @@ def run_method(
         f"{steps} steps of {cfg.batch_size}, lr {cfg.lr:g}, warmup {cfg.warmup_steps}",
         flush=True,
     )
-    stats = X.train(model, train_ds, cfg, label=method)
+    stats = X.train(model, train_ds, cfg, folder, label=method)
     result.update(X.train_record(stats, train_ds, cfg))
-    result["adapter_bytes"] = X.save_trained(method, model, folder)
+    result["adapter_bytes"] = X.directory_bytes(stats.saved)
 
     started = time.perf_counter()
     preds = predict(model, eval_ds, 64)
     result["eval_seconds"] = time.perf_counter() - started
     result["eval_rows"] = len(preds)
     result["scores"] = scores(preds, eval_rows[2])
-    X.write_text(
+    atomic.write_text(
         folder / "predictions.tsv",
         "index\tlabel\tprediction\n"
         + "".join(f"{i}\t{y}\t{p}\n" for i, (y, p) in enumerate(zip(eval_rows[2], preds, strict=True))),
     )
-    X.write_json(folder / "scores.json", result["scores"])
+    atomic.write_json(folder / "scores.json", result["scores"])
     print(f"[{method}] " + "  ".join(f"{k} {v:.2f}" for k, v in result["scores"].items()), flush=True)
     del model
     X.release_memory()
@@ -307,7 +309,7 @@ def table(results: dict[str, Any], task: str) -> str:
         )
     for label, (params, paper) in PAPER.items():
         rows.append([label, X.human_count(int(params)), "-", "-", "-", "-", "-", "-", "-", "-", f"{paper[task]:.1f}"])
-    return X.markdown_table(headers, rows)
+    return C.markdown_table(headers, rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -333,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
     )
     text = f"{args.task.upper()}, scored on {described}, {len(eval_rows[2])} rows\n\n" + table(results, args.task)
-    X.write_text(out / "table.md", text + "\n")
+    atomic.write_text(out / "table.md", text + "\n")
     print()
     print(text)
     return results

@@ -9,13 +9,17 @@ divided by the reference's fastest step: other load on the machine only ever slo
 so the fastest steps are the closest to each configuration's own cost.
 
 - `--mode train`: reference = the floor (frozen model, input-gradient backward, no optimiser);
-  rows: lorakit, lorakit with `lorakit.mlp_fusion` off, lorakit with dropout 0, PEFT — each
-  dropout 0.05 unless named, fused AdamW (as `train_step.py`).
+  rows: lorakit, lorakit with the gated-MLP node off (`lorakit.kernels.disabled("gated_mlp")`),
+  lorakit with every kernel off (the reference path), lorakit with dropout 0, PEFT — each
+  dropout 0.05 unless named, fused AdamW (as `train_step.py`). `--baseline REV` adds lorakit as of
+  git revision REV (imported beside the working tree, `_baseline.py`), to measure a change before
+  and after in the same run.
 - `--mode inference`: reference = the base model; rows: lorakit unmerged, PEFT unmerged, lorakit
   merged (the same graph as the base: its spread shows what the machine can resolve).
 
 Usage:
     .venv/bin/python benchmarks/paired.py --mode train --adapter-set all16
+    .venv/bin/python benchmarks/paired.py --mode train --adapter-set qv8 --baseline HEAD~5
     .venv/bin/python benchmarks/paired.py --mode inference --adapter-set qv8 --pairs 8 --out runs/paired.json
 """
 
@@ -27,37 +31,49 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import _baseline
 import _common as C
 
 
 def _train_rows(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
+    import contextlib
+
     import torch
 
-    from lorakit import mlp_fusion
+    import lorakit
 
+    old = _baseline.load(args.baseline) if args.baseline else None
     ids = None
     rows: dict[str, Callable[[], None]] = {}
-    specs = {
-        "floor": ("floor", 0.0, True),
-        "lorakit": ("lorakit", 0.05, True),
-        "lorakit, MLP fusion off": ("lorakit", 0.05, False),
-        "lorakit, dropout 0": ("lorakit", 0.0, True),
-        "PEFT": ("peft", 0.05, True),
+    # label -> (what, dropout, paths disabled: None = none, () = all)
+    specs: dict[str, tuple[str, float, tuple[str, ...] | None]] = {
+        "floor": ("floor", 0.0, None),
+        "lorakit": ("lorakit", 0.05, None),
+        "lorakit, gated-MLP node off": ("lorakit", 0.05, ("gated_mlp",)),
+        "lorakit, kernels disabled (reference)": ("lorakit", 0.05, ()),
+        "lorakit, dropout 0": ("lorakit", 0.0, None),
     }
-    for label, (kind, dropout, fuse) in specs.items():
+    if old is not None:
+        specs[f"lorakit@{args.baseline}"] = ("baseline", 0.05, None)
+    specs["PEFT"] = ("peft", 0.05, None)
+    for label, (kind, dropout, off) in specs.items():
         model = C.load_base(args)
         ids = ids if ids is not None else C.random_ids(args, model.config.vocab_size)
         if kind == "floor":
             C.make_floor(model)
+        elif kind == "baseline":
+            old.inject(model, C.lora_configs(old, args.adapter_set, dropout))
+            C.randomize_lora_B(model)
         else:
             model, _ = C.add_lora(model, kind, args.adapter_set, dropout)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True) if params else None
 
-        def step(model=model, optimizer=optimizer, fuse=fuse, ids=ids) -> None:
-            mlp_fusion.enabled = fuse
-            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        def step(model=model, optimizer=optimizer, off=off, ids=ids) -> None:
+            switch = lorakit.kernels.disabled(*off) if off is not None else contextlib.nullcontext()
+            with switch:
+                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
             if optimizer is not None:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -100,6 +116,9 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument(
+        "--baseline", metavar="REV", help="train mode: add a row for lorakit as of this git revision (e.g. HEAD~3)"
+    )
     args = parser.parse_args()
     args.batch = args.batch or (4 if args.mode == "train" else 8)
     args.device, args.dtype = "cpu", "fp32"

@@ -3,15 +3,66 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import LogitsProcessor, LogitsProcessorList, NoRepeatNGramLogitsProcessor
 
 from lorakit.data import encode_prompt
+from lorakit.errors import ConfigError
+from lorakit.extras import require
 
-__all__ = ["generate"]
+__all__ = ["E2E_PAPER", "Decoding", "generate"]
+
+
+@dataclass
+class Decoding:
+    """How `generate` continues a prompt: greedy by default, sampling, or beam search.
+
+    Args:
+        max_new_tokens: generate at most this many tokens.
+        num_beams: beam-search width; 1 = greedy (or sampling with `do_sample`).
+        do_sample: sample instead of greedy or beam search.
+        temperature: sampling temperature.
+        top_p: nucleus-sampling threshold.
+        length_penalty: beam-search length penalty (< 1 favours shorter outputs).
+        no_repeat_ngram_size: forbid repeating n-grams of this size within the new text (0 = off).
+            Only generated tokens count, as in the LoRA repo's decoder (gpt2_beam.py
+            `_calc_banned_ngram_tokens`) and fairseq; transformers' own option also counts the
+            prompt, which for E2E would forbid copying a slot value such as "more than £ 30".
+        seed: sampling seed.
+
+    Raises:
+        ConfigError: listing every invalid value.
+    """
+
+    max_new_tokens: int = 64
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name, low in (("max_new_tokens", 1), ("num_beams", 1), ("no_repeat_ngram_size", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                problems.append(f"{name} must be an integer >= {low}, got {value!r}")
+        if not (isinstance(self.temperature, int | float) and self.temperature > 0):
+            problems.append(f"temperature must be > 0, got {self.temperature!r}")
+        if not (isinstance(self.top_p, int | float) and 0 < self.top_p <= 1):
+            problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if problems:
+            raise ConfigError("invalid Decoding:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+E2E_PAPER = Decoding(num_beams=10, length_penalty=0.8, no_repeat_ngram_size=4)
+"""The LoRA paper's E2E decoding (microsoft/LoRA `gpt2_beam.py`): beam 10, length penalty 0.8, no
+repeated 4-grams, at most 64 new tokens."""
 
 
 @torch.no_grad()
@@ -19,51 +70,35 @@ def generate(
     model: nn.Module,
     tokenizer: Any,
     prompts: Sequence[str],
+    decoding: Decoding | None = None,
     *,
-    max_new_tokens: int = 64,
-    num_beams: int = 1,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    length_penalty: float = 1.0,
-    no_repeat_ngram_size: int = 0,
     batch_size: int = 8,
-    seed: int = 0,
 ) -> list[str]:
     """Continue each prompt; return only the new text.
 
     Prompts are encoded exactly as in training (`data.encode_prompt`), left-padded into batches
-    and decoded with transformers' `generate` (KV cache on). Greedy by default; `do_sample` for
-    sampling, `num_beams > 1` for beam search (the paper's E2E decoding: beam 10, length penalty
-    0.8, no repeated 4-grams).
+    and decoded with transformers' `generate` (KV cache on).
 
     Args:
         model: a causal LM (with or without adapters).
         tokenizer: its tokenizer (needs a pad or EOS token).
         prompts: the prompt texts.
-        max_new_tokens: generation length limit.
-        num_beams: beams; 1 = greedy or sampling.
-        do_sample: sample instead of greedy/beam.
-        temperature: sampling temperature.
-        top_p: nucleus sampling threshold.
-        length_penalty: beam-search length penalty.
-        no_repeat_ngram_size: forbid repeating n-grams of this size within the new text (0 = off).
-            Only generated tokens count, as in the LoRA repo's decoder (gpt2_beam.py
-            `_calc_banned_ngram_tokens` sees only the generated history) and fairseq; transformers'
-            own `no_repeat_ngram_size` also counts the prompt, which for E2E would forbid copying a
-            slot value such as "more than £ 30" from the MR.
+        decoding: how to decode (default: greedy, 64 new tokens).
         batch_size: prompts per batch.
-        seed: sampling seed.
 
     Returns:
         One completion per prompt, special tokens removed, whitespace stripped.
     """
+    require("transformers", "cli", "generation")
+    from transformers import LogitsProcessorList
+
+    d = decoding or Decoding()
     was_training = model.training
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
+    torch.manual_seed(d.seed)
     outputs: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
@@ -75,22 +110,22 @@ def generate(
                 ids[row, width - len(e) :] = torch.tensor(e)
                 mask[row, width - len(e) :] = 1
             kwargs: dict[str, Any] = dict(
-                max_new_tokens=max_new_tokens,
-                num_beams=num_beams,
-                do_sample=do_sample,
+                max_new_tokens=d.max_new_tokens,
+                num_beams=d.num_beams,
+                do_sample=d.do_sample,
                 pad_token_id=pad,
                 eos_token_id=tokenizer.eos_token_id,
                 use_cache=True,
             )
-            if do_sample:
-                kwargs.update(temperature=temperature, top_p=top_p)
+            if d.do_sample:
+                kwargs.update(temperature=d.temperature, top_p=d.top_p)
             else:
                 kwargs.update(temperature=None, top_p=None, top_k=None)
-            if num_beams > 1:
-                kwargs.update(length_penalty=length_penalty, early_stopping=True)
-            if no_repeat_ngram_size:
+            if d.num_beams > 1:
+                kwargs.update(length_penalty=d.length_penalty, early_stopping=True)
+            if d.no_repeat_ngram_size:
                 kwargs["logits_processor"] = LogitsProcessorList(
-                    [_NoRepeatNGramInCompletion(no_repeat_ngram_size, prompt_width=width)]
+                    [_NoRepeatNGramInCompletion(d.no_repeat_ngram_size, prompt_width=width)]
                 )
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
             for row in out[:, width:]:
@@ -101,14 +136,18 @@ def generate(
     return outputs
 
 
-class _NoRepeatNGramInCompletion(LogitsProcessor):
+class _NoRepeatNGramInCompletion:
     """transformers' no-repeat-n-gram ban applied to the generated tokens only (prompt excluded).
 
     Prompts are left-padded to one width, so for every row (and beam) the new tokens are the
-    columns from `prompt_width` on: (batch·beams, width + t) -> (batch·beams, t).
+    columns from `prompt_width` on: (batch·beams, width + t) -> (batch·beams, t). A logits
+    processor (called as transformers calls them; no subclass needed, so this module imports
+    without transformers).
     """
 
     def __init__(self, ngram_size: int, *, prompt_width: int) -> None:
+        from transformers import NoRepeatNGramLogitsProcessor
+
         self._ban = NoRepeatNGramLogitsProcessor(ngram_size)
         self._width = prompt_width
 

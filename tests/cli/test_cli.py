@@ -33,9 +33,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import lorakit
-from lorakit import runs
-from lorakit.cli.options import field_help
-from lorakit.generate import generate
+from lorakit.cli import commands
+from lorakit.cli.flags import field_help
+from lorakit.generate import Decoding, generate
 from lorakit.models import load_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,20 +46,16 @@ LORAKIT = Path(sys.executable).with_name("lorakit")  # the console script, as a 
 ENV = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
 ENV.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")  # two processes at a time
 
-# A handful of steps at a high learning rate: enough for the eval loss to fall clearly.
+# A handful of steps at a high learning rate: enough for the eval loss to fall clearly. The old
+# flags (-r, --lora-alpha, --lora-dropout, --target) must keep working beside the generated ones.
 TRAIN_FLAGS = ("--max-steps", 6, "--seq-len", 48, "--batch-size", 4, "--lr", 1e-2, "--warmup-steps", 1)
+TRAIN_FLAGS += ("-r", 8, "--lora-alpha", 16, "--lora-dropout", 0.05, "--target", "q_proj,v_proj", "--save-every", 6)
 QUIET = ("--samples", 0, "--threads", 1, "--no-progress")
 CLS_FLAGS = ("--task", "classification", "--model", "minilm-l6", "--max-steps", 4, "--seq-len", 64)
-CLS_FLAGS += ("--batch-size", 8, "--lr", 5e-3, "--warmup-steps", 1)
+CLS_FLAGS += ("--batch-size", 8, "--lr", 5e-3, "--warmup-steps", 1, "--save-every", 2)
 PROMPT = "name : The Eagle | Type : pub | food : French | area : riverside ||"
 
-OPTIONS = {
-    "train": runs.TrainOptions,
-    "generate": runs.GenerateOptions,
-    "eval": runs.EvalOptions,
-    "merge": runs.MergeOptions,
-    "inspect": runs.InspectOptions,
-}
+COMMANDS = commands()
 
 
 def cli(*args: object, module: bool = False) -> list[str]:
@@ -194,7 +190,7 @@ def results(work) -> dict[str, Result]:
     now: dict[str, list[str]] = {
         "inspect": cli("inspect", "--target", "all-linear"),
         "help": cli("--help", module=True),  # `python -m lorakit`, what torchrun runs
-        **{f"help-{name}": cli(name, "--help") for name in OPTIONS},
+        **{f"help-{name}": cli(name, "--help") for name in COMMANDS},
         # --debug after the command, or before it
         "debug-after": cli("train", "--debug", "--model", work / "no-such-model", "--out", work / "debug-out"),
         "debug-before": cli("--debug", "train", "--model", work / "no-such-model", "--out", work / "debug-out"),
@@ -271,14 +267,17 @@ def test_train_writes_the_run_files(trained):
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     run_config = json.loads((out / "run_config.json").read_text())
-    assert run_config["options"]["max_steps"] == 6 and run_config["options"]["seq_len"] == 48
+    assert run_config["train"]["max_steps"] == 6 and run_config["run"]["seq_len"] == 48
     assert run_config["train"]["lr"] == pytest.approx(1e-2)
+    lora = run_config["lora"]
+    assert (lora["r"], lora["lora_alpha"], lora["lora_dropout"]) == (8, 16, 0.05)
+    assert lora["target_modules"] == ["q_proj", "v_proj"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6
     assert summary["final_train_loss"] == pytest.approx(records[-1]["loss"])
 
     # README: `checkpoints/step-N/` (adapter + optimizer/scheduler/RNG/data position in safetensors
-    # + JSON); --help: "save_every ... (default: only at the end)".
+    # + JSON), every --save-every steps.
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-6"]
     step6 = out / "checkpoints" / "step-6"
     assert sorted(p.name for p in step6.iterdir()) == [
@@ -300,7 +299,7 @@ def test_train_overwrite_replaces_a_finished_run(results, work):
     out = work / "cls-again"  # held the 4-step classification run, checkpoints/step-4 included
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    assert json.loads((out / "run_config.json").read_text())["options"]["max_steps"] == 2
+    assert json.loads((out / "run_config.json").read_text())["train"]["max_steps"] == 2
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
 
 
@@ -348,7 +347,7 @@ def test_generate_prints_the_adapted_models_text(results, smol, adapted):
     proc = results["generate"].proc
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "Traceback" not in proc.stderr
-    (expected,) = generate(adapted, tokenizer, [PROMPT], max_new_tokens=12)  # greedy, as the CLI default
+    (expected,) = generate(adapted, tokenizer, [PROMPT], Decoding(max_new_tokens=12))  # greedy, the CLI default
     assert expected.strip()
     assert proc.stdout.strip() == expected.strip()
 
@@ -448,23 +447,25 @@ def _squash(text: str) -> str:
     return "".join(text.split())  # argparse re-wraps help text, also after hyphens
 
 
-@pytest.mark.parametrize("command", list(OPTIONS))
+@pytest.mark.parametrize("command", list(COMMANDS))
 def test_help_lists_every_flag(results, command):
     proc = results[f"help-{command}"].proc
     assert proc.returncode == 0, proc.stderr
     for flag in FLAGS[command]:
         assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", proc.stdout), flag
-    # Every option is a flag, with the help text of its docstring (STYLE.md §3: they cannot drift).
-    docs = field_help(OPTIONS[command])
-    for field in dataclasses.fields(OPTIONS[command]):
-        assert "--" + field.name.replace("_", "-") in proc.stdout, field.name
-        assert _squash(docs[field.name]) in _squash(proc.stdout), field.name
+    # Every field of the command's config dataclasses is a flag, with the help text of the
+    # dataclass's docstring (STYLE.md §3: they cannot drift).
+    for spec in COMMANDS[command].specs:
+        docs = field_help(spec.cls)
+        for field in spec.fields():
+            assert "--" + field.name.replace("_", "-") in proc.stdout, field.name
+            assert _squash(docs[field.name]) in _squash(proc.stdout), field.name
 
 
 def test_top_level_help_lists_the_commands(results):
     proc = results["help"].proc
     assert proc.returncode == 0, proc.stderr
-    for command in OPTIONS:
+    for command in COMMANDS:
         assert re.search(rf"^    {command} ", proc.stdout, re.MULTILINE), command
 
 

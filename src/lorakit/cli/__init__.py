@@ -1,50 +1,54 @@
-"""`lorakit` command line: flags and TOML files -> one library call per subcommand."""
+"""`lorakit` command line: one module per command; flags and TOML keys come from the config dataclasses.
+
+| command | module | calls |
+|---|---|---|
+| `train` | `cli/train.py` | `lorakit.train.run.train_run` |
+| `eval` | `cli/eval.py` | `lorakit.evaluate.evaluate` |
+| `generate` | `cli/generate.py` | `lorakit.generate.generate` |
+| `merge` | `cli/merge.py` | `lorakit.export.export_merged` |
+| `inspect` | `cli/inspect.py` | `lorakit.inject.preview` |
+
+Bad input ends with one line on stderr and exit code 2 (`--debug` shows the traceback).
+"""
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import sys
 import traceback
 import warnings
 from collections.abc import Sequence
 
-from lorakit.cli.options import add_options, resolve_options
 from lorakit.errors import LorakitError
 
-__all__ = ["main"]
-
-_SHORT = {"r": "-r", "out": "-o"}
+__all__ = ["build_parser", "commands", "main"]
 
 
-def _commands():
-    from lorakit import runs
+def commands() -> dict:
+    """name -> `Command`, for every subcommand (imported on first use)."""
+    from lorakit.cli import eval, generate, inspect, merge, train
 
-    return {
-        "train": (runs.TrainOptions, runs.train_run),
-        "generate": (runs.GenerateOptions, runs.generate_run),
-        "eval": (runs.EvalOptions, runs.eval_run),
-        "merge": (runs.MergeOptions, runs.merge_run),
-        "inspect": (runs.InspectOptions, runs.inspect_run),
-    }
+    return {m.COMMAND.name: m.COMMAND for m in (train, generate, eval, merge, inspect)}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a flag error as one line (`lorakit train: error: argument --bias: ...`), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser: one subcommand per job, flags generated from its options dataclass."""
-    parser = argparse.ArgumentParser(
+    """The argument parser: one subcommand per command, flags generated from its config dataclasses."""
+    parser = _Parser(
         prog="lorakit",
         description="LoRA fine-tuning (Hu et al., 2022): train, generate, eval, merge, inspect.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (cls, _) in _commands().items():
-        summary = (inspect.getdoc(cls) or "").splitlines()[0]
-        p = sub.add_parser(name, help=summary, description=summary)
-        p.add_argument("--config", help="TOML file whose keys are this command's flags (flags override it)")
-        # SUPPRESS: an absent subcommand --debug must not reset `lorakit --debug train ...` to False.
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
-        add_options(p, cls, _SHORT)
+    for command in commands().values():
+        command.add_to(sub)
     return parser
 
 
@@ -56,8 +60,10 @@ def _quiet_transformers() -> None:
     from the adapter. transformers is already imported here, so its environment variables
     (`TRANSFORMERS_VERBOSITY`, `HF_HUB_DISABLE_PROGRESS_BARS`) would come too late.
     """
-    from transformers.utils import logging as hf_logging
-
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # without the cli extra: the command reports it
+        return
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
@@ -67,22 +73,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--debug")):
-        argv = ["train", *argv]  # `lorakit` alone runs the embedded default
-    if argv == ["--debug"]:
-        argv = ["train", "--debug"]
     parser = build_parser()
+    if not argv or argv == ["--debug"]:
+        parser.print_help()
+        return 0
     args = parser.parse_args(argv)
     if args.command is None:
-        args = parser.parse_args(["train", *argv])
-    cls, run = _commands()[args.command]
+        parser.print_help()
+        return 0
+    command = commands()[args.command]
     debug = args.debug
-    if not debug:
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        _quiet_transformers()
     try:
-        options = resolve_options(cls, args, args.config)
-        run(options)
+        if not debug:
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            _quiet_transformers()
+        command(args)
     except LorakitError as err:
         if debug:
             traceback.print_exc()

@@ -3,7 +3,8 @@
 A checkpoint directory holds
 
 - `adapter_config.json`, `adapter_model.safetensors`: the adapter in PEFT's format
-  (`lorakit.save_adapter`), loadable on its own by lorakit or PEFT;
+  (`lorakit.save_adapter`), loadable on its own by lorakit or PEFT (not for a model trained
+  without a lorakit adapter: its trainable parameters are all in the trainer state);
 - `trainer_state.safetensors`: every tensor needed to resume — the trainable parameters exactly
   as they are in memory (`param.<name>`), the optimizer's state (`optimizer.<index>.<key>`), each
   rank's torch RNG state as uint8 (`rng.torch.<rank>`, `rng.cuda.<rank>`);
@@ -103,7 +104,7 @@ def save_checkpoint(
     state: TrainerState,
     *,
     model: nn.Module,
-    adapter_name: str,
+    adapter_name: str | None,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     keep: int | None,
@@ -116,7 +117,7 @@ def save_checkpoint(
         state: step, data position, config and history (JSON-ready); RNG, optimizer and
             scheduler state are added here.
         model: the model (not a DDP wrapper).
-        adapter_name: the adapter to save.
+        adapter_name: the adapter to save, or None for a model without a lorakit adapter.
         optimizer: its state goes to safetensors (tensors) and JSON (the rest).
         scheduler: its state dict (numbers only) goes to JSON.
         keep: keep only the newest this many checkpoints (None: all).
@@ -164,7 +165,8 @@ def save_checkpoint(
         )
 
         def build(tmp: Path) -> None:
-            save_adapter(model, tmp, adapter_name)
+            if adapter_name is not None:
+                save_adapter(model, tmp, adapter_name)
             atomic.write_bytes(tmp / STATE_TENSORS, payload)
             atomic.write_text(tmp / STATE_JSON, text)
 

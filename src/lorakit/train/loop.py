@@ -19,13 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_model as save_model_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from lorakit import atomic
+from lorakit.atomic import build_directory
 from lorakit.errors import ConfigError, TrainingError
 from lorakit.io import save_adapter
-from lorakit.state import require_adapter
+from lorakit.state import find_state, require_adapter
 from lorakit.train.checkpoint import (
     CHECKPOINTS_DIR,
     latest_checkpoint,
@@ -44,12 +46,13 @@ try:
 except ImportError:  # pragma: no cover
     np = None  # type: ignore[assignment]
 
-__all__ = ["ADAPTER_DIR", "METRICS_FILE", "FitResult", "fit"]
+__all__ = ["ADAPTER_DIR", "METRICS_FILE", "MODEL_DIR", "FitResult", "fit"]
 
 logger = logging.getLogger("lorakit.train")
 
 METRICS_FILE = "metrics.jsonl"
 ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"
 
 BatchesFn = Callable[[int, int], Iterator[dict[str, Any]]]
 EvalFn = Callable[[nn.Module], dict[str, float]]
@@ -64,7 +67,10 @@ class FitResult:
         steps: optimizer steps of the whole run (including those before a resume).
         final_loss: training loss of the last step (None if no step ran at all).
         evals: every evaluation, oldest first: `{"step": s, "eval_<key>": value, ...}`.
-        adapter_dir: `out_dir/adapter`, the final adapter in PEFT's format.
+        adapter_dir: `out_dir/adapter`, the final adapter in PEFT's format; None when the model
+            carries no lorakit adapter.
+        model_dir: `out_dir/model`, the trained model (`save_pretrained`, else a safetensors
+            state dict) when it carries no lorakit adapter (full fine-tuning); else None.
         out_dir: the run's directory (also holds `metrics.jsonl` and `checkpoints/`).
         last_checkpoint: the newest checkpoint directory, if any was written.
         resumed_from: the step this call resumed from, or None for a fresh run.
@@ -73,8 +79,9 @@ class FitResult:
     steps: int
     final_loss: float | None
     evals: list[dict[str, float]]
-    adapter_dir: Path
+    adapter_dir: Path | None
     out_dir: Path
+    model_dir: Path | None = None
     last_checkpoint: Path | None = None
     resumed_from: int | None = None
 
@@ -123,7 +130,12 @@ def fit(
     adapter_name: str = "default",
     progress: bool | None = None,
 ) -> FitResult:
-    """Train the trainable parameters of `model` (its LoRA adapter) and save the result.
+    """Train the trainable parameters of `model` (its LoRA adapter, or all of them) and save the result.
+
+    With a lorakit adapter injected, the adapter trains and is saved in PEFT's format. Without
+    one, whatever requires grad trains (every weight: full fine-tuning; or a PEFT model's
+    adapter) and the model is saved as a directory; the loop is the same, so methods compare on
+    equal terms.
 
     One optimizer step reads `cfg.grad_accum` consecutive batches (fewer at the end of an
     epoch; a step never spans two epochs), sums the cross entropy over their target tokens and
@@ -133,10 +145,11 @@ def fit(
     Files under `out_dir` (written by rank 0 only):
 
     - `metrics.jsonl`: one JSON line per step (step, epoch, loss, lr, grad_norm, tokens_per_s,
-      and `eval_*` on evaluation steps), flushed as written;
+      seconds, and `eval_*` on evaluation steps), flushed as written;
     - `checkpoints/step-N/`: every `cfg.save_every` steps, the newest `cfg.keep_checkpoints`
       kept (see `lorakit.train.checkpoint`);
-    - `adapter/`: the final adapter (PEFT format), written when the run completes.
+    - `adapter/`: the final adapter (PEFT format), written when the run completes; or `model/`,
+      the whole model, for a model without a lorakit adapter.
 
     Stops: a NaN/inf loss or gradient norm raises `TrainingError` before the bad update is
     applied, naming the last good checkpoint; nothing of the bad state is saved. Ctrl-C (SIGINT,
@@ -154,8 +167,9 @@ def fit(
     rank calls `train_batches_fn` for the same global batches and keeps rows `rank::world_size`.
 
     Args:
-        model: a model with adapter `adapter_name` injected, on its device. Batches are moved
-            to the device of its first parameter.
+        model: a model with adapter `adapter_name` injected, or any model whose parameters to
+            train require grad; on its device. Batches are moved to the device of its first
+            parameter.
         train_batches_fn: `(epoch, start) -> iterator` over the batches of that epoch from batch
             `start` on. A batch is a dict with `input_ids`, `attention_mask` and `labels`
             ((batch, seq) token labels with -100 where there is no target; or (batch,) class
@@ -170,7 +184,7 @@ def fit(
         resume: continue from the newest checkpoint in `out_dir`.
         on_step: called after every step (after its eval and checkpoint) as
             `on_step(step, record)` with the metrics record; on every rank.
-        adapter_name: the adapter to train and save.
+        adapter_name: the adapter to train and save (when the model carries lorakit adapters).
         progress: show a tqdm bar (step, loss, tokens/s, ETA); None: only on rank 0 when stderr
             is a terminal.
 
@@ -183,12 +197,15 @@ def fit(
             `batches_per_epoch`, existing checkpoints in `out_dir` with `resume=False`, a
             checkpoint that does not fit the model or config.
         KeyboardInterrupt: after Ctrl-C, once the checkpoint is saved.
-        LorakitError: the model has no adapter named `adapter_name`.
+        LorakitError: the model carries lorakit adapters, none named `adapter_name`.
     """
     torch.set_flush_denormal(True)  # CPU steps slow down 4x once values turn denormal (DESIGN.md).
     if isinstance(batches_per_epoch, bool) or not isinstance(batches_per_epoch, int) or batches_per_epoch < 1:
         raise ConfigError(f"batches_per_epoch must be an integer >= 1, got {batches_per_epoch!r}")
-    require_adapter(model, adapter_name)
+    if find_state(model) is not None:
+        require_adapter(model, adapter_name)
+    else:
+        adapter_name = None  # no lorakit adapter: train what requires grad, save the model
     info = init_distributed()
     out = Path(out_dir)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
@@ -278,6 +295,7 @@ def fit(
                     "lr": stats.lr,
                     "grad_norm": stats.grad_norm,
                     "tokens_per_s": stats.input_tokens / max(time.perf_counter() - started, 1e-9),
+                    "seconds": time.perf_counter() - started,
                 }
                 done = position.step == total_steps
                 if eval_fn is not None and (done or (cfg.eval_every and position.step % cfg.eval_every == 0)):
@@ -317,15 +335,20 @@ def fit(
         if metrics is not None:
             metrics.close()
 
-    adapter_dir = out / ADAPTER_DIR
+    adapter_dir = out / ADAPTER_DIR if adapter_name is not None else None
+    model_dir = out / MODEL_DIR if adapter_name is None else None
     if info.is_main:
-        save_adapter(model, adapter_dir, adapter_name)
+        if adapter_dir is not None:
+            save_adapter(model, adapter_dir, adapter_name)
+        else:
+            save_model(model, model_dir)
     barrier(info)
     return FitResult(
         steps=position.step,
         final_loss=run.last_loss,
         evals=run.evals,
         adapter_dir=adapter_dir,
+        model_dir=model_dir,
         out_dir=out,
         last_checkpoint=latest_checkpoint(out),
         resumed_from=resumed_from,
@@ -421,6 +444,22 @@ def _next_batch(data: Iterator[dict[str, Any]], position: _Position, per_epoch: 
 
 
 # ---------------------------------------------------------------------------------------- helpers
+def save_model(model: nn.Module, directory: Path) -> Path:
+    """Write a whole trained model to `directory` atomically (replacing an earlier one).
+
+    `save_pretrained` (safetensors) when the model has it (transformers, PEFT), else its state dict
+    as `model.safetensors` (tied weights stored once).
+    """
+
+    def build(tmp: Path) -> None:
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            save_model_file(model, str(tmp / "model.safetensors"))
+
+    return build_directory(directory, build, replace=True)
+
+
 def _evaluate(model: nn.Module, eval_fn: EvalFn, device: torch.device, step: int) -> dict[str, float]:
     devices = [device.index or 0] if device.type == "cuda" else []
     was_training = model.training

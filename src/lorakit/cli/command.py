@@ -1,0 +1,54 @@
+"""What every subcommand shares: its flags from config dataclasses, `--config`, `--debug`, and its run."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lorakit.cli.flags import FlagSpec, add_flags, read_toml, resolve
+from lorakit.recipes import RECIPES, config_path
+
+__all__ = ["Command"]
+
+
+@dataclass(frozen=True)
+class Command:
+    """One `lorakit` subcommand.
+
+    Args:
+        name: the subcommand.
+        summary: one line for `lorakit --help` and the top of its own `--help`.
+        specs: the config dataclasses whose fields are its flags, in order.
+        run: called with one instance per spec (in order) and `echo`, the printer.
+    """
+
+    name: str
+    summary: str
+    specs: Sequence[FlagSpec]
+    run: Callable[..., Any]
+
+    def add_to(self, sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+        parser = sub.add_parser(self.name, help=self.summary, description=self.summary)
+        parser.add_argument(
+            "--config",
+            metavar="FILE|RECIPE",
+            help="TOML file whose keys are this command's flags (flags given as well win), or a packaged "
+            f"recipe: {', '.join(RECIPES)}",
+        )
+        # SUPPRESS: an absent subcommand --debug must not reset `lorakit --debug train ...` to False.
+        parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+        add_flags(parser, self.specs)
+        return parser
+
+    def options(self, args: argparse.Namespace) -> list[Any]:
+        """The config instances: defaults, then `--config`, then the flags given."""
+        toml, source = None, ""
+        if args.config:
+            path = config_path(args.config)
+            toml, source = read_toml(path), str(path)
+        return resolve(self.specs, args, toml, source)
+
+    def __call__(self, args: argparse.Namespace, echo: Callable[[str], None] = print) -> Any:
+        return self.run(*self.options(args), echo=echo)

@@ -1,0 +1,34 @@
+"""`lorakit eval`: score a model, with or without an adapter. Flags: `ModelSource`, `Evaluation`, `Decoding`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from lorakit.cli.command import Command
+from lorakit.cli.flags import FlagSpec
+from lorakit.evaluate import Evaluation, evaluate
+from lorakit.generate import Decoding
+from lorakit.models import ModelSource, load_source
+
+
+def _run(source: ModelSource, evaluation: Evaluation, decoding: Decoding, echo: Callable[[str], None]) -> dict:
+    model, tokenizer, _ = load_source(source)
+    result = evaluate(model, tokenizer, evaluation, task=source.task, num_labels=source.num_labels, decoding=decoding)
+    for key, value in result.items():
+        echo(f"{key}: {value:.4f}")
+    return result
+
+
+COMMAND = Command(
+    name="eval",
+    summary="Evaluate a model (with an adapter, or the base model alone) on a dataset.",
+    specs=(
+        FlagSpec(ModelSource, "model and adapter"),
+        FlagSpec(Evaluation, "evaluation"),
+        FlagSpec(
+            Decoding,
+            "decoding, for --e2e-metrics (the paper's: --num-beams 10 --length-penalty 0.8 --no-repeat-ngram-size 4)",
+        ),
+    ),
+    run=_run,
+)

@@ -1,0 +1,43 @@
+"""`lorakit merge`: write base + adapter as one plain transformers model directory. Flags: `ModelSource`, `--out`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorakit.cli.command import Command
+from lorakit.cli.flags import FlagSpec
+from lorakit.errors import ConfigError
+from lorakit.export import export_merged
+from lorakit.models import ModelSource, load_source
+
+
+@dataclass
+class MergeOutput:
+    """Where the merged model goes.
+
+    Args:
+        out: directory for the merged model (must not exist, or be empty); required.
+    """
+
+    out: str | None = None
+
+
+def _run(source: ModelSource, output: MergeOutput, echo: Callable[[str], None]) -> Path:
+    if not output.out:
+        raise ConfigError("--out is required: the directory for the merged model")
+    if not source.adapter:
+        raise ConfigError("--adapter is required: an adapter directory or a training run's output directory")
+    model, tokenizer, _ = load_source(source)
+    out = export_merged(model, tokenizer, output.out)
+    echo(f"merged model written to {out}")
+    return out
+
+
+COMMAND = Command(
+    name="merge",
+    summary="Merge an adapter into its base model and write a plain transformers model directory.",
+    specs=(FlagSpec(ModelSource, "model and adapter"), FlagSpec(MergeOutput, "output", aliases={"out": ("-o",)})),
+    run=_run,
+)

@@ -1,0 +1,49 @@
+"""A model with its adapter merged in, written as a plain transformers model directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lorakit import atomic
+from lorakit.errors import ConfigError
+from lorakit.merge import merge_and_unload
+
+__all__ = ["export_merged"]
+
+
+def export_merged(model: nn.Module, tokenizer: Any, out: str | os.PathLike[str]) -> Path:
+    """Merge the active adapters (checked finite), and write the plain model and its tokenizer to `out`.
+
+    The directory is built beside `out` and renamed into place (`lorakit.atomic.build_directory`),
+    so it appears complete or not at all; transformers' `from_pretrained` loads it with the model's
+    original classes and no trace of lorakit. The model object itself is merged and unloaded.
+
+    Args:
+        model: a transformers model carrying lorakit adapters.
+        tokenizer: its tokenizer (saved beside it), or None.
+        out: the directory to create; it must not exist or be empty.
+
+    Returns:
+        The directory.
+
+    Raises:
+        ConfigError: `out` exists and is not an empty directory (nothing is written).
+        LorakitError: merging gives non-finite weights (nothing is written).
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {str(out)!r} exists and is not empty; nothing was written")
+    plain = merge_and_unload(model, safe=True)
+
+    def build(tmp: Path) -> None:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    if out.exists():
+        out.rmdir()  # empty, checked above
+    return atomic.build_directory(out, build)
