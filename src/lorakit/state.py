@@ -17,6 +17,7 @@ from lorakit.layers import BASE, AdapterHost, LoraLayer
 
 __all__ = [
     "LorakitState",
+    "adapter_owner",
     "check_adapter_name",
     "clear_state",
     "find_state",
@@ -43,6 +44,12 @@ class LorakitState:
 def find_state(model: nn.Module) -> LorakitState | None:
     """The model's adapter state, or None when it carries no lorakit adapter."""
     return model.__dict__.get(_ATTR)
+
+
+def adapter_owner(model: nn.Module) -> nn.Module | None:
+    """The module that carries lorakit's adapter state: `model` itself, or the first submodule
+    that does (a model injected and then wrapped); None when there is none."""
+    return next((m for m in model.modules() if find_state(m) is not None), None)
 
 
 def state_of(model: nn.Module, *, create: bool = False) -> LorakitState:

@@ -79,7 +79,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert sorted(a) == sorted(b)
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
+    return max(float((a[k] - b[k]).detach().abs().max()) for k in a)
 
 
 def metric_lines(out: Path) -> list[dict]:
@@ -206,6 +206,71 @@ def test_loss_falls_on_memorisation(tmp_path):
     assert losses[-1] < 0.1 * losses[0]
     assert result.final_loss == losses[-1]
     assert result.steps == 40
+
+
+def test_full_fine_tuning_trains_every_weight_and_saves_the_model(tmp_path):
+    """No lorakit adapter: fit trains what requires grad (here every weight) through the same loop
+    and writes the model directory; resuming it continues exactly, as for an adapter."""
+    from transformers import LlamaForCausalLM
+
+    ids, labels = token_data(rows=8)
+    model = tiny_llama().requires_grad_(True)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = fit(model, batches(ids, labels, 4), cfg(save_every=2), tmp_path / "full", batches_per_epoch=2)
+    assert result.adapter_dir is None and result.model_dir == tmp_path / "full" / "model"
+    assert {"config.json", "model.safetensors"} <= {p.name for p in result.model_dir.iterdir()}
+    assert all(not torch.equal(p, start[n]) for n, p in model.named_parameters())  # every weight moved
+    saved = LlamaForCausalLM.from_pretrained(result.model_dir)
+    assert max_diff(dict(saved.named_parameters()), dict(model.named_parameters())) == 0
+    assert (result.last_checkpoint / "trainer_state.safetensors").is_file()
+    assert not (result.last_checkpoint / "adapter_config.json").exists()  # no adapter to write
+
+    def crash(step, record):
+        if step == 2:
+            raise _Crash
+
+    with pytest.raises(_Crash):  # the same run, killed after the step-2 checkpoint...
+        fit(
+            tiny_llama().requires_grad_(True),
+            batches(ids, labels, 4),
+            cfg(save_every=2),
+            tmp_path / "split",
+            batches_per_epoch=2,
+            on_step=crash,
+        )
+    resumed = tiny_llama(seed=7).requires_grad_(True)  # ...and resumed on other weights: all come back
+    again = fit(
+        resumed, batches(ids, labels, 4), cfg(save_every=2), tmp_path / "split", batches_per_epoch=2, resume=True
+    )
+    assert again.resumed_from == 2 and again.steps == 4
+    final = LlamaForCausalLM.from_pretrained(again.model_dir)
+    assert max_diff(dict(final.named_parameters()), dict(saved.named_parameters())) <= 1e-6
+
+
+def test_a_wrapped_injected_model_trains_and_saves_its_adapter(tmp_path):
+    """A model injected, then wrapped (e.g. for a custom forward): the adapter is found inside."""
+
+    class Wrapper(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **batch):
+            return self.inner(**batch)
+
+    ids, labels = token_data(rows=8)
+    inner = lora_llama()
+    result = fit(Wrapper(inner), batches(ids, labels, 4), cfg(save_every=2), tmp_path, batches_per_epoch=2)
+    assert result.model_dir is None
+    loaded = lorakit.load_adapter(tiny_llama(), result.adapter_dir)
+    assert (
+        max_diff(
+            {n: p for n, p in loaded.named_parameters() if ".adapters." in n},
+            {n: p for n, p in inner.named_parameters() if ".adapters." in n},
+        )
+        == 0
+    )
+    assert (result.last_checkpoint / "adapter_model.safetensors").is_file()
 
 
 def test_grad_accumulation_equals_one_big_batch(tmp_path):

@@ -36,6 +36,7 @@ from lorakit import atomic
 from lorakit.atomic import build_directory
 from lorakit.errors import TrainingError
 from lorakit.io import save_adapter
+from lorakit.state import adapter_owner
 from lorakit.train.distributed import DistInfo, all_gather_bytes, barrier
 
 try:
@@ -166,7 +167,7 @@ def save_checkpoint(
 
         def build(tmp: Path) -> None:
             if adapter_name is not None:
-                save_adapter(model, tmp, adapter_name)
+                save_adapter(adapter_owner(model), tmp, adapter_name)
             atomic.write_bytes(tmp / STATE_TENSORS, payload)
             atomic.write_text(tmp / STATE_JSON, text)
 

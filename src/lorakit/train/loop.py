@@ -27,7 +27,7 @@ from lorakit import atomic
 from lorakit.atomic import build_directory
 from lorakit.errors import ConfigError, TrainingError
 from lorakit.io import save_adapter
-from lorakit.state import find_state, require_adapter
+from lorakit.state import adapter_owner, require_adapter
 from lorakit.train.checkpoint import (
     CHECKPOINTS_DIR,
     latest_checkpoint,
@@ -202,8 +202,9 @@ def fit(
     torch.set_flush_denormal(True)  # CPU steps slow down 4x once values turn denormal (DESIGN.md).
     if isinstance(batches_per_epoch, bool) or not isinstance(batches_per_epoch, int) or batches_per_epoch < 1:
         raise ConfigError(f"batches_per_epoch must be an integer >= 1, got {batches_per_epoch!r}")
-    if find_state(model) is not None:
-        require_adapter(model, adapter_name)
+    adapted = adapter_owner(model)  # the model, or the injected model inside a wrapper
+    if adapted is not None:
+        require_adapter(adapted, adapter_name)
     else:
         adapter_name = None  # no lorakit adapter: train what requires grad, save the model
     info = init_distributed()
@@ -339,7 +340,7 @@ def fit(
     model_dir = out / MODEL_DIR if adapter_name is None else None
     if info.is_main:
         if adapter_dir is not None:
-            save_adapter(model, adapter_dir, adapter_name)
+            save_adapter(adapted, adapter_dir, adapter_name)
         else:
             save_model(model, model_dir)
     barrier(info)
