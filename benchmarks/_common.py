@@ -141,6 +141,30 @@ def add_adapter_set_flag(parser: argparse.ArgumentParser, full: str = "qv8,all16
     parser.set_defaults(_adapter_sets_full=parse(full), _adapter_sets_quick=parse(quick))
 
 
+def add_baseline_flag(parser: argparse.ArgumentParser) -> None:
+    """`--baseline REV`: add rows for lorakit as of git revision REV (its children import that src)."""
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also measure lorakit as of this git revision (e.g. HEAD~3), each of its rows in a fresh process "
+        "that imports that revision's src: a change before and after in the same run",
+    )
+
+
+def baseline_rows(args: argparse.Namespace, rows: list[Row]) -> list[Row]:
+    """Copies of the lorakit `rows` for `args.baseline`, named `<name>@<rev>` (none without the flag)."""
+    if not getattr(args, "baseline", None):
+        return []
+    import _baseline
+
+    src = str(_baseline.export(args.baseline))
+    return [
+        Row(f"{row.name}@{args.baseline}", f"{row.label} @ {args.baseline}", {**row.params, "lorakit_src": src})
+        for row in rows
+        if row.params.get("kind") == "lorakit" and not row.params.get("compile")
+    ]
+
+
 def add_compile_flag(parser: argparse.ArgumentParser) -> None:
     """`--no-compile` drops the torch.compile rows; `--cold-compile` gives each child an empty cache."""
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
@@ -171,7 +195,7 @@ def setup_child(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    # Without it CPU steps slow down several-fold once values get tiny (DESIGN.md).
+    # Without it CPU steps slow down several-fold once values get tiny (denormal floats).
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -450,7 +474,7 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
     return info
 
 
-def _child_env(args: argparse.Namespace, tmp: str) -> dict[str, str]:
+def _child_env(args: argparse.Namespace, tmp: str, row: Row) -> dict[str, str]:
     env = dict(os.environ)
     if getattr(args, "cold_compile", False):
         env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tmp, "inductor")
@@ -465,8 +489,10 @@ def _child_env(args: argparse.Namespace, tmp: str) -> dict[str, str]:
         TRANSFORMERS_OFFLINE="1",
         PYTHONWARNINGS="ignore",
     )
-    src = Path(__file__).resolve().parent.parent / "src"
-    if src.is_dir():  # run against the working tree even if lorakit is installed elsewhere
+    # Run against the working tree even if lorakit is installed elsewhere, or against another
+    # revision's src for a baseline row (`add_baseline_flag`).
+    src = Path(row.params.get("lorakit_src") or Path(__file__).resolve().parent.parent / "src")
+    if src.is_dir():
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(src), env.get("PYTHONPATH", "")) if p)
     return env
 
@@ -478,7 +504,7 @@ def _run_child(script: Path, argv: Sequence[str], row: Row, args: argparse.Names
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(
-                cmd, env=_child_env(args, tmp), capture_output=True, text=True, timeout=args.child_timeout
+                cmd, env=_child_env(args, tmp, row), capture_output=True, text=True, timeout=args.child_timeout
             )
         except subprocess.TimeoutExpired:
             return {"error": f"child timed out after {args.child_timeout:.0f} s"}
@@ -608,6 +634,30 @@ def row_label(row: Row, summary: dict[str, Any], notes: list[str]) -> str:
 def error_line(row: Row, summary: dict[str, Any], width: int) -> list[str]:
     """A table line for a row whose every repeat failed."""
     return [row.label, f"error: {summary.get('error', '?')}", *[""] * (width - 2)]
+
+
+def table_lines(
+    rows: Sequence[Row], summaries: dict[str, dict], width: int, line: Callable[[Row, dict[str, Any]], list[Any]]
+) -> list[list[Any]]:
+    """A table line per row: `line(row, summary)` where the row measured, else its error line."""
+    return [
+        line(row, summaries[row.name]) if "ms" in summaries[row.name] else error_line(row, summaries[row.name], width)
+        for row in rows
+    ]
+
+
+def ms_of(summaries: dict[str, dict], name: str, series: str = "step") -> float | None:
+    """Row `name`'s median time of `series` in ms, or None when it did not measure."""
+    return summaries.get(name, {}).get("ms", {}).get(series)
+
+
+def compile_row(adapter_set: str, label: str) -> Row:
+    """The lorakit row of `adapter_set` again under `torch.compile` (see `maybe_compile`)."""
+    return Row(
+        f"lorakit-{adapter_set}-compile",
+        f"{label}, torch.compile",
+        {"kind": "lorakit", "adapters": adapter_set, "compile": True},
+    )
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

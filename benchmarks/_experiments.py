@@ -165,6 +165,50 @@ def peft_from_lorakit(model: nn.Module, config: lorakit.LoraConfig, seed: int, i
     return PeftModel.from_pretrained(model, str(init_dir), is_trainable=True)
 
 
+def set_up_method(
+    method: str, model: nn.Module, config: lorakit.LoraConfig, seed: int, folder: Path, device: torch.device
+) -> tuple[nn.Module, dict[str, Any]]:
+    """`method` on a freshly loaded model: `lora` (lorakit, injected after seeding), `peft` (PEFT,
+    from lorakit's initial adapter, `peft_from_lorakit`), `full` (every weight as loaded trains) or
+    `base` (nothing trains).
+
+    Returns:
+        (the model on `device`, {"trainable_parameters", and "init_lora_A_abs_sum" for LoRA}).
+    """
+    result: dict[str, Any] = {}
+    if method == "lora":
+        torch.manual_seed(seed)
+        lorakit.inject(model, config)
+        result["init_lora_A_abs_sum"] = lora_a_checksum(model)
+    elif method == "peft":
+        model = peft_from_lorakit(model, config, seed, folder / "init_adapter")
+        result["init_lora_A_abs_sum"] = lora_a_checksum(model)
+    model.to(device)
+    trainable, _ = lorakit.trainable_parameters(model)
+    result["trainable_parameters"] = trainable if method != "base" else 0
+    return model, result
+
+
+def run_methods(args: argparse.Namespace, run_method) -> dict[str, Any]:
+    """{method: run_method(method) with the run's settings} for each of `args.methods`."""
+    settings = {k: v for k, v in vars(args).items() if k != "methods"}
+    return {method: {**run_method(method), "settings": settings} for method in args.methods}
+
+
+def finish(out: Path, update: dict[str, Any], table) -> tuple[dict[str, Any], str]:
+    """Merge `update` into `out/results.json`, write `table(results)` to `out/table.md` and print it.
+
+    Returns:
+        (all results, the table text).
+    """
+    results = merge_results(out / "results.json", update)
+    text = table(results)
+    atomic.write_text(out / "table.md", text + "\n")
+    print()
+    print(text)
+    return results, text
+
+
 def lora_a_checksum(model: nn.Module) -> float:
     """Sum of |A| over every LoRA A matrix (lorakit's or PEFT's), to show two runs start alike."""
     total = 0.0
@@ -256,6 +300,24 @@ def environment() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def run_problems(args: argparse.Namespace, known_methods: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(the chosen methods, every problem with the flags both experiments share).
+
+    Checks `--methods` against `known_methods`, the sizes (`--train-size`, `--eval-size`,
+    `--max-steps`, `--epochs`: ≥ 1 when set) and that the run has a length.
+    """
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in known_methods]
+    problems = [f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(known_methods)}"] if unknown else []
+    for flag in ("train_size", "eval_size", "max_steps", "epochs"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            problems.append(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.max_steps is None and args.epochs is None:
+        problems.append("set --max-steps or --epochs")
+    return methods, problems
 
 
 def parse_with_preset(parser: Any, presets: dict[str, dict[str, Any]], argv: Sequence[str] | None = None) -> Any:

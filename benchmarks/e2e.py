@@ -125,15 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default="runs/e2e", help="output directory")
     args = X.parse_with_preset(p, PRESETS, argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    problems = [f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}"] if unknown else []
-    for flag in ("train_size", "max_steps", "epochs", "eval_size"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            problems.append(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    if args.max_steps is None and args.epochs is None:
-        problems.append("set --max-steps or --epochs")
+    methods, problems = X.run_problems(args, METHODS)
     args.train_file = args.train_file or str(X.data_file(args.data_dir, "e2e", "trainset.csv"))
     args.eval_file = args.eval_file or str(X.data_file(args.data_dir, "e2e", "devset.csv"))
     for flag in ("train_file", "eval_file"):
@@ -230,17 +222,9 @@ def run_method(
     model, tokenizer, name = load_model(args.model)
     base_params = X.count_parameters(model)
     result: dict[str, Any] = {"method": method, "model": name, "base_parameters": base_params}
-    config = lora_config(args, name)
-    if method == "lora":
-        torch.manual_seed(args.seed)
-        lorakit.inject(model, config)
-        result["init_lora_A_abs_sum"] = X.lora_a_checksum(model)
-    elif method == "peft":
-        model = X.peft_from_lorakit(model, config, args.seed, folder / "init_adapter")
-        result["init_lora_A_abs_sum"] = X.lora_a_checksum(model)
-    model.to(device)
-    trainable, _ = lorakit.trainable_parameters(model)
-    result["trainable_parameters"] = trainable if method != "base" else 0
+    model, setup = X.set_up_method(method, model, lora_config(args, name), args.seed, folder, device)
+    result.update(setup)
+    trainable = setup["trainable_parameters"]
 
     if method != "base":
         train_ds, train_mrs = load_train(args, tokenizer)
@@ -329,24 +313,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     atomic.write_text(out / "references.txt", "\n".join("".join(r + "\n" for r in group) for group in refs))
     atomic.write_text(out / "mrs.txt", "".join(mr + "\n" for mr in mrs))
     print(f"eval: {len(mrs)} MRs, {sum(map(len, refs))} references from {args.eval_file}", flush=True)
-    settings = {k: v for k, v in vars(args).items() if k != "methods"}
-    methods: dict[str, Any] = {}
-    for method in args.methods:
-        methods[method] = {**run_method(method, args, device, prompts, refs, out), "settings": settings}
-    results = X.merge_results(
-        out / "results.json",
-        {
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "eval": {"file": args.eval_file, "mrs": len(mrs), "references": sum(map(len, refs))},
-            "environment": X.environment(),
-            "paper": PAPER,
-            "methods": methods,
-        },
-    )
-    text = table(results)
-    atomic.write_text(out / "table.md", text + "\n")
-    print()
-    print(text)
+    methods = X.run_methods(args, lambda method: run_method(method, args, device, prompts, refs, out))
+    update = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "eval": {"file": args.eval_file, "mrs": len(mrs), "references": sum(map(len, refs))},
+        "environment": X.environment(),
+        "paper": PAPER,
+        "methods": methods,
+    }
+    results, _ = X.finish(out, update, table)
     if {"lora", "peft"} <= results["methods"].keys():
         lora, peft = results["methods"]["lora"], results["methods"]["peft"]
         same = lora.get("init_lora_A_abs_sum") == peft.get("init_lora_A_abs_sum")

@@ -114,21 +114,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", help="output directory (default: runs/glue-<task>)")
     args = X.parse_with_preset(p, PRESETS, argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    problems = [f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}"] if unknown else []
+    epochs_problem = []
     if args.epochs == "paper":
         args.epochs = PAPER_EPOCHS[args.task]
     elif args.epochs is not None:
         if not args.epochs.isdigit():
-            problems.append(f"--epochs must be a positive integer or 'paper', got {args.epochs!r}")
+            epochs_problem.append(f"--epochs must be a positive integer or 'paper', got {args.epochs!r}")
         args.epochs = int(args.epochs) if args.epochs.isdigit() else None
-    for flag in ("train_size", "eval_size", "max_steps", "epochs"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            problems.append(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    if args.max_steps is None and args.epochs is None:
-        problems.append("set --max-steps or --epochs")
+    methods, problems = X.run_problems(args, METHODS)
+    problems = epochs_problem + problems
     if not 0 < args.holdout_fraction < 1:
         problems.append(f"--holdout-fraction must be in (0, 1), got {args.holdout_fraction}")
     if not args.train_file:
@@ -227,16 +221,9 @@ def run_method(
         modules_to_save=head or None,
         base_model_name_or_path=name,
     )
-    if method == "lora":
-        torch.manual_seed(args.seed)
-        lorakit.inject(model, config)
-        result["init_lora_A_abs_sum"] = X.lora_a_checksum(model)
-    elif method == "peft":
-        model = X.peft_from_lorakit(model, config, args.seed, folder / "init_adapter")
-        result["init_lora_A_abs_sum"] = X.lora_a_checksum(model)
-    model.to(device)
-    trainable, _ = lorakit.trainable_parameters(model)
-    result.update(trainable_parameters=trainable, head_parameters=head_params if method != "full" else None)
+    model, setup = X.set_up_method(method, model, config, args.seed, folder, device)
+    result.update(setup, head_parameters=head_params if method != "full" else None)
+    trainable = setup["trainable_parameters"]
 
     train_ds = D.tokenize_classification(*train_rows, tokenizer, args.seq_len)
     eval_ds = D.tokenize_classification(*eval_rows, tokenizer, args.seq_len)
@@ -320,24 +307,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     train_rows, eval_rows, described = load_rows(args)
     print(f"{args.task}: {len(train_rows[2])} training rows; scored on {len(eval_rows[2])} rows of {described}")
-    settings = {k: v for k, v in vars(args).items() if k != "methods"}
-    methods = {
-        m: {**run_method(m, args, device, train_rows, eval_rows, out), "settings": settings} for m in args.methods
+    methods = X.run_methods(args, lambda method: run_method(method, args, device, train_rows, eval_rows, out))
+    update = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "task": args.task,
+        "eval": {"set": described, "rows": len(eval_rows[2])},
+        "environment": X.environment(),
+        "methods": methods,
     }
-    results = X.merge_results(
-        out / "results.json",
-        {
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "task": args.task,
-            "eval": {"set": described, "rows": len(eval_rows[2])},
-            "environment": X.environment(),
-            "methods": methods,
-        },
-    )
-    text = f"{args.task.upper()}, scored on {described}, {len(eval_rows[2])} rows\n\n" + table(results, args.task)
-    atomic.write_text(out / "table.md", text + "\n")
-    print()
-    print(text)
+    heading = f"{args.task.upper()}, scored on {described}, {len(eval_rows[2])} rows\n\n"
+    results, _ = X.finish(out, update, lambda merged: heading + table(merged, args.task))
     return results
 
 

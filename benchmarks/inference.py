@@ -45,13 +45,7 @@ def rows_for(args: argparse.Namespace) -> list[C.Row]:
             ),
         ]
         if args.compile:
-            rows.append(
-                C.Row(
-                    f"lorakit-{aset}-compile",
-                    f"lorakit unmerged, {label}, torch.compile",
-                    {"kind": "lorakit", "adapters": aset, "compile": True},
-                )
-            )
+            rows.append(C.compile_row(aset, f"lorakit unmerged, {label}"))
     return rows
 
 
@@ -79,31 +73,20 @@ def run_row(args: argparse.Namespace, row: C.Row) -> dict[str, Any]:
 
 
 def report(args: argparse.Namespace, rows: list[C.Row], s: dict[str, dict]) -> str:
-    base_ms = s.get("base", {}).get("ms", {}).get("step")
+    base_ms = C.ms_of(s, "base")
     mem = "peak MiB" if args.device == "cuda" else "peak RSS MiB"
     headers = ["configuration", "forward ms", "vs base", "lorakit / PEFT", mem, "spread"]
-    lines, notes = [], []
-    for row in rows:
-        r = s[row.name]
-        if "ms" not in r:
-            lines.append(C.error_line(row, r, len(headers)))
-            continue
+    notes: list[str] = []
+
+    def line(row: C.Row, r: dict) -> list:
         ms = r["ms"]["step"]
         vs_peft = "–"
         if row.params.get("kind") == "lorakit":
-            peft_ms = s.get(f"peft-{row.params['adapters']}", {}).get("ms", {}).get("step")
-            vs_peft = C.fmt_ratio(C.ratio(ms, peft_ms))
-        label = C.row_label(row, r, notes)
-        lines.append(
-            [
-                label,
-                C.fmt_ms(ms),
-                C.fmt_ratio(C.ratio(ms, base_ms)),
-                vs_peft,
-                C.fmt_mib(r["peak_mib"]),
-                C.fmt_spread(r),
-            ]
-        )
+            vs_peft = C.fmt_ratio(C.ratio(ms, C.ms_of(s, f"peft-{row.params['adapters']}")))
+        label, ratio_base = C.row_label(row, r, notes), C.fmt_ratio(C.ratio(ms, base_ms))
+        return [label, C.fmt_ms(ms), ratio_base, vs_peft, C.fmt_mib(r["peak_mib"]), C.fmt_spread(r)]
+
+    lines = C.table_lines(rows, s, len(headers), line)
     text = C.describe_settings(args, "; torch.no_grad, eval mode") + "\n\n" + C.markdown_table(headers, lines)
     if notes:
         text += "\n\n" + "\n".join(notes)

@@ -108,22 +108,21 @@ def report(args: argparse.Namespace, rows: list[C.Row], s: dict[str, dict]) -> s
         "lorakit / PEFT (unmerge)",
         "spread",
     ]
-    lines, notes = [], []
-    for row in rows:
-        r = s[row.name]
-        if "ms" not in r:
-            lines.append(C.error_line(row, r, len(headers)))
-            continue
+    notes: list[str] = []
+
+    def line(row: C.Row, r: dict) -> list:
         m, u = r["ms"]["merge"], r["ms"]["unmerge"]
         vs_m = vs_u = "–"
         if row.params["kind"] == "lorakit":
-            peft_ms = s.get(row.name.replace("lorakit-", "peft-", 1), {}).get("ms", {})
-            vs_m = C.fmt_ratio(C.ratio(m, peft_ms.get("merge")))
-            vs_u = C.fmt_ratio(C.ratio(u, peft_ms.get("unmerge")))
-        lines.append([row.label, C.fmt_ms(m), C.fmt_ms(u), vs_m, vs_u, C.fmt_spread(r, "merge", "unmerge")])
+            peft = row.name.replace("lorakit-", "peft-", 1)
+            vs_m = C.fmt_ratio(C.ratio(m, C.ms_of(s, peft, "merge")))
+            vs_u = C.fmt_ratio(C.ratio(u, C.ms_of(s, peft, "unmerge")))
         if r.get("merge_changed_weight") is False:
             notes.append(f"`{row.name}`: merge did not change the probed weight (is B zero?)")
         notes.append(f"`{row.name}`: max |W after unmerge − W0| = {r.get('unmerge_max_abs_drift', float('nan')):.2e}")
+        return [row.label, C.fmt_ms(m), C.fmt_ms(u), vs_m, vs_u, C.fmt_spread(r, "merge", "unmerge")]
+
+    lines = C.table_lines(rows, s, len(headers), line)
     layers = args.layers if args.layers is not None else 30
     settings = (
         f"smollm2-135m ({layers} of 30 layers), {args.dtype}, {args.device}, {args.threads} threads, "

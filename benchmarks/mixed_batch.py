@@ -106,34 +106,22 @@ def run_row(args: argparse.Namespace, row: C.Row) -> dict[str, Any]:
 
 
 def report(args: argparse.Namespace, rows: list[C.Row], s: dict[str, dict]) -> str:
-    def ms_of(name: str) -> float | None:
-        return s.get(name, {}).get("ms", {}).get("step")
-
-    base_ms = ms_of("base")
+    base_ms = C.ms_of(s, "base")
     headers = ["configuration", "forward ms", "vs single adapter", "vs base", "lorakit / PEFT", "spread"]
-    lines, notes = [], []
-    for row in rows:
-        r = s[row.name]
-        if "ms" not in r:
-            lines.append(C.error_line(row, r, len(headers)))
-            continue
+    notes: list[str] = []
+
+    def line(row: C.Row, r: dict) -> list:
         ms = r["ms"]["step"]
         vs_single = vs_peft = "–"
         if row.params["kind"] != "base":
             lib, aset = row.params["kind"], row.params["adapters"]
-            vs_single = C.fmt_ratio(C.ratio(ms, ms_of(f"{lib}-{aset}-single")))
+            vs_single = C.fmt_ratio(C.ratio(ms, C.ms_of(s, f"{lib}-{aset}-single")))
             if lib == "lorakit":
-                vs_peft = C.fmt_ratio(C.ratio(ms, ms_of(row.name.replace("lorakit-", "peft-", 1))))
-        lines.append(
-            [
-                C.row_label(row, r, notes),
-                C.fmt_ms(ms),
-                vs_single,
-                C.fmt_ratio(C.ratio(ms, base_ms)),
-                vs_peft,
-                C.fmt_spread(r),
-            ]
-        )
+                vs_peft = C.fmt_ratio(C.ratio(ms, C.ms_of(s, row.name.replace("lorakit-", "peft-", 1))))
+        ratio_base = C.fmt_ratio(C.ratio(ms, base_ms))
+        return [C.row_label(row, r, notes), C.fmt_ms(ms), vs_single, ratio_base, vs_peft, C.fmt_spread(r)]
+
+    lines = C.table_lines(rows, s, len(headers), line)
     extra = f"; torch.no_grad, eval mode; {N_ADAPTERS} adapters loaded in every adapter row"
     return C.describe_settings(args, extra) + "\n\n" + C.markdown_table(headers, lines)
 

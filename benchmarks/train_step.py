@@ -9,6 +9,8 @@ Rows (each in a fresh process, interleaved over repeats):
   AdamW over A and B; B drawn small and random (not zero) so the branch does real work.
 - lorakit r=8 q,v (the first of `--adapter-sets`) under `torch.compile` (first-step compile
   time and graph breaks reported; a compile failure is reported in the row, not raised).
+- with `--baseline REV`: every lorakit row again, in children that import lorakit as of git
+  revision REV — a change's time and peak memory before and after, in the same run.
 
 Every row with an optimiser uses PyTorch's fused AdamW (`fused=True`, what `lorakit.train`
 builds): the optimiser is the caller's choice, not the LoRA implementation's, so all rows get
@@ -45,14 +47,8 @@ def rows_for(args: argparse.Namespace) -> list[C.Row]:
             rows.append(C.Row(f"{lib}-{aset}", label, {"kind": lib, "adapters": aset}))
     if args.compile:
         aset = args.adapter_sets[0]
-        rows.append(
-            C.Row(
-                f"lorakit-{aset}-compile",
-                f"lorakit LoRA {C.ADAPTER_SET_LABELS[aset]}, dropout {DROPOUT}, torch.compile",
-                {"kind": "lorakit", "adapters": aset, "compile": True},
-            )
-        )
-    return rows
+        rows.append(C.compile_row(aset, f"lorakit LoRA {C.ADAPTER_SET_LABELS[aset]}, dropout {DROPOUT}"))
+    return rows + C.baseline_rows(args, rows)
 
 
 def run_row(args: argparse.Namespace, row: C.Row) -> dict[str, Any]:
@@ -94,31 +90,25 @@ def report(args: argparse.Namespace, rows: list[C.Row], s: dict[str, dict]) -> s
     floor_mib = floor.get("peak_mib")
     mem = "peak MiB" if args.device == "cuda" else "peak RSS MiB"
     headers = ["configuration", "step ms", "vs floor", "lorakit / PEFT", mem, "mem vs floor", "trainable", "spread"]
-    lines = []
-    notes = []
-    for row in rows:
-        r = s[row.name]
-        if "ms" not in r:
-            lines.append(C.error_line(row, r, len(headers)))
-            continue
+    notes: list[str] = []
+
+    def line(row: C.Row, r: dict) -> list:
         ms = r["ms"]["step"]
         vs_peft = "–"
         if row.params.get("kind") == "lorakit":
-            peft_row = s.get(f"peft-{row.params['adapters']}", {})
-            vs_peft = C.fmt_ratio(C.ratio(ms, peft_row.get("ms", {}).get("step")))
-        label = C.row_label(row, r, notes)
-        lines.append(
-            [
-                label,
-                C.fmt_ms(ms),
-                C.fmt_ratio(C.ratio(ms, floor_ms)),
-                vs_peft,
-                C.fmt_mib(r["peak_mib"]),
-                C.fmt_ratio(C.ratio(r["peak_mib"], floor_mib)),
-                f"{r.get('trainable_params', 0):,}",
-                C.fmt_spread(r),
-            ]
-        )
+            vs_peft = C.fmt_ratio(C.ratio(ms, C.ms_of(s, f"peft-{row.params['adapters']}")))
+        return [
+            C.row_label(row, r, notes),
+            C.fmt_ms(ms),
+            C.fmt_ratio(C.ratio(ms, floor_ms)),
+            vs_peft,
+            C.fmt_mib(r["peak_mib"]),
+            C.fmt_ratio(C.ratio(r["peak_mib"], floor_mib)),
+            f"{r.get('trainable_params', 0):,}",
+            C.fmt_spread(r),
+        ]
+
+    lines = C.table_lines(rows, s, len(headers), line)
     text = C.describe_settings(args, f"; fused AdamW lr {LR} on the trainable parameters") + "\n\n"
     text += C.markdown_table(headers, lines)
     if notes:
@@ -130,6 +120,7 @@ def main() -> int:
     parser = C.make_parser(__doc__, FULL, QUICK)
     C.add_adapter_set_flag(parser)
     C.add_compile_flag(parser)
+    C.add_baseline_flag(parser)
     return C.main(__file__, parser, rows_for, run_row, report)
 
 

@@ -454,7 +454,7 @@ def test_help_lists_every_flag(results, command):
     for flag in FLAGS[command]:
         assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", proc.stdout), flag
     # Every field of the command's config dataclasses is a flag, with the help text of the
-    # dataclass's docstring (STYLE.md §3: they cannot drift).
+    # dataclass's docstring (docs/design.md, "The command line": they cannot drift).
     for spec in COMMANDS[command].specs:
         docs = field_help(spec.cls)
         for field in spec.fields():

@@ -68,6 +68,11 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line (`lorakit: warning: ...`), without the source line it came from."""
+    print(f"lorakit: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 failure, 2 bad input, 130 interrupted)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -86,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not debug:
             warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.showwarning = _one_line_warning
             _quiet_transformers()
         command(args)
     except LorakitError as err:

@@ -117,6 +117,25 @@ def iterate_batches(
     return batches()
 
 
+class PaddedRows:
+    """What every tokenised dataset shares: rows of token ids (`input_ids`) right-padded with
+    `pad_id` into batches. `TokenizedDataset` and `ClassificationDataset` add their labels."""
+
+    input_ids: list[list[int]]
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def padded_inputs(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """`input_ids` and `attention_mask` of the given rows, each `(len(indices), longest row)`."""
+        rows = [self.input_ids[i] for i in indices]
+        return {
+            "input_ids": right_pad(rows, self.pad_id),
+            "attention_mask": right_pad([[1] * len(r) for r in rows], 0),
+        }
+
+
 def right_pad(rows: Sequence[Sequence[int]], fill: int) -> torch.Tensor:
     """Stack rows of ids into one tensor, right-padding the shorter rows.
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from lorakit.data.batching import padding_id, right_pad
+from lorakit.data.batching import PaddedRows, padding_id, right_pad
 from lorakit.errors import ConfigError, DataError
 
 __all__ = ["ClassificationDataset", "load_classification", "tokenize_classification"]
@@ -86,7 +86,7 @@ def load_classification(path: str | os.PathLike[str]) -> tuple[list[str], list[s
 
 
 @dataclass
-class ClassificationDataset:
+class ClassificationDataset(PaddedRows):
     """Token ids and class labels for sequence classification, one row per example.
 
     Attributes:
@@ -105,9 +105,6 @@ class ClassificationDataset:
     seq_len: int
     truncated: int = 0
 
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
     def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """Right-pad the given rows into a batch.
 
@@ -118,11 +115,7 @@ class ClassificationDataset:
             `input_ids`, `attention_mask` (and `token_type_ids` when present) as
             `(len(indices), longest row)` long tensors, and `labels` as a `(len(indices),)` tensor.
         """
-        rows = [self.input_ids[i] for i in indices]
-        batch = {
-            "input_ids": right_pad(rows, self.pad_id),
-            "attention_mask": right_pad([[1] * len(r) for r in rows], 0),
-        }
+        batch = self.padded_inputs(indices)
         if self.token_type_ids is not None:
             batch["token_type_ids"] = right_pad([self.token_type_ids[i] for i in indices], 0)
         batch["labels"] = torch.tensor([self.labels[i] for i in indices], dtype=torch.long)

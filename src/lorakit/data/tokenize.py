@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from lorakit.data.batching import padding_id, right_pad
+from lorakit.data.batching import PaddedRows, padding_id, right_pad
 from lorakit.data.examples import Example
 from lorakit.errors import ConfigError, DataError
 
@@ -20,7 +20,7 @@ IGNORE_INDEX = -100
 
 
 @dataclass
-class TokenizedDataset:
+class TokenizedDataset(PaddedRows):
     """Token ids and completion-only labels for a causal LM, one row per example.
 
     Attributes:
@@ -39,9 +39,6 @@ class TokenizedDataset:
     truncated: int = 0
     dropped: int = 0
 
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
     def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """Right-pad the given rows into a batch.
 
@@ -52,12 +49,7 @@ class TokenizedDataset:
             `input_ids`, `attention_mask` and `labels`, each a `(len(indices), longest row)` long
             tensor; padding has `pad_id`, attention 0 and label -100.
         """
-        rows = [self.input_ids[i] for i in indices]
-        return {
-            "input_ids": right_pad(rows, self.pad_id),
-            "attention_mask": right_pad([[1] * len(r) for r in rows], 0),
-            "labels": right_pad([self.labels[i] for i in indices], IGNORE_INDEX),
-        }
+        return {**self.padded_inputs(indices), "labels": right_pad([self.labels[i] for i in indices], IGNORE_INDEX)}
 
 
 def _adds_bos(tokenizer: Any) -> bool:

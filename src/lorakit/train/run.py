@@ -195,9 +195,10 @@ def train_run(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer
         "final_train_loss": result.final_loss,
     }
     atomic.write_json(out / "summary.json", summary)
+    checkpoints = f" | checkpoints: {result.last_checkpoint.parent}" if result.last_checkpoint else ""
     say(
         f"adapter: {adapter_dir} ({size / 1e6:.2f} MB; PEFT format) | metrics: {out / 'metrics.jsonl'} | "
-        f"curves: {out / 'loss.png'} | checkpoints: {out / 'checkpoints'}"
+        f"curves: {out / 'loss.png'}{checkpoints}"
     )
     return summary
 
