@@ -244,6 +244,33 @@ def random_ids(args: argparse.Namespace, vocab: int, batch: int | None = None, s
     return torch.randint(0, vocab, shape, generator=g).to(args.device)
 
 
+def training_step(model: Any, ids: Any, lr: float = 1e-5) -> Callable[[], Any]:
+    """One training step as `lorakit.train.fit` runs it (`lorakit.train.train_step`): forward,
+    token-normalised loss, backward, gradient clipping at 1.0 and fused AdamW (`build_optimizer`)
+    over whatever requires grad; a model with nothing to train (the floor) runs forward and
+    backward only. Every row of a benchmark times this same step, whichever LoRA library it uses.
+
+    The step function is the working tree's `train/step.py`, loaded by path, so a child that
+    imports another revision's lorakit (`--baseline`) still times the same step.
+    """
+    import importlib.util
+
+    from lorakit.train import TrainConfig, build_optimizer
+
+    name = "_benchmarked_train_step"
+    module = sys.modules.get(name)
+    if module is None:
+        path = Path(__file__).resolve().parents[1] / "src" / "lorakit" / "train" / "step.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    cfg = TrainConfig(lr=lr)
+    optimizer = build_optimizer(model, cfg) if any(p.requires_grad for p in model.parameters()) else None
+    batch = {"input_ids": ids, "labels": ids}
+    return lambda: module.train_step(model, [batch], optimizer, max_grad_norm=cfg.max_grad_norm)
+
+
 def make_floor(model: Any) -> Any:
     """The floor: every weight frozen, the input embeddings' output made to require grad, so the
     backward still runs through every layer computing input gradients only. Returns the model."""

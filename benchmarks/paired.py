@@ -11,7 +11,8 @@ so the fastest steps are the closest to each configuration's own cost.
 - `--mode train`: reference = the floor (frozen model, input-gradient backward, no optimiser);
   rows: lorakit, lorakit with the gated-MLP node off (`lorakit.kernels.disabled("gated_mlp")`),
   lorakit with every kernel off (the reference path), lorakit with dropout 0, PEFT — each
-  dropout 0.05 unless named, fused AdamW (as `train_step.py`). `--baseline REV` adds lorakit as of
+  dropout 0.05 unless named, each step `lorakit.train.train_step` (what `fit` runs: token-normalised
+  loss, clipping, fused AdamW), as in `train_step.py`. `--baseline REV` adds lorakit as of
   git revision REV (imported beside the working tree, `_baseline.py`), to measure a change before
   and after in the same run.
 - `--mode inference`: reference = the base model; rows: lorakit unmerged, PEFT unmerged, lorakit
@@ -37,8 +38,6 @@ import _common as C
 
 def _train_rows(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
     import contextlib
-
-    import torch
 
     import lorakit
 
@@ -67,16 +66,11 @@ def _train_rows(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
         else:
             model, _ = C.add_lora(model, kind, args.adapter_set, dropout)
         model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True) if params else None
+        train = C.training_step(model, ids)
 
-        def step(model=model, optimizer=optimizer, off=off, ids=ids) -> None:
-            switch = lorakit.kernels.disabled(*off) if off is not None else contextlib.nullcontext()
-            with switch:
-                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-            if optimizer is not None:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+        def step(train=train, off=off) -> None:
+            with lorakit.kernels.disabled(*off) if off is not None else contextlib.nullcontext():
+                train()
 
         rows[label] = step
     return rows

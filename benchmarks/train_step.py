@@ -12,9 +12,9 @@ Rows (each in a fresh process, interleaved over repeats):
 - with `--baseline REV`: every lorakit row again, in children that import lorakit as of git
   revision REV — a change's time and peak memory before and after, in the same run.
 
-Every row with an optimiser uses PyTorch's fused AdamW (`fused=True`, what `lorakit.train`
-builds): the optimiser is the caller's choice, not the LoRA implementation's, so all rows get
-the fastest one.
+Every row runs `lorakit.train.train_step`, what `fit` runs each step (token-normalised loss,
+clipping at 1.0, PyTorch's fused AdamW from `build_optimizer`): the loop and optimiser are the
+caller's choice, not the LoRA implementation's, so all rows get the same ones.
 
 Usage:
     .venv/bin/python benchmarks/train_step.py            # full size (SmolLM2-135M, batch 4×128)
@@ -52,7 +52,6 @@ def rows_for(args: argparse.Namespace) -> list[C.Row]:
 
 
 def run_row(args: argparse.Namespace, row: C.Row) -> dict[str, Any]:
-    import torch
 
     model = C.load_base(args)
     kind = row.params["kind"]
@@ -68,19 +67,10 @@ def run_row(args: argparse.Namespace, row: C.Row) -> dict[str, Any]:
         raise ValueError(kind)
 
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    extra["trainable_params"] = sum(p.numel() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=LR, fused=True) if params else None
+    extra["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     ids = C.random_ids(args, model.config.vocab_size)
-    forward = C.maybe_compile(model, row, args)
-
-    def step() -> None:
-        loss = forward(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
+    compiled = C.maybe_compile(model, row, args)
+    step = C.training_step(compiled, ids, LR)
     return {**C.measure_row(step, args, row), **extra}
 
 

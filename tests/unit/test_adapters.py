@@ -221,3 +221,15 @@ def test_mixed_batch_batched_inference_path_equals_grouped_training_path():
         v.adapters["b"].lora_B.add_(1.0)  # a change inside the block invalidates the cached stacks
         changed = model(ids).logits
     assert not torch.allclose(changed[0], batched[0]) and torch.allclose(changed[2], batched[2], atol=ATOL)
+
+
+def test_disabling_adapters_inside_a_per_row_block_gives_the_base_model():
+    """`disable_adapters` wins over per-row routing, with and without gradients."""
+    base, model = _two_adapters()
+    ids = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = base(ids).logits
+    with lorakit.adapter_per_row(model, ["a", "b", "__base__"]), lorakit.disable_adapters(model):
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, expected, atol=ATOL, rtol=0)
+        torch.testing.assert_close(model(ids).logits, expected, atol=ATOL, rtol=0)

@@ -598,3 +598,28 @@ def test_sigint_saves_a_checkpoint_at_the_current_step(tmp_path):
     assert step == steps[-1] and 2 <= step < 60
     assert json.loads((path / "trainer_state.json").read_text())["step"] == step
     assert not (out / "adapter").exists()
+
+
+def test_train_step_is_one_step_of_fit_and_without_an_optimizer_only_computes_gradients(tmp_path):
+    """`train_step` alone: the step fit runs (the same parameters after one step), and with no
+    optimizer the frozen model's floor: gradients, the token-normalised loss, no update."""
+    from lorakit.train import build_optimizer, build_scheduler, train_step
+
+    ids, labels = token_data(rows=4)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    by_fit, alone = lora_llama(), lora_llama()
+    fit(by_fit, lambda epoch, start: iter([batch][start:]), cfg(max_steps=1), tmp_path, batches_per_epoch=1)
+    config = cfg(max_steps=1)
+    optimizer = build_optimizer(alone, config)
+    torch.manual_seed(config.seed)  # fit seeds here, after building the optimizer
+    result = train_step(alone, [batch], optimizer, build_scheduler(optimizer, config, 1), max_grad_norm=1.0)
+    assert max_diff(trainable(alone), trainable(by_fit)) == 0
+    assert result.loss == pytest.approx(metric_lines(tmp_path)[0]["loss"], rel=1e-12)
+
+    floor = lora_llama()
+    before = trainable(floor)
+    result = train_step(floor, [batch], None)
+    expected = loss_sum(floor(input_ids=ids).logits, labels).item() / int((labels[:, 1:] != -100).sum())
+    assert result.loss == pytest.approx(expected, rel=1e-6) and math.isnan(result.grad_norm)
+    assert max_diff(trainable(floor), before) == 0
+    assert all(p.grad is not None for p in floor.parameters() if p.requires_grad)

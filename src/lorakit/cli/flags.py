@@ -200,7 +200,7 @@ def _show(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) or value is None else str(value)
 
 
-def _metavar(annotation: Any, name: str) -> str:
+def _metavar(annotation: Any) -> str:
     choices = _choices(annotation)
     if choices is not None:
         return "{" + ",".join(_show(c) for c in choices) + "}"
@@ -254,7 +254,7 @@ def add_flags(parser: argparse.ArgumentParser, specs: Sequence[FlagSpec]) -> Non
                 dest=f.name,
                 type=convert,
                 default=argparse.SUPPRESS,
-                metavar=_metavar(annotation, f.name),
+                metavar=_metavar(annotation),
                 help=f"{text} (default: {shown})",
             )
 

@@ -24,14 +24,17 @@ __all__ = ["forward", "stacks"]
 def stacks(layer: LoraLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Each row's (A, s·B), (batch, r, in) and (batch, out, r), when the path applies (else None).
 
-    Applies without gradients, to x with one leading row per name of the routing, when every
-    adapter of the batch is a plain one (no fused slices) of one dtype. All adapters of the batch
-    are stacked once (ranks zero-padded, a zero slot last for base rows) and kept in the layer's
-    `kernel_cache` while they are unchanged; the per-row gather is kept for the routing block.
+    Applies without gradients, to x with one leading row per name of the routing, when the layer
+    is not disabled and every adapter of the batch is a plain one (no fused slices) of one dtype.
+    All adapters of the batch are stacked once (ranks zero-padded, a zero slot last for base rows)
+    and kept in the layer's `kernel_cache` while they are unchanged; the per-row gather is kept for
+    the routing block.
     """
     routing = layer.rows
     names = routing.names
-    if not enabled("stacked_rows") or torch.is_grad_enabled() or x.dim() < 2 or x.shape[0] != len(names):
+    if not enabled("stacked_rows") or layer.disabled or torch.is_grad_enabled():
+        return None
+    if x.dim() < 2 or x.shape[0] != len(names):
         return None
     present = [n for n in dict.fromkeys(names) if n in layer.adapters]
     records = [layer.adapters[n] for n in present]

@@ -1,4 +1,5 @@
-"""Training: `fit()` — a plain loop a test can call — with durable checkpoints, exact resume and DDP.
+"""Training: `train_step` (one optimizer step) and `fit()` — a plain loop a test can call — with durable
+checkpoints, exact resume and DDP; `run` is the whole `lorakit train` job around them.
 
 >>> from lorakit.train import TrainConfig, fit
 >>> result = fit(model, batches_fn, TrainConfig(lr=1e-3, max_steps=100), "runs/x", batches_per_epoch=50)
@@ -11,10 +12,12 @@ from lorakit.train.distributed import DistInfo, init_distributed
 from lorakit.train.loop import FitResult, fit
 from lorakit.train.loss import count_targets, loss_sum
 from lorakit.train.optim import build_optimizer, build_scheduler, lr_factor
+from lorakit.train.step import StepResult, train_step
 
 __all__ = [
     "DistInfo",
     "FitResult",
+    "StepResult",
     "TrainConfig",
     "build_optimizer",
     "build_scheduler",
@@ -25,4 +28,5 @@ __all__ = [
     "list_checkpoints",
     "loss_sum",
     "lr_factor",
+    "train_step",
 ]

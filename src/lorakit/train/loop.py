@@ -37,9 +37,9 @@ from lorakit.train.checkpoint import (
     save_checkpoint,
 )
 from lorakit.train.config import TrainConfig
-from lorakit.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shard_batch
-from lorakit.train.loss import count_targets, logits_of, loss_sum
+from lorakit.train.distributed import DistInfo, barrier, init_distributed
 from lorakit.train.optim import build_optimizer, build_scheduler
+from lorakit.train.step import train_step
 
 try:
     import numpy as np
@@ -98,15 +98,6 @@ class _Position:
     step: int = 0
     epoch: int = 0
     batch: int = 0
-
-
-@dataclass
-class _StepStats:
-    loss: float
-    grad_norm: float
-    lr: float
-    input_tokens: int
-    stop: bool
 
 
 @dataclass
@@ -239,7 +230,6 @@ def fit(
 
     device = next(model.parameters()).device
     train_model = _wrap_ddp(model, device, info)
-    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
 
     metrics = _open_metrics(out / METRICS_FILE, resumed_from, info)
@@ -281,9 +271,19 @@ def fit(
                     data = iter(train_batches_fn(position.epoch, position.batch))
                 count = min(cfg.grad_accum, batches_per_epoch - position.batch)
                 micro = [_next_batch(data, position, batches_per_epoch, i) for i in range(count)]
-                stats = _step(
-                    train_model, micro, cfg, info, device, trainable, optimizer, scheduler, interrupted, position, out
-                )
+                try:
+                    stats = train_step(
+                        train_model,
+                        micro,
+                        optimizer,
+                        scheduler,
+                        max_grad_norm=cfg.max_grad_norm,
+                        label_smoothing=cfg.label_smoothing,
+                        info=info,
+                        stop=interrupted.is_set(),
+                    )
+                except TrainingError as err:  # a non-finite loss or gradient: nothing was updated
+                    raise TrainingError(f"{err} at step {position.step + 1}; {_last_good(out)}") from None
                 position.step += 1
                 position.batch += count
                 if position.batch == batches_per_epoch:
@@ -356,60 +356,7 @@ def fit(
     )
 
 
-# ---------------------------------------------------------------------------------------- step
-def _step(
-    train_model: nn.Module,
-    micro: list[dict[str, Any]],
-    cfg: TrainConfig,
-    info: DistInfo,
-    device: torch.device,
-    trainable: list[nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    interrupted: threading.Event,
-    position: _Position,
-    out: Path,
-) -> _StepStats:
-    """Forward/backward over the micro-batches, reduce, check finiteness, clip, step."""
-    shards = [shard_batch(batch, info) for batch in micro]
-    targets = sum(count_targets(b["labels"]) for b, counts in shards if counts)
-    inputs = sum(_count_inputs(b) for b, counts in shards if counts)
-    totals = all_reduce_sum(torch.tensor([targets, inputs], dtype=torch.float64), info)
-    global_targets = max(float(totals[0]), 1.0)
-    # DDP averages gradients over ranks; multiplying by the world size makes that a sum, so the
-    # step's gradient is d(Σ over all ranks' targets of the loss)/d(params) / global_targets.
-    scale = info.world_size / global_targets
-    local_sum = torch.zeros((), dtype=torch.float64)
-    for index, (batch, counts) in enumerate(shards):
-        inputs_ = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-        labels = inputs_.pop("labels")
-        last = index == len(shards) - 1
-        sync = train_model.no_sync() if info.enabled and not last else contextlib.nullcontext()
-        with sync:
-            summed = loss_sum(logits_of(train_model(**inputs_)), labels, cfg.label_smoothing)
-            if not counts:
-                summed = summed * 0.0
-            (summed * scale).backward()
-        local_sum += summed.detach().double().cpu()
-    flag = 1.0 if interrupted.is_set() else 0.0
-    reduced = all_reduce_sum(torch.stack([local_sum, torch.tensor(flag, dtype=torch.float64)]), info)
-    loss = float(reduced[0]) / global_targets
-    step = position.step + 1
-    if not math.isfinite(loss):
-        optimizer.zero_grad(set_to_none=True)
-        raise TrainingError(f"loss became {loss} at step {step}; {_last_good(out)}")
-    max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
-    if not math.isfinite(grad_norm):
-        optimizer.zero_grad(set_to_none=True)
-        raise TrainingError(f"gradient norm became {grad_norm} at step {step}; {_last_good(out)}")
-    lr = float(optimizer.param_groups[0]["lr"])
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return _StepStats(loss=loss, grad_norm=grad_norm, lr=lr, input_tokens=int(totals[1]), stop=float(reduced[1]) > 0)
-
-
+# ---------------------------------------------------------------------------------------- helpers
 def _last_good(out: Path) -> str:
     latest = latest_checkpoint(out)
     if latest is None:
@@ -418,14 +365,6 @@ def _last_good(out: Path) -> str:
         f"the last good checkpoint is {CHECKPOINTS_DIR}/{latest.name} (in {out}); "
         "lower lr or add warmup, then resume=True continues from it"
     )
-
-
-def _count_inputs(batch: dict[str, Any]) -> int:
-    mask = batch.get("attention_mask")
-    if isinstance(mask, torch.Tensor):
-        return int(mask.sum())
-    ids = batch.get("input_ids")
-    return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
 
 
 def _next_batch(data: Iterator[dict[str, Any]], position: _Position, per_epoch: int, offset: int) -> dict[str, Any]:

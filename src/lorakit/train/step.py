@@ -1,0 +1,124 @@
+"""One optimizer step over micro-batches: what `fit` runs each step, and what the benchmarks time."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.errors import TrainingError
+from lorakit.train.distributed import DistInfo, all_reduce_sum, shard_batch
+from lorakit.train.loss import count_targets, logits_of, loss_sum
+
+__all__ = ["StepResult", "train_step"]
+
+
+@dataclass
+class StepResult:
+    """What one `train_step` did.
+
+    Attributes:
+        loss: the cross entropy per target token of the whole step (every micro-batch, every rank).
+        grad_norm: the global gradient norm before clipping (nan without an optimizer).
+        lr: the learning rate of the first parameter group for this step (nan without one).
+        input_tokens: tokens read (attention-mask ones) over all ranks.
+        stop: some rank passed `stop=True` (fit's Ctrl-C, agreed on by every rank).
+    """
+
+    loss: float
+    grad_norm: float
+    lr: float
+    input_tokens: int
+    stop: bool = False
+
+
+def train_step(
+    model: nn.Module,
+    micro_batches: Sequence[dict[str, Any]],
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    *,
+    max_grad_norm: float | None = None,
+    label_smoothing: float = 0.0,
+    info: DistInfo | None = None,
+    stop: bool = False,
+) -> StepResult:
+    """Forward and backward every micro-batch, then clip, step the optimizer and the schedule.
+
+    The loss is summed over the target tokens of all micro-batches (and ranks) and divided by
+    their number, so accumulation and data parallelism give the update of one big batch. Under
+    DDP (`model` wrapped, `info.world_size > 1`) each rank takes rows `rank::world_size` of every
+    batch and gradients sync on the last micro-batch only.
+
+    Args:
+        model: the model (or its DDP wrapper); batches go to the device of its first parameter.
+        micro_batches: dicts with `labels` ((batch, seq) token labels, -100 = no target, or (batch,)
+            class labels) and the model's inputs.
+        optimizer: updates the parameters; None runs forward and backward only (the frozen
+            model's floor, as the benchmarks time it).
+        scheduler: stepped after the optimizer, if given.
+        max_grad_norm: clip the global gradient norm of the optimizer's parameters; None: no clipping.
+        label_smoothing: of the cross entropy.
+        info: this rank in the job (default: a single process).
+        stop: this rank wants to stop after the step; the result says whether any rank did.
+
+    Returns:
+        The step's loss, gradient norm, learning rate, tokens and stop flag.
+
+    Raises:
+        TrainingError: a NaN/inf loss or gradient norm; the gradients are cleared and nothing is
+            updated.
+    """
+    info = info or DistInfo()
+    device = next(model.parameters()).device
+    shards = [shard_batch(batch, info) for batch in micro_batches]
+    targets = sum(count_targets(b["labels"]) for b, counts in shards if counts)
+    inputs = sum(_count_inputs(b) for b, counts in shards if counts)
+    totals = all_reduce_sum(torch.tensor([targets, inputs], dtype=torch.float64), info)
+    global_targets = max(float(totals[0]), 1.0)
+    # DDP averages gradients over ranks; multiplying by the world size makes that a sum, so the
+    # step's gradient is d(Σ over all ranks' targets of the loss)/d(params) / global_targets.
+    scale = info.world_size / global_targets
+    local_sum = torch.zeros((), dtype=torch.float64)
+    for index, (batch, counts) in enumerate(shards):
+        tensors = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        labels = tensors.pop("labels")
+        last = index == len(shards) - 1
+        sync = model.no_sync() if info.enabled and not last else contextlib.nullcontext()
+        with sync:
+            summed = loss_sum(logits_of(model(**tensors)), labels, label_smoothing)
+            if not counts:
+                summed = summed * 0.0
+            (summed * scale).backward()
+        local_sum += summed.detach().double().cpu()
+    reduced = all_reduce_sum(torch.stack([local_sum, torch.tensor(float(stop), dtype=torch.float64)]), info)
+    loss, stopping, tokens = float(reduced[0]) / global_targets, float(reduced[1]) > 0, int(totals[1])
+    if optimizer is None:
+        return StepResult(loss=loss, grad_norm=math.nan, lr=math.nan, input_tokens=tokens, stop=stopping)
+    if not math.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainingError(f"loss became {loss}")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else math.inf))
+    if not math.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainingError(f"gradient norm became {grad_norm}")
+    lr = float(optimizer.param_groups[0]["lr"])
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, input_tokens=tokens, stop=stopping)
+
+
+def _count_inputs(batch: dict[str, Any]) -> int:
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        return int(mask.sum())
+    ids = batch.get("input_ids")
+    return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
