@@ -9,7 +9,7 @@ everywhere; `disabled("gated_mlp")` turns off one path.
 
 The paths (name · module · eligibility function: what it saves; when it applies):
 
-- `fused_linear` · `linear` · `fused_records`: one autograd node per branch keeps x itself, the
+- `fused_linear` · `linear` · `fused_applies`: one autograd node per branch keeps x itself, the
   dropout mask as positions or bits and the (N, r) product, not a float copy of dropout(x) per
   layer, and adds the branch into the base output in place. Every plain (unsliced) adapter of a
   `LoraLinear`, in training and inference, under torch.compile too.

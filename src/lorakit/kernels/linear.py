@@ -21,7 +21,7 @@ from lorakit.kernels.switch import enabled
 if TYPE_CHECKING:
     from lorakit.layers import AdapterRecord, LoraLinear
 
-__all__ = ["LoraLinearFunction", "branch_backward", "branch_forward", "forward", "fused_records", "lora_linear"]
+__all__ = ["LoraLinearFunction", "branch_backward", "branch_forward", "forward", "fused_applies", "lora_linear"]
 
 
 def branch_forward(out: torch.Tensor, xa: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float, *, in_place: bool):
@@ -175,34 +175,29 @@ def lora_linear(
     return LoraLinearFunction.apply(result, x, A, B, s, in_place)
 
 
-def fused_records(layer: LoraLinear) -> Sequence[AdapterRecord] | None:
-    """Eligibility of the fused node: the records it computes, or None for the reference.
+def fused_applies(records: Sequence[AdapterRecord]) -> bool:
+    """Eligibility of the fused node for a layer whose forward adds `records` (its `pending()`).
 
     Speed path `fused_linear`: every adapter the forward adds is a plain one (no fused slices),
     and there is at least one. Any base layer, dtype, grad mode and torch.compile qualify.
     """
-    if not enabled("fused_linear"):
-        return None
-    records = layer.pending()
-    if not records or any(rec.slices is not None for rec in records):
-        return None
-    return records
+    return enabled("fused_linear") and bool(records) and all(rec.slices is None for rec in records)
 
 
 def forward(layer: LoraLinear, x: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
     """`LoraLinear`'s forward by the first speed path that applies, or None to run the reference.
 
     In order: the on-the-fly merged weight (`merged_weight`), per-row adapters stacked into one
-    batched product (`rows`), the fused node per adapter (`fused_records`).
+    batched product (`rows`), the fused node per adapter (`fused_applies`).
     """
+    records = layer.pending()
     if not args and not kwargs:
-        weight = merged_weight.weight(layer, x)
+        weight = merged_weight.weight(layer, x, records)
         if weight is not None:
             return F.linear(x, weight, layer.base_layer.bias)
     if layer.rows is not None:
         return rows.forward(layer, x, args, kwargs)
-    records = fused_records(layer)
-    if records is None:
+    if not fused_applies(records):
         return None
     result = layer.base_layer(x, *args, **kwargs)
     in_place = not output_seen(layer.base_layer)

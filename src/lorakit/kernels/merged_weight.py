@@ -8,6 +8,7 @@ fast as a merged one (its values are a merged layer's, to float rounding); for a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,7 +19,7 @@ from lorakit.kernels.guards import grad_needed, hooked
 from lorakit.kernels.switch import enabled
 
 if TYPE_CHECKING:
-    from lorakit.layers import LoraLinear
+    from lorakit.layers import AdapterRecord, LoraLinear
 
 __all__ = ["cheaper", "weight"]
 
@@ -32,17 +33,17 @@ def cheaper(n_rows: int, in_features: int, out_features: int) -> bool:
     return 2 * in_features * out_features < n_rows * (in_features + 2 * out_features)
 
 
-def weight(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor | None:
+def weight(layer: LoraLinear, x: torch.Tensor, records: Sequence[AdapterRecord] | None = None) -> torch.Tensor | None:
     """W0 + Σ s·B·A for this forward alone, when the path applies (else None).
 
     Applies to a plain `nn.Linear` base without hooks, no per-row adapters, adapters without fused
     slices or dropout in effect, one dtype throughout, nothing that needs a gradient, and enough
-    rows that it is `cheaper`.
+    rows that it is `cheaper`. `records` are the layer's `pending()` adapters, when the caller has them.
     """
     base = layer.base_layer
     if not enabled("merged_weight") or layer.rows is not None or type(base) is not nn.Linear or hooked(base):
         return None
-    records = layer.pending()
+    records = layer.pending() if records is None else records
     W = base.weight
     if not records or x.dtype != W.dtype or x.shape[-1] != layer.in_features:
         return None
