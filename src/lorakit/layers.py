@@ -163,6 +163,11 @@ class LoraLayer(AdapterHost):
 
     # -- forward: the reference
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """h = base_layer(x) + Σ s·B·A·dropout(x) over the active, unmerged adapters (Hu et al., eq. 3).
+
+        Inside `adapter_per_row` each adapter's branch is added to its own rows only. Plain tensor
+        operations (`branch`, `lorakit.functional`): this is what `lorakit.kernels.disabled()` runs.
+        """
         result = self.base_layer(x, *args, **kwargs)
         if self.rows is not None and not self.disabled:
             return self.forward_rows(x, result)
