@@ -121,3 +121,19 @@ def assert_same_state(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> No
     assert list(now) == list(snapshot), "state_dict keys changed"
     for k, v in snapshot.items():
         torch.testing.assert_close(now[k], v, atol=0, rtol=0, equal_nan=True, msg=f"{k} changed")
+
+
+def nf4_llama(seed: int = 0) -> LlamaForCausalLM:
+    """A 2-layer LLaMA whose linear layers NF4 can block (every weight a multiple of 64·256 values)."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg).eval()

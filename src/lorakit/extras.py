@@ -7,7 +7,8 @@ load adapters on any model. The rest comes with extras (`scripts/install.sh` ins
 |---|---|---|
 | `cli` | transformers, gguf, matplotlib | the `lorakit` command: loading models and tokenizers (GGUF too), loss plots |
 | `eval` | sacrebleu, pycocoevalcap (and a Java runtime) | the E2E NLG scores (BLEU, NIST, METEOR, ROUGE-L, CIDEr) |
-| `all` | both | |
+| `quantize` | torchao | NF4 bases (QLoRA; `lorakit.quantize`) |
+| `all` | all of them | |
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ __all__ = ["EXTRAS", "available", "require", "require_extra"]
 EXTRAS: dict[str, tuple[str, ...]] = {
     "cli": ("transformers", "gguf", "matplotlib"),
     "eval": ("sacrebleu", "pycocoevalcap"),
+    "quantize": ("torchao",),
 }
 """extra -> the import names of the packages it installs."""
 

@@ -13,6 +13,7 @@ from lorakit.errors import ConfigError, LorakitError
 from lorakit.functional import scaling
 from lorakit.kernels import gated_mlp
 from lorakit.layers import AdapterRecord, LoraLayer, SavedModule, wrapper_for
+from lorakit.quantize import is_quantized
 from lorakit.state import check_adapter_name, clear_state, hosts, lora_layers, state_of
 from lorakit.targeting import Target, resolve_modules_to_save, resolve_targets
 
@@ -91,6 +92,11 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str, targets: list[
         if config.init_lora_weights == "pissa":
             if not hasattr(wrapper, "pissa_tensors"):
                 raise ConfigError(f"init_lora_weights='pissa' supports linear layers; {target.path!r} is not one")
+            if is_quantized(target.base):
+                raise ConfigError(
+                    f"init_lora_weights='pissa' rewrites W0, which {target.path!r} stores quantized: it would be "
+                    "re-quantized; initialise PiSSA on the full-precision model, or use init_lora_weights=True"
+                )
             A, B, residual = wrapper.pissa_tensors(r, scaling(r, alpha, config.use_rslora))
         else:
             A, B = wrapper.new_pair(r, config.init_lora_weights, enabled, n_slices)

@@ -25,17 +25,23 @@ from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFormatError, ShapeMismatchError
 from lorakit.inject import apply, plan
 from lorakit.layers import Conv1D, LoraConv2d, LoraEmbedding, LoraLayer, SavedModule, wrapper_for
+from lorakit.quantize import quantization_of
 from lorakit.state import check_adapter_name, hosts, lora_layers, require_adapter, walk
 from lorakit.targeting import Target, resolve_modules_to_save
 
 __all__ = [
+    "BASE_QUANTIZATION_KEY",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
+    "adapter_base_quantization",
     "load_adapter",
     "read_adapter_config",
     "save_adapter",
 ]
 
+BASE_QUANTIZATION_KEY = "lorakit.base_quantization"
+"""Metadata key of `adapter_model.safetensors` naming the scheme of a quantized base the adapter
+was trained on (`"nf4"`, `"bf16"`); absent for a full-precision base. PEFT does not read it."""
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -109,7 +115,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    payload = safetensors_save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, {"format": "pt"})
+    metadata = {"format": "pt"}
+    scheme = quantization_of(model)
+    if scheme is not None:  # PEFT reads only "format"; lorakit's `merge` reads this one
+        metadata[BASE_QUANTIZATION_KEY] = scheme
+    payload = safetensors_save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, metadata)
     atomic.write_bytes(directory / WEIGHTS_NAME, payload)
     atomic.write_json(directory / CONFIG_NAME, peft, sort_keys=True)
     return directory
@@ -139,6 +149,18 @@ def _trained_biases(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.
 
 
 # ---------------------------------------------------------------------------------------- load
+def adapter_base_quantization(directory: str | os.PathLike) -> str | None:
+    """The quantization of the base an adapter was trained on (`"nf4"`, `"bf16"`), or None.
+
+    Raises:
+        AdapterFormatError: the weights file is missing or not safetensors.
+    """
+    path = Path(directory) / WEIGHTS_NAME
+    _read_header(path)
+    with safe_open(path, framework="pt", device="cpu") as f:
+        return (f.metadata() or {}).get(BASE_QUANTIZATION_KEY)
+
+
 def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
     """Read and validate `adapter_config.json` of an adapter directory.
 

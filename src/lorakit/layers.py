@@ -23,6 +23,7 @@ from lorakit import init
 from lorakit.errors import LorakitError, UnsupportedLayerError
 from lorakit.kernels import linear as linear_kernels
 from lorakit.kernels.dropout import Draw, MaskSharing, dropout_active, dropped
+from lorakit.quantize import dequantized_weight, is_quantized
 
 try:  # GPT-2 style layers store their weight as (in, out).
     from transformers.pytorch_utils import Conv1D
@@ -154,6 +155,9 @@ class LoraLayer(AdapterHost):
         super().__init__()
         self.base_layer = base_layer
         self.merged: tuple[str, ...] = ()
+        # A quantized base (`lorakit.quantize`) holds a dense merged weight while adapters are
+        # merged; its compressed weight waits here, to come back exactly on unmerge.
+        self.stored_weight: nn.Parameter | None = None
         # Dropout masks shared by layers reading the same tensor: `inject` gives every layer of a
         # model the model's one `MaskSharing`.
         self.masks = MaskSharing()
@@ -246,9 +250,10 @@ class LoraLayer(AdapterHost):
 
     # -- merge
     def merged_weight(self, names: Iterable[str]) -> torch.Tensor:
-        """The base weight with adapters `names` added: W0 + Σ ΔW in float32, cast once."""
+        """The base weight with adapters `names` added: W0 + Σ ΔW in float32, cast once (a quantized
+        base weight is dequantized first)."""
         weight = self.base_layer.weight
-        total = weight.detach().to(LF.accumulate_dtype(weight.dtype))
+        total = dequantized_weight(weight.detach(), LF.accumulate_dtype(weight.dtype))
         for name in names:
             total = total + self.delta_weight(name)
         return total.to(weight.dtype)
@@ -267,6 +272,16 @@ class LoraLayer(AdapterHost):
         if not pending:
             return
         weight = self.base_layer.weight
+        if is_quantized(self.base_layer) and self.stored_weight is None:
+            # W0 is stored compressed: the merged weight is dense (dequantized W0 + ΔW), and the
+            # compressed W0 is kept aside for unmerge. Nothing is re-quantized.
+            new = self.merged_weight(pending)
+            if safe and not torch.isfinite(new).all():
+                raise LorakitError(f"merging adapter(s) {pending} gives NaN/inf weights; nothing was merged")
+            self.stored_weight = weight
+            self.base_layer.weight = nn.Parameter(new, requires_grad=False)
+            self.merged = (*self.merged, *pending)
+            return
         if not safe and weight.dtype == LF.accumulate_dtype(weight.dtype):
             # fp32/fp64 weights: add each ΔW in place, no copy of W.
             with torch.no_grad():
@@ -289,8 +304,13 @@ class LoraLayer(AdapterHost):
         weight.add_(self.delta_weight(name).to(weight.dtype), alpha=sign)
 
     def unmerge(self) -> None:
-        """Subtract every merged adapter's ΔW again (W0 is restored up to float rounding)."""
+        """Subtract every merged adapter's ΔW again (W0 is restored up to float rounding; a quantized
+        W0 exactly)."""
         if not self.merged:
+            return
+        if self.stored_weight is not None:
+            self.base_layer.weight, self.stored_weight = self.stored_weight, None
+            self.merged = ()
             return
         weight = self.base_layer.weight
         with torch.no_grad():

@@ -93,6 +93,7 @@ def load_model(
     task: str = "causal-lm",
     num_labels: int = 2,
     dtype: torch.dtype = torch.float32,
+    quantize: str | None = None,
 ) -> tuple[nn.Module, Any, str]:
     """Load a base model and its tokenizer from local files only.
 
@@ -110,6 +111,8 @@ def load_model(
             `"minilm-l6"` any task but `"classification"` gives the bare encoder.
         num_labels: Number of classes for `task="classification"`.
         dtype: Floating-point dtype of the weights (GGUF caches are stored in float32 and cast).
+        quantize: `"nf4"` or `"bf16"`: store the linear layers' frozen weights that way
+            (`lorakit.quantize.quantize`; the output head stays as loaded); None keeps `dtype`.
 
     Returns:
         `(model, tokenizer, name)`. `name` is a stable identifier: for packaged aliases the upstream
@@ -137,6 +140,10 @@ def load_model(
     tokenizer = _tokenizer_from_dir(local_dir, causal=task == "causal-lm")
     model.config.name_or_path = name
     model.name_or_path = name
+    if quantize is not None:
+        from lorakit.quantize import quantize as quantize_model
+
+        quantize_model(model, quantize)
     return model, tokenizer, name
 
 
@@ -190,12 +197,17 @@ class ModelSource:
             `smollm2-135m`).
         task: `causal-lm`, or `classification` (a sequence-classification head).
         num_labels: classes, for classification.
+        quantize: how the base's linear weights are stored: `auto` (as the adapter was trained:
+            NF4 or bf16 if it records so, else full precision), `none` (full precision, with a
+            warning naming the quantization error when the adapter was trained on a quantized
+            base), `nf4` or `bf16`.
     """
 
     adapter: str | None = None
     model: str | None = None
     task: Task = "causal-lm"
     num_labels: int = 2
+    quantize: Literal["auto", "none", "nf4", "bf16"] = "auto"
 
 
 def adapter_directory(path: str | os.PathLike[str]) -> Path:
@@ -218,7 +230,7 @@ def load_source(source: ModelSource) -> tuple[nn.Module, Any, str]:
         AdapterFormatError, ShapeMismatchError: the adapter is unreadable or made for another model.
         ModelLoadError: the base model cannot be loaded.
     """
-    from lorakit.io import load_adapter, read_adapter_config
+    from lorakit.io import adapter_base_quantization, load_adapter, read_adapter_config
 
     adapter = adapter_directory(source.adapter) if source.adapter else None
     spec = source.model
@@ -228,11 +240,32 @@ def load_source(source: ModelSource) -> tuple[nn.Module, Any, str]:
             spec = next(alias for alias, name in PACKAGED_NAMES.items() if name == recorded)
         elif recorded and Path(recorded).exists():
             spec = recorded
-    model, tokenizer, name = load_model(spec, task=source.task, num_labels=source.num_labels)
+    trained_on = adapter_base_quantization(adapter) if adapter is not None else None
+    scheme = {"auto": trained_on, "none": None}.get(source.quantize, source.quantize)
+    model, tokenizer, name = load_model(spec, task=source.task, num_labels=source.num_labels, quantize=scheme)
     if adapter is not None:
         load_adapter(model, adapter)
+        if trained_on is not None and scheme is None:
+            _warn_full_precision(model, trained_on)
     model.eval()
     return model, tokenizer, name
+
+
+def _warn_full_precision(model: nn.Module, scheme: str) -> None:
+    """Warn that an adapter trained on a quantized base now runs on full-precision weights, naming
+    how far those are from the ones it was trained with."""
+    import warnings
+
+    from lorakit.quantize import quantization_error
+    from lorakit.state import lora_layers
+
+    error = max((quantization_error(layer.base_layer.weight, scheme) for _, layer in lora_layers(model)), default=0.0)
+    warnings.warn(
+        f"the adapter was trained on a base stored as {scheme} and runs here on the full-precision weights, "
+        f"which differ from the ones it was trained with by up to {error:.3g} (max |W − dequant({scheme}(W))| "
+        f"over the adapted layers); pass --quantize auto to use the base it was trained on",
+        stacklevel=2,
+    )
 
 
 # ----------------------------------------------------------------------------- resolution

@@ -89,3 +89,19 @@ def test_require_and_require_extra(monkeypatch):
     with pytest.raises(MissingExtraError, match="no_such_pkg_y, no_such_pkg_z, which are not installed"):
         extras.require_extra("cli", "lorakit train")
     assert isinstance(MissingExtraError("x"), ImportError)  # catchable without knowing lorakit
+
+
+def test_nf4_without_the_quantize_extra_names_it_and_changes_nothing():
+    code = """
+from torch import nn
+import lorakit.quantize as Q
+model = nn.Sequential(nn.Linear(64, 64))
+try:
+    Q.quantize(model, "nf4")
+except ImportError as err:
+    print(type(err).__name__, err, type(model[0]).__name__)
+"""
+    proc = _child(code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MissingExtraError" in proc.stdout and "pip install 'lorakit[quantize]'" in proc.stdout
+    assert proc.stdout.strip().endswith("Linear")  # not replaced

@@ -14,6 +14,7 @@ Bad input ends with one line on stderr and exit code 2 (`--debug` shows the trac
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import traceback
@@ -60,6 +61,10 @@ def _quiet_transformers() -> None:
     from the adapter. transformers is already imported here, so its environment variables
     (`TRANSFORMERS_VERBOSITY`, `HF_HUB_DISABLE_PROGRESS_BARS`) would come too late.
     """
+    # torchao (imported by transformers when installed) logs each GPU kernel library it cannot load
+    # on a CPU-only machine, and torch an Enum it registers: noise before any result.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
     except ImportError:  # without the cli extra: the command reports it

@@ -37,7 +37,7 @@ COMMAND = Command(
     name="inspect",
     summary="List a model's adaptable layers and what a LoRA config would adapt.",
     specs=(
-        FlagSpec(ModelSource, "model", exclude=frozenset({"adapter"})),
+        FlagSpec(ModelSource, "model", exclude=frozenset({"adapter", "quantize"})),
         FlagSpec(LoraConfig, "LoRA (lorakit.LoraConfig)", aliases={"r": ("-r",), "target_modules": ("--target",)}),
     ),
     run=_run,

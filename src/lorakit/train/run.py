@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -49,6 +49,8 @@ class TrainRun:
         eval_fraction: fraction of the training data held out for eval when no eval data is given.
         task: `causal-lm`, or `classification` (a sequence-classification head, trained in full).
         num_labels: classes, for classification.
+        quantize: store the base's frozen linear weights as `nf4` (QLoRA: 4-bit NormalFloat, about
+            0.13× the fp32 bytes; needs lorakit[quantize]) or `bf16`; `none` keeps full precision.
         seq_len: maximum tokens per example; longer rows are cut at the end (counted in the summary).
         samples: prompts from the eval data to generate from before and after training.
         out: output directory (adapter/, checkpoints/, metrics.jsonl, loss.png, run_config.json,
@@ -65,6 +67,7 @@ class TrainRun:
     eval_fraction: float = 0.1
     task: Task = "causal-lm"
     num_labels: int = 2
+    quantize: Literal["none", "nf4", "bf16"] = "none"
     seq_len: int = 128
     samples: int = 2
     out: str = "runs/lorakit-train"
@@ -107,10 +110,12 @@ def train_run(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer
             D.resolve_source(source)  # a missing file is reported before the model loads
     torch.manual_seed(train.seed)
     t0 = time.perf_counter()
-    model, tokenizer, name = load_model(run.model, task=run.task, num_labels=run.num_labels)
+    scheme = None if run.quantize == "none" else run.quantize
+    model, tokenizer, name = load_model(run.model, task=run.task, num_labels=run.num_labels, quantize=scheme)
+    stored = f"; linear weights stored as {scheme}" if scheme else ""
     say(
         f"model: {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-        f"loaded in {time.perf_counter() - t0:.1f}s)"
+        f"loaded in {time.perf_counter() - t0:.1f}s{stored})"
     )
     train_ds, eval_ds, eval_examples = _load_data(run, tokenizer, train.seed)
     truncated = train_ds.truncated
