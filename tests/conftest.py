@@ -104,12 +104,15 @@ def clone(model: nn.Module) -> nn.Module:
 
 
 def randomize_adapters(model: nn.Module, seed: int = 3, scale: float = 0.3) -> None:
-    """Give every LoRA A and B non-zero random values (B = 0 would make parity trivial)."""
+    """Give every LoRA A and B non-zero random values (B = 0 would make parity trivial), and every
+    DoRA magnitude a random factor in [0.5, 1.5) of its initial row norms."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".adapters." in f".{name}." and name.endswith(("lora_A", "lora_B")):
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
+            elif ".adapters." in f".{name}." and name.endswith("lora_magnitude_vector"):
+                p.mul_(torch.rand(p.shape, generator=gen) + 0.5)
 
 
 def state_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -42,7 +42,6 @@ PEFT_FIELDS = (
 # PEFT options lorakit does not implement: loading a file that turns one on must fail loudly, since
 # ignoring it would silently give other outputs than PEFT.
 _UNSUPPORTED_WHEN_SET = {
-    "use_dora": "DoRA (use_dora=true)",
     "lora_bias": "a bias on lora_B (lora_bias=true)",
     "layer_replication": "layer replication",
     "target_parameters": "target_parameters (LoRA on raw parameters)",
@@ -97,6 +96,12 @@ class LoraConfig:
             input and a 1-byte mask are kept once for the backward instead of a float copy per
             layer. `False` draws a mask per layer, as PEFT does. A lorakit setting, not saved
             in `adapter_config.json`; it only matters in training with `lora_dropout > 0`.
+        use_dora: DoRA (Liu et al., 2024): each adapted row of W is m·(W0 + s·B·A)/‖W0 + s·B·A‖, a
+            trained magnitude m (PEFT's `lora_magnitude_vector`, initialised to the row norms of
+            W0) times a LoRA-updated direction, the norm detached from the gradient (the paper's
+            §4.3). Linear and Conv1D layers. With dropout in training, lorakit scales the base
+            output of the input itself (PEFT recomputes the base product on the dropped-out input:
+            one more product per layer); without dropout, and in inference, the two agree.
         base_model_name_or_path: recorded in `adapter_config.json`.
 
     Raises:
@@ -118,6 +123,7 @@ class LoraConfig:
     init_lora_weights: InitMode = True
     fused_slices: dict[str, list[bool]] | None = None
     share_dropout_mask: bool = True
+    use_dora: bool = False
     base_model_name_or_path: str | None = None
 
     def __post_init__(self) -> None:
@@ -151,6 +157,12 @@ class LoraConfig:
             out.append(f"use_rslora must be a bool, got {self.use_rslora!r}")
         if not isinstance(self.share_dropout_mask, bool):
             out.append(f"share_dropout_mask must be a bool, got {self.share_dropout_mask!r}")
+        if not isinstance(self.use_dora, bool):
+            out.append(f"use_dora must be a bool, got {self.use_dora!r}")
+        elif self.use_dora and self.fused_slices:
+            out.append("use_dora cannot be combined with fused_slices (DoRA rescales whole rows of W)")
+        elif self.use_dora and self.init_lora_weights == "pissa":
+            out.append("use_dora cannot be combined with init_lora_weights='pissa'")
         out += _pattern_problems("target_modules", self.target_modules, allow_none=True)
         out += _pattern_problems("exclude_modules", self.exclude_modules, allow_none=True)
         if isinstance(self.target_modules, list) and not self.target_modules:
@@ -281,7 +293,7 @@ class LoraConfig:
             "use_rslora": self.use_rslora,
             "init_lora_weights": self.init_lora_weights if self.init_lora_weights != "pissa" else True,
             "fan_in_fan_out": False,
-            "use_dora": False,
+            "use_dora": self.use_dora,
             "lora_bias": False,
         }
 

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.errors import ConfigError, LorakitError
+from lorakit.errors import ConfigError, LorakitError, UnsupportedLayerError
 from lorakit.functional import scaling
 from lorakit.kernels import gated_mlp
-from lorakit.layers import AdapterRecord, LoraLayer, SavedModule, wrapper_for
+from lorakit.layers import AdapterRecord, LoraLayer, LoraLinear, SavedModule, wrapper_for
 from lorakit.quantize import is_quantized
 from lorakit.state import check_adapter_name, clear_state, hosts, lora_layers, state_of
 from lorakit.targeting import Target, resolve_modules_to_save, resolve_targets
@@ -113,6 +113,14 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str, targets: list[
         )
         if residual is not None:
             record.pissa_initial = (A.detach().clone(), B.detach().clone())
+        if config.use_dora:
+            if not isinstance(wrapper, LoraLinear):
+                raise UnsupportedLayerError(
+                    f"use_dora supports linear layers (nn.Linear, Conv1D); {target.path!r} is a "
+                    f"{type(target.base).__name__}: adapt it without DoRA, or leave it out of target_modules"
+                )
+            # m starts at ‖W0 + s·B·A‖ (= ‖W0‖ for B = 0), so a fresh DoRA adapter is a no-op.
+            record.lora_magnitude_vector = nn.Parameter(wrapper.dora_norm(A, B, record.scaling).to(A.dtype))
         steps.append(_Step(target.path, module, wrapper, record, residual))
     return steps
 

@@ -50,6 +50,7 @@ _LORA_SUFFIXES = {
     ".lora_B.weight": "B",
     ".lora_embedding_A": "A",
     ".lora_embedding_B": "B",
+    ".lora_magnitude_vector": "M",  # DoRA's magnitude (out,)
 }
 
 
@@ -228,6 +229,8 @@ def load_adapter(
             keys = lora[step.path]
             step.record.lora_A.copy_(tensors[keys["A"]])
             step.record.lora_B.copy_(tensors[keys["B"]])
+            if "M" in keys:
+                step.record.lora_magnitude_vector.copy_(tensors[keys["M"]])
         for key, (kind, where, name) in extra_plan.items():
             if kind == "saved":
                 copy = model.get_submodule(where).adapters[adapter_name]
@@ -278,23 +281,22 @@ def _split_keys(header: dict[str, tuple[int, ...]], path: Path) -> tuple[dict[st
     for key in header:
         if not key.startswith(PREFIX):
             raise AdapterFormatError(f"{path}: key {key!r} does not start with {PREFIX!r}; not a PEFT adapter file")
-        if ".lora_magnitude_vector" in key:
-            raise AdapterFormatError(f"{path}: key {key!r} belongs to DoRA, which lorakit does not support")
         for suffix, part in _LORA_SUFFIXES.items():
             if key.endswith(suffix):
                 module_path = key[len(PREFIX) : -len(suffix)]
                 slot = lora.setdefault(module_path, {})
                 slot[part] = key
-                slot["kind"] = "embedding" if "embedding" in suffix else "linear"
+                if part != "M":
+                    slot["kind"] = "embedding" if "embedding" in suffix else "linear"
                 break
         else:
             extra.append(key)
+    names = {"A": "lora_A", "B": "lora_B", "M": "lora_magnitude_vector"}
     for module_path, slot in lora.items():
         for part in ("A", "B"):
             if part not in slot:
-                raise AdapterFormatError(
-                    f"{path}: {module_path!r} has lora_{'B' if part == 'A' else 'A'} but no lora_{part}"
-                )
+                present = ", ".join(names[p] for p in ("A", "B", "M") if p in slot)
+                raise AdapterFormatError(f"{path}: {module_path!r} has {present} but no {names[part]}")
     return lora, extra
 
 
@@ -341,6 +343,14 @@ def _check_lora_module(
     if expected_r != r:
         raise ShapeMismatchError(
             f"{file}: {keys['A']!r} has rank {r} but adapter_config.json says r={expected_r} for {path!r}"
+        )
+    if config.use_dora != ("M" in keys):
+        has = "has no lora_magnitude_vector" if config.use_dora else "has a lora_magnitude_vector"
+        said = "says" if config.use_dora else "does not say"
+        raise AdapterFormatError(f"{file}: {path!r} {has}, but adapter_config.json {said} use_dora=true (DoRA)")
+    if "M" in keys and tuple(header[keys["M"]]) != (want_b[0],):
+        raise ShapeMismatchError(
+            f"{file}: tensor {keys['M']!r} has shape {list(header[keys['M']])} but {path!r} needs [{want_b[0]}]"
         )
     return Target(path, module)
 

@@ -91,10 +91,20 @@ class AdapterRecord(nn.Module):
         self.n_slices = n_slices
         # PiSSA: the initial (A0, B0), kept to write the adapter relative to the original W0.
         self.pissa_initial: tuple[torch.Tensor, torch.Tensor] | None = None
+        # DoRA: the magnitude m (out,), PEFT's `lora_magnitude_vector`; None for plain LoRA. While
+        # merged, the row norms the merge divided by (to unmerge exactly).
+        self.register_parameter("lora_magnitude_vector", None)
+        self.merged_norm: torch.Tensor | None = None
+
+    @property
+    def use_dora(self) -> bool:
+        """Whether this adapter is a DoRA one (it has a magnitude vector)."""
+        return self.lora_magnitude_vector is not None
 
     def extra_repr(self) -> str:
         extra = f", dropout={self.dropout_p}" if self.dropout_p else ""
         extra += f", slices={list(self.slices)}/{self.n_slices}" if self.slices is not None else ""
+        extra += ", dora" if self.use_dora else ""
         return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}{extra}"
 
 
@@ -176,18 +186,24 @@ class LoraLayer(AdapterHost):
         if self.rows is not None and not self.disabled:
             return self.forward_rows(x, result)
         for record in self.pending():
-            result = result + self.branch(record, x).to(result.dtype)
+            result = self.output(record, x, result)
         return result
 
     def forward_rows(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """result plus, for each adapter of the routing, its branch on its own rows (gather, scatter-add)."""
+        """result with, on the rows of each adapter of the routing, that adapter's output (gather,
+        compute, scatter back)."""
         for name, rows in self.rows.groups:
             if name not in self.adapters:
                 continue
             rows = rows.to(result.device)
-            delta = self.branch(self.adapters[name], x.index_select(0, rows))
-            result = result.index_add(0, rows, delta.to(result.dtype))
+            own = self.output(self.adapters[name], x.index_select(0, rows), result.index_select(0, rows))
+            result = result.index_copy(0, rows, own)
         return result
+
+    def output(self, record: AdapterRecord, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """result (the output so far) with one adapter applied: + s·B·A·dropout(x); DoRA rescales
+        (`LoraLinear`)."""
+        return result + self.branch(record, x).to(result.dtype)
 
     def branch(self, record: AdapterRecord, x: torch.Tensor) -> torch.Tensor:
         """s·B·A·dropout(x) for one adapter, in x's batch layout and A's dtype."""
@@ -236,7 +252,10 @@ class LoraLayer(AdapterHost):
             # Relative to the original W0 = W_res + s·B0·A0: ΔW = s·(B·A − B0·A0) = s·[B, −B0]·[A; A0].
             A0, B0 = rec.pissa_initial
             A, B = torch.cat([A, A0.to(A)]), torch.cat([B, -B0.to(B)], dim=1)
-        return {"lora_A.weight": A.contiguous(), "lora_B.weight": B.contiguous()}
+        tensors = {"lora_A.weight": A.contiguous(), "lora_B.weight": B.contiguous()}
+        if rec.use_dora:
+            tensors["lora_magnitude_vector"] = rec.lora_magnitude_vector.detach().contiguous()
+        return tensors
 
     def peft_rank_alpha(self, name: str) -> tuple[int, float]:
         """(r, lora_alpha) under which PEFT reproduces this adapter's scaling from `peft_tensors`."""
@@ -250,13 +269,29 @@ class LoraLayer(AdapterHost):
 
     # -- merge
     def merged_weight(self, names: Iterable[str]) -> torch.Tensor:
-        """The base weight with adapters `names` added: W0 + Σ ΔW in float32, cast once (a quantized
-        base weight is dequantized first)."""
+        """The base weight with adapters `names` merged in turn, in float32, cast once (a quantized
+        base weight is dequantized first): W + ΔW for LoRA, DoRA's m·(W + ΔW)/‖W + ΔW‖."""
+        return self._merge_result(names)[0]
+
+    def _merge_result(self, names: Iterable[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(merged weight, {DoRA adapter: the row norms its merge divided by})."""
         weight = self.base_layer.weight
         total = dequantized_weight(weight.detach(), LF.accumulate_dtype(weight.dtype))
+        norms: dict[str, torch.Tensor] = {}
         for name in names:
-            total = total + self.delta_weight(name)
-        return total.to(weight.dtype)
+            if self.adapters[name].use_dora:
+                total, norms[name] = self.dora_merged(total, name)
+            else:
+                total = total + self.delta_weight(name)
+        return total.to(weight.dtype), norms
+
+    def dora_merged(self, weight: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m·(W + ΔW)/‖W + ΔW‖ in the base layout, the norms) for DoRA adapter `name` (LoraLinear)."""
+        raise NotImplementedError  # pragma: no cover - only linear layers take DoRA
+
+    def dora_unmerged(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        """The inverse of `dora_merged`, with the norms it recorded (LoraLinear)."""
+        raise NotImplementedError  # pragma: no cover - only linear layers take DoRA
 
     def pending_merge(self, names: Iterable[str]) -> list[str]:
         """Of `names`, those this layer holds and has not merged yet."""
@@ -272,31 +307,35 @@ class LoraLayer(AdapterHost):
         if not pending:
             return
         weight = self.base_layer.weight
-        if is_quantized(self.base_layer) and self.stored_weight is None:
-            # W0 is stored compressed: the merged weight is dense (dequantized W0 + ΔW), and the
-            # compressed W0 is kept aside for unmerge. Nothing is re-quantized.
-            new = self.merged_weight(pending)
-            if safe and not torch.isfinite(new).all():
-                raise LorakitError(f"merging adapter(s) {pending} gives NaN/inf weights; nothing was merged")
-            self.stored_weight = weight
-            self.base_layer.weight = nn.Parameter(new, requires_grad=False)
-            self.merged = (*self.merged, *pending)
-            return
-        if not safe and weight.dtype == LF.accumulate_dtype(weight.dtype):
+        dora = any(self.adapters[n].use_dora for n in pending)
+        if (
+            not safe
+            and not dora
+            and not is_quantized(self.base_layer)
+            and weight.dtype == LF.accumulate_dtype(weight.dtype)
+        ):
             # fp32/fp64 weights: add each ΔW in place, no copy of W.
             with torch.no_grad():
                 for name in pending:
                     self.add_delta_(weight, name, 1.0)
             self.merged = (*self.merged, *pending)
             return
-        new = self.merged_weight(pending)
+        new, norms = self._merge_result(pending)
         if safe and not torch.isfinite(new).all():
             raise LorakitError(
                 f"merging adapter(s) {pending} into {type(self.base_layer).__name__} gives NaN/inf weights; "
                 "nothing was merged"
             )
-        with torch.no_grad():
-            weight.copy_(new)
+        if is_quantized(self.base_layer) and self.stored_weight is None:
+            # W0 is stored compressed: the merged weight is dense (dequantized W0 with the updates),
+            # and the compressed W0 waits aside for unmerge. Nothing is re-quantized.
+            self.stored_weight = weight
+            self.base_layer.weight = nn.Parameter(new, requires_grad=False)
+        else:
+            with torch.no_grad():
+                weight.copy_(new)
+        for name, norm in norms.items():
+            self.adapters[name].merged_norm = norm
         self.merged = (*self.merged, *pending)
 
     def add_delta_(self, weight: torch.Tensor, name: str, sign: float) -> None:
@@ -310,18 +349,23 @@ class LoraLayer(AdapterHost):
             return
         if self.stored_weight is not None:
             self.base_layer.weight, self.stored_weight = self.stored_weight, None
-            self.merged = ()
-            return
-        weight = self.base_layer.weight
-        with torch.no_grad():
-            if weight.dtype == LF.accumulate_dtype(weight.dtype):
-                for name in reversed(self.merged):
-                    self.add_delta_(weight, name, -1.0)
-            else:
-                total = weight.detach().to(LF.accumulate_dtype(weight.dtype))
-                for name in reversed(self.merged):
-                    total = total - self.delta_weight(name)
-                weight.copy_(total.to(weight.dtype))
+        else:
+            weight = self.base_layer.weight
+            dora = any(self.adapters[n].use_dora for n in self.merged)
+            with torch.no_grad():
+                if not dora and weight.dtype == LF.accumulate_dtype(weight.dtype):
+                    for name in reversed(self.merged):
+                        self.add_delta_(weight, name, -1.0)
+                else:
+                    total = weight.detach().to(LF.accumulate_dtype(weight.dtype))
+                    for name in reversed(self.merged):
+                        if self.adapters[name].use_dora:
+                            total = self.dora_unmerged(total, name)
+                        else:
+                            total = total - self.delta_weight(name)
+                    weight.copy_(total.to(weight.dtype))
+        for name in self.merged:
+            self.adapters[name].merged_norm = None
         self.merged = ()
 
     def remove(self, name: str) -> None:
@@ -355,6 +399,39 @@ class LoraLinear(LoraLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         fast = linear_kernels.forward(self, x, args, kwargs)
         return fast if fast is not None else super().forward(x, *args, **kwargs)
+
+    def output(self, record: AdapterRecord, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        t = result + self.branch(record, x).to(result.dtype)
+        return LF.dora_output(t, self.dora_scale(record), self.base_layer.bias) if record.use_dora else t
+
+    def base_weight(self) -> torch.Tensor:
+        """W0 as a dense (out, in) tensor outside autograd (a quantized weight dequantized)."""
+        weight = dequantized_weight(self.base_layer.weight.detach())
+        return weight.T if self.is_conv1d else weight
+
+    def dora_norm(self, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+        """‖W0 + s·B·A‖ per output row (`functional.dora_norm`): DoRA's initial magnitude and divisor."""
+        return LF.dora_norm(self.base_weight(), A, B, s)
+
+    def dora_scale(self, record: AdapterRecord) -> torch.Tensor:
+        """m/‖W0 + s·B·A‖ (out,) of a DoRA adapter: its gradient reaches m only."""
+        return record.lora_magnitude_vector / self.dora_norm(record.lora_A, record.lora_B, record.scaling)
+
+    def dora_merged(self, weight: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        rec = self.adapters[name]
+        W = (weight.T if self.is_conv1d else weight) + LF.delta_weight(
+            rec.lora_A.detach(), rec.lora_B.detach(), rec.scaling
+        )
+        norm = torch.linalg.vector_norm(W, dim=1)
+        merged = W * (rec.lora_magnitude_vector.detach().to(W.dtype) / norm)[:, None]
+        return (merged.T if self.is_conv1d else merged), norm
+
+    def dora_unmerged(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        rec = self.adapters[name]
+        W = weight.T if self.is_conv1d else weight
+        W = W / (rec.lora_magnitude_vector.detach().to(W.dtype) / rec.merged_norm)[:, None]
+        W = W - LF.delta_weight(rec.lora_A.detach(), rec.lora_B.detach(), rec.scaling)
+        return W.T if self.is_conv1d else W
 
     def branch(self, record: AdapterRecord, x: torch.Tensor) -> torch.Tensor:
         A, B = record.lora_A, record.lora_B

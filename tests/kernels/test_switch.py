@@ -40,6 +40,7 @@ CASES = {
     "llama all-linear, shared masks": (tiny_llama, dict(target_modules="all-linear", lora_dropout=0.1)),
     "llama q,v, a mask per layer": (tiny_llama, dict(lora_dropout=0.3, share_dropout_mask=False)),
     "gpt2 fused q,v slices": (tiny_gpt2, dict(target_modules=["c_attn", "c_fc"], lora_dropout=0.1)),
+    "llama all-linear DoRA": (tiny_llama, dict(target_modules="all-linear", lora_dropout=0.1, use_dora=True)),
 }
 
 
@@ -57,6 +58,8 @@ def test_a_training_step_is_the_same_with_the_kernels_disabled(case):
     assert grads_k.keys() == grads_r.keys() and grads_k
     for name, g in grads_k.items():
         torch.testing.assert_close(g, grads_r[name], rtol=1e-10, atol=1e-14, msg=name)
+    if kwargs.get("use_dora"):  # magnitudes train too
+        assert any(name.endswith("lora_magnitude_vector") for name in grads_k)
     fast = {"LoraLinearFunctionBackward", "GatedMlpFunctionBackward", "MaskedInputBackward"}
     assert nodes_k & fast and not nodes_r & fast, (nodes_k & fast, nodes_r & fast)
 

@@ -38,6 +38,11 @@ CASES = {
         dict(r=2, lora_alpha=4, target_modules=r"model\.layers\.0\.self_attn\.(k|o)_proj"),
     ),
     "gpt2-c_attn": (tiny_gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"])),
+    "llama-dora": (
+        tiny_llama,
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True),
+    ),
+    "gpt2-dora": (tiny_gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], use_dora=True)),
 }
 
 
@@ -116,7 +121,7 @@ def test_gpt2_fused_qv_slices_load_in_peft_with_same_logits(tmp_path, ids):
     assert torch.count_nonzero(B[:16, :2]) > 0 and torch.count_nonzero(B[32:, 2:]) > 0
 
 
-@pytest.mark.parametrize("case", ["llama-qv", "gpt2-c_attn", "llama-patterns"])
+@pytest.mark.parametrize("case", ["llama-qv", "gpt2-c_attn", "llama-patterns", "llama-dora", "gpt2-dora"])
 def test_lorakit_file_loads_in_peft(case, tmp_path, ids):
     make, kwargs = CASES[case]
     base, model = _lorakit_model(make, kwargs)

@@ -326,8 +326,8 @@ def plan(mlp: nn.Module, x: torch.Tensor):
 
     Applies while training (grad mode on and something needing a gradient), outside torch.compile
     and autocast, when each projection is a plain `nn.Linear` of x's dtype (frozen weight and
-    bias, no hooks) or a `LoraLinear` over one, with at most one unmerged adapter, no fused slices
-    and no per-row adapters, and at least one branch.
+    bias, no hooks) or a `LoraLinear` over one, with at most one unmerged adapter (plain: no fused
+    slices, no DoRA), no per-row adapters, and at least one branch.
     """
     if not enabled("gated_mlp") or not torch.is_grad_enabled() or compiling():
         return None
@@ -345,7 +345,7 @@ def plan(mlp: nn.Module, x: torch.Tensor):
                 return None
             if records:
                 rec = records[0]
-                if rec.slices is not None:
+                if rec.slices is not None or rec.use_dora:
                     return None
                 p = rec.dropout_p if rec.training else 0.0
                 branch = Branch(rec.lora_A, rec.lora_B, rec.scaling, p, rec.share_dropout_mask)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from lorakit import functional as LF
 from lorakit.kernels import merged_weight, rows
 from lorakit.kernels.dropout import Draw, KeepMask
 from lorakit.kernels.guards import grad_needed, output_seen
@@ -179,7 +180,8 @@ def fused_applies(records: Sequence[AdapterRecord]) -> bool:
     """Eligibility of the fused node for a layer whose forward adds `records` (its `pending()`).
 
     Speed path `fused_linear`: every adapter the forward adds is a plain one (no fused slices),
-    and there is at least one. Any base layer, dtype, grad mode and torch.compile qualify.
+    and there is at least one; a DoRA adapter's rescaling follows the node as the reference writes
+    it. Any base layer, dtype, grad mode and torch.compile qualify.
     """
     return enabled("fused_linear") and bool(records) and all(rec.slices is None for rec in records)
 
@@ -205,4 +207,6 @@ def forward(layer: LoraLinear, x: torch.Tensor, args: tuple, kwargs: dict[str, A
         result = lora_linear(
             result, x, rec.lora_A, rec.lora_B, rec.scaling, draw=layer.draw_dropout(rec, x), in_place=in_place
         )
+        if rec.use_dora:  # the reference's formula on the node's output (`LoraLinear.output`)
+            result = LF.dora_output(result, layer.dora_scale(rec), layer.base_layer.bias)
     return result

@@ -36,8 +36,8 @@ def cheaper(n_rows: int, in_features: int, out_features: int) -> bool:
 def weight(layer: LoraLinear, x: torch.Tensor, records: Sequence[AdapterRecord] | None = None) -> torch.Tensor | None:
     """W0 + Σ s·B·A for this forward alone, when the path applies (else None).
 
-    Applies to a plain `nn.Linear` base without hooks, no per-row adapters, adapters without fused
-    slices or dropout in effect, one dtype throughout, nothing that needs a gradient, and enough
+    Applies to a plain `nn.Linear` base without hooks, no per-row adapters, plain adapters (no fused
+    slices, no DoRA) without dropout in effect, one dtype throughout, nothing that needs a gradient, and enough
     rows that it is `cheaper`. `records` are the layer's `pending()` adapters, when the caller has them.
     """
     base = layer.base_layer
@@ -49,7 +49,9 @@ def weight(layer: LoraLinear, x: torch.Tensor, records: Sequence[AdapterRecord] 
         return None
     if grad_needed(W, x, base.bias, *(t for rec in records for t in (rec.lora_A, rec.lora_B))):
         return None
-    if any(rec.slices is not None or layer.dropout_in_effect(rec) or rec.lora_A.dtype != W.dtype for rec in records):
+    if any(rec.slices is not None or rec.use_dora or layer.dropout_in_effect(rec) for rec in records):
+        return None
+    if any(rec.lora_A.dtype != W.dtype for rec in records):
         return None
     if not cheaper(x.numel() // layer.in_features, layer.in_features, layer.out_features):
         return None

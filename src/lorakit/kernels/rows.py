@@ -25,7 +25,8 @@ def stacks(layer: LoraLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     """Each row's (A, s·B), (batch, r, in) and (batch, out, r), when the path applies (else None).
 
     Applies without gradients, to x with one leading row per name of the routing, when the layer
-    is not disabled and every adapter of the batch is a plain one (no fused slices) of one dtype.
+    is not disabled and every adapter of the batch is a plain one (no fused slices, no DoRA) of one
+    dtype.
     All adapters of the batch are stacked once (ranks zero-padded, a zero slot last for base rows)
     and kept in the layer's `kernel_cache` while they are unchanged; the per-row gather is kept for
     the routing block.
@@ -38,7 +39,7 @@ def stacks(layer: LoraLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
         return None
     present = [n for n in dict.fromkeys(names) if n in layer.adapters]
     records = [layer.adapters[n] for n in present]
-    if not records or any(rec.slices is not None for rec in records):
+    if not records or any(rec.slices is not None or rec.use_dora for rec in records):
         return None
     dtype = records[0].lora_A.dtype
     if any(rec.lora_A.dtype != dtype for rec in records):
