@@ -96,6 +96,10 @@ class LoraConfig:
             input and a 1-byte mask are kept once for the backward instead of a float copy per
             layer. `False` draws a mask per layer, as PEFT does. A lorakit setting, not saved
             in `adapter_config.json`; it only matters in training with `lora_dropout > 0`.
+        adapter_dtype: the dtype of A and B (and DoRA's m): `auto` is fp32 over a half-precision or
+            quantized base (as PEFT) and the base's dtype over fp32/fp64; `bfloat16` halves the
+            adapter's weights and gradients. A lorakit setting, not saved in
+            `adapter_config.json`.
         use_dora: DoRA (Liu et al., 2024): each adapted row of W is m·(W0 + s·B·A)/‖W0 + s·B·A‖, a
             trained magnitude m (PEFT's `lora_magnitude_vector`, initialised to the row norms of
             W0) times a LoRA-updated direction, the norm detached from the gradient (the paper's
@@ -123,6 +127,7 @@ class LoraConfig:
     init_lora_weights: InitMode = True
     fused_slices: dict[str, list[bool]] | None = None
     share_dropout_mask: bool = True
+    adapter_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     use_dora: bool = False
     base_model_name_or_path: str | None = None
 
@@ -157,6 +162,8 @@ class LoraConfig:
             out.append(f"use_rslora must be a bool, got {self.use_rslora!r}")
         if not isinstance(self.share_dropout_mask, bool):
             out.append(f"share_dropout_mask must be a bool, got {self.share_dropout_mask!r}")
+        if self.adapter_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            out.append(f"adapter_dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {self.adapter_dtype!r}")
         if not isinstance(self.use_dora, bool):
             out.append(f"use_dora must be a bool, got {self.use_dora!r}")
         elif self.use_dora and self.fused_slices:
@@ -259,7 +266,7 @@ class LoraConfig:
             init = True
         kwargs: dict[str, Any] = {}
         names = {f.name for f in fields(cls)}
-        for key in names - {"init_lora_weights", "fused_slices", "share_dropout_mask"}:
+        for key in names - {"init_lora_weights", "fused_slices", "share_dropout_mask", "adapter_dtype"}:
             if key in data and data[key] is not None:
                 kwargs[key] = data[key]
         kwargs["init_lora_weights"] = init

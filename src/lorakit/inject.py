@@ -20,6 +20,9 @@ from lorakit.targeting import Target, resolve_modules_to_save, resolve_targets
 __all__ = ["inject", "preview", "unload"]
 
 
+_ADAPTER_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 @dataclass
 class _Step:
     path: str
@@ -79,6 +82,7 @@ def preview(model: nn.Module, config: LoraConfig) -> dict[str, int]:
 def plan(model: nn.Module, config: LoraConfig, adapter_name: str, targets: list[Target] | None = None) -> list[_Step]:
     """Build (without installing) the wrapper and adapter record for every target."""
     steps: list[_Step] = []
+    dtype = _ADAPTER_DTYPES[config.adapter_dtype]
     for target in targets if targets is not None else resolve_targets(model, config):
         module = target.module
         wrapper = module if isinstance(module, LoraLayer) else wrapper_for(module)(module)
@@ -98,8 +102,9 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str, targets: list[
                     "re-quantized; initialise PiSSA on the full-precision model, or use init_lora_weights=True"
                 )
             A, B, residual = wrapper.pissa_tensors(r, scaling(r, alpha, config.use_rslora))
+            A, B = (A.to(dtype), B.to(dtype)) if dtype is not None else (A, B)
         else:
-            A, B = wrapper.new_pair(r, config.init_lora_weights, enabled, n_slices)
+            A, B = wrapper.new_pair(r, config.init_lora_weights, enabled, n_slices, dtype)
         record = AdapterRecord(
             A,
             B,

@@ -233,9 +233,15 @@ class LoraLayer(AdapterHost):
 
     # -- new adapters and files
     def new_pair(
-        self, r: int, init_mode: bool | str, slices: Sequence[int] | None = None, n_slices: int = 1
+        self,
+        r: int,
+        init_mode: bool | str,
+        slices: Sequence[int] | None = None,
+        n_slices: int = 1,
+        dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fresh (A, B) for a new adapter of rank r (see `lorakit.init`)."""
+        """Fresh (A, B) for a new adapter of rank r (see `lorakit.init`), in `dtype` (default: see
+        `LoraConfig.adapter_dtype`)."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -374,11 +380,11 @@ class LoraLayer(AdapterHost):
         self.kernel_cache.clear()
         super().remove(name)
 
-    def _factory(self) -> dict:
+    def _factory(self, dtype: torch.dtype | None = None) -> dict:
         # Adapters live in the base weight's dtype when that is fp32/fp64, and in fp32 over half
-        # precision or quantized bases (as PEFT's autocast_adapter_dtype).
+        # precision or quantized bases (as PEFT's autocast_adapter_dtype), unless `dtype` is given.
         weight = self.base_layer.weight
-        return {"device": weight.device, "dtype": LF.accumulate_dtype(weight.dtype)}
+        return {"device": weight.device, "dtype": dtype or LF.accumulate_dtype(weight.dtype)}
 
 
 class LoraLinear(LoraLayer):
@@ -441,11 +447,16 @@ class LoraLinear(LoraLayer):
         return LF.linear_delta(x, A, B, record.scaling)
 
     def new_pair(
-        self, r: int, init_mode: bool | str, slices: Sequence[int] | None = None, n_slices: int = 1
+        self,
+        r: int,
+        init_mode: bool | str,
+        slices: Sequence[int] | None = None,
+        n_slices: int = 1,
+        dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         e = len(slices) if slices is not None else 1
         out = self.out_features // n_slices
-        return init.lora_pair((e * r, self.in_features), (e * out, r), r, init_mode, **self._factory())
+        return init.lora_pair((e * r, self.in_features), (e * out, r), r, init_mode, **self._factory(dtype))
 
     def add_delta_(self, weight: torch.Tensor, name: str, sign: float) -> None:
         rec = self.adapters[name]
@@ -487,9 +498,14 @@ class LoraEmbedding(LoraLayer):
         return LF.embedding_delta(x, record.lora_A, record.lora_B, record.scaling, self.base_layer)
 
     def new_pair(
-        self, r: int, init_mode: bool | str, slices: Sequence[int] | None = None, n_slices: int = 1
+        self,
+        r: int,
+        init_mode: bool | str,
+        slices: Sequence[int] | None = None,
+        n_slices: int = 1,
+        dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return init.embedding_pair(self.in_features, self.out_features, r, init_mode, **self._factory())
+        return init.embedding_pair(self.in_features, self.out_features, r, init_mode, **self._factory(dtype))
 
     def delta_weight(self, name: str) -> torch.Tensor:
         rec = self.adapters[name]
@@ -523,10 +539,15 @@ class LoraConv2d(LoraLayer):
         return LF.conv2d_delta(self.dropout(record, x).to(A.dtype), A, record.lora_B, record.scaling, self.base_layer)
 
     def new_pair(
-        self, r: int, init_mode: bool | str, slices: Sequence[int] | None = None, n_slices: int = 1
+        self,
+        r: int,
+        init_mode: bool | str,
+        slices: Sequence[int] | None = None,
+        n_slices: int = 1,
+        dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         A_shape = (r, self.in_features, *self.base_layer.kernel_size)
-        return init.lora_pair(A_shape, (self.out_features, r, 1, 1), r, init_mode, **self._factory())
+        return init.lora_pair(A_shape, (self.out_features, r, 1, 1), r, init_mode, **self._factory(dtype))
 
     def delta_weight(self, name: str) -> torch.Tensor:
         rec = self.adapters[name]

@@ -11,8 +11,9 @@ The paths (name · module · eligibility function: what it saves; when it applie
 
 - `fused_linear` · `linear` · `fused_applies`: one autograd node per branch keeps x itself, the
   dropout mask as positions or bits and the (N, r) product, not a float copy of dropout(x) per
-  layer, and adds the branch into the base output in place. Every plain (unsliced) adapter of a
-  `LoraLinear`, in training and inference, under torch.compile too.
+  layer, and adds the branch into the base output in place (DoRA's rescaling follows it). Every
+  unsliced adapter of a `LoraLinear`, in training and inference, under torch.compile too; not
+  under `torch.autocast` (no `LoraLinear` path runs there: the reference follows autocast).
 - `masked_input` · `dropout` · `dropped`: dropout of branches written as tensor operations (fused
   slices, conv, per-row training) keeps the mask as positions or bits, not a float factor. With
   gradients.

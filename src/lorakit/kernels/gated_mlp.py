@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.kernels.dropout import KeepMask, draw_mask, dropout_active
-from lorakit.kernels.guards import compiling, hooked
+from lorakit.kernels.guards import autocast_on, compiling, hooked
 from lorakit.kernels.linear import branch_backward, branch_forward
 from lorakit.kernels.switch import enabled
 from lorakit.layers import LoraLinear
@@ -331,7 +331,7 @@ def plan(mlp: nn.Module, x: torch.Tensor):
     """
     if not enabled("gated_mlp") or not torch.is_grad_enabled() or compiling():
         return None
-    if torch.is_autocast_enabled(x.device.type):
+    if autocast_on(x):
         return None
     weights, biases, branches = [], [], []
     for name in _PROJECTIONS:

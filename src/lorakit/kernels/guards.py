@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["compiling", "grad_needed", "hooked", "output_seen"]
+__all__ = ["autocast_on", "compiling", "grad_needed", "hooked", "output_seen"]
 
 
 def hooked(module: nn.Module) -> bool:
@@ -29,6 +29,12 @@ def output_seen(module: nn.Module) -> bool:
 def grad_needed(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd will record an operation on these tensors (grad mode on, one requires grad)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def autocast_on(x: torch.Tensor) -> bool:
+    """Whether `torch.autocast` is on for x's device: products then change dtype as autocast
+    decides, which a node's hand-written backward does not follow."""
+    return torch.is_autocast_enabled(x.device.type)
 
 
 def compiling() -> bool:

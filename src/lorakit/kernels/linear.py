@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from lorakit import functional as LF
 from lorakit.kernels import merged_weight, rows
 from lorakit.kernels.dropout import Draw, KeepMask
-from lorakit.kernels.guards import grad_needed, output_seen
+from lorakit.kernels.guards import autocast_on, grad_needed, output_seen
 from lorakit.kernels.switch import enabled
 
 if TYPE_CHECKING:
@@ -190,8 +190,11 @@ def forward(layer: LoraLinear, x: torch.Tensor, args: tuple, kwargs: dict[str, A
     """`LoraLinear`'s forward by the first speed path that applies, or None to run the reference.
 
     In order: the on-the-fly merged weight (`merged_weight`), per-row adapters stacked into one
-    batched product (`rows`), the fused node per adapter (`fused_applies`).
+    batched product (`rows`), the fused node per adapter (`fused_applies`). None of them runs under
+    `torch.autocast`, which the reference's plain operations follow as they are.
     """
+    if autocast_on(x):
+        return None
     records = layer.pending()
     if not args and not kwargs:
         weight = merged_weight.weight(layer, x, records)

@@ -50,6 +50,9 @@ class TrainConfig:
             (the paper suggests 2-32; 16 is common). None: one learning rate.
         label_smoothing: label smoothing of the cross entropy, in [0, 1).
         grad_checkpointing: recompute activations in the backward (transformers models only).
+        autocast: `bf16` runs each forward under `torch.autocast` in bfloat16 (CPU and CUDA):
+            matrix products in bf16, the adapters' weights and gradients stay in their own dtype;
+            `none` computes in the model's dtype.
         log_every: write a line to `metrics.jsonl` every this many steps.
 
     Raises:
@@ -74,6 +77,7 @@ class TrainConfig:
     loraplus_lr_ratio: float | None = None
     label_smoothing: float = 0.0
     grad_checkpointing: bool = False
+    autocast: Literal["none", "bf16"] = "none"
     log_every: int = 1
 
     def __post_init__(self) -> None:
@@ -138,6 +142,8 @@ class TrainConfig:
         if not isinstance(self.grad_checkpointing, bool):
             out.append(f"grad_checkpointing must be True or False, got {self.grad_checkpointing!r}")
         integer("log_every", minimum=1)
+        if self.autocast not in ("none", "bf16"):
+            out.append(f"autocast must be 'none' or 'bf16', got {self.autocast!r}")
         return out
 
     def to_dict(self) -> dict[str, Any]:

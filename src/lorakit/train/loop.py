@@ -279,6 +279,7 @@ def fit(
                         scheduler,
                         max_grad_norm=cfg.max_grad_norm,
                         label_smoothing=cfg.label_smoothing,
+                        autocast=torch.bfloat16 if cfg.autocast == "bf16" else None,
                         info=info,
                         stop=interrupted.is_set(),
                     )

@@ -45,6 +45,7 @@ def train_step(
     *,
     max_grad_norm: float | None = None,
     label_smoothing: float = 0.0,
+    autocast: torch.dtype | None = None,
     info: DistInfo | None = None,
     stop: bool = False,
 ) -> StepResult:
@@ -64,6 +65,8 @@ def train_step(
         scheduler: stepped after the optimizer, if given.
         max_grad_norm: clip the global gradient norm of the optimizer's parameters; None: no clipping.
         label_smoothing: of the cross entropy.
+        autocast: run each forward (and the loss) under `torch.autocast` in this dtype (bf16);
+            the backward runs outside it, as PyTorch recommends.
         info: this rank in the job (default: a single process).
         stop: this rank wants to stop after the step; the result says whether any rank did.
 
@@ -90,8 +93,10 @@ def train_step(
         labels = tensors.pop("labels")
         last = index == len(shards) - 1
         sync = model.no_sync() if info.enabled and not last else contextlib.nullcontext()
+        cast = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
         with sync:
-            summed = loss_sum(logits_of(model(**tensors)), labels, label_smoothing)
+            with cast:
+                summed = loss_sum(logits_of(model(**tensors)), labels, label_smoothing)
             if not counts:
                 summed = summed * 0.0
             (summed * scale).backward()
