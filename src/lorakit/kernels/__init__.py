@@ -22,6 +22,9 @@ The paths (name · module · eligibility function: what it saves; when it applie
   dropout in effect, enough rows to be cheaper.
 - `stacked_rows` · `rows` · `stacks`: `adapter_per_row` without gradients: every row's (A, s·B)
   stacked, one `bmm` pair for any number of adapters. Plain adapters of one dtype.
+- `nf4_dequant` · `nf4` · `dequantize`: an NF4 base weight back to dense in three passes (a
+  byte-pair table gather, an in-place scale) instead of torchao's eight: the same numbers, 2.8×
+  faster on CPU; a QLoRA step dequantizes every base weight twice.
 - `gated_mlp` · `gated_mlp` · `plan`: a LLaMA-style MLP with LoRA as one node that keeps e and u
   and recomputes act(e)·u: less than even the frozen MLP keeps. Training, outside compile and
   autocast, `nn.Linear` projections with one unmerged adapter each.

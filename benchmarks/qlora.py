@@ -1,0 +1,187 @@
+"""How much memory does a quantized base save in a LoRA training step, and what does it cost in time?
+
+Rows (each in a fresh process, interleaved over repeats), one training step
+(`lorakit.train.train_step`) of LoRA on the packaged SmolLM2-135M, for each `--adapter-sets`:
+
+- lorakit, fp32 base: the frozen weights in float32.
+- lorakit, bf16 base: the linear layers' frozen weights stored in bfloat16 (`lorakit.quantize`),
+  dequantized to fp32 for each product.
+- lorakit, NF4 base (QLoRA): the linear layers' frozen weights in 4-bit NormalFloat (torchao's
+  `NF4Tensor`: blocks of 64, double quantization).
+- PEFT + bitsandbytes 4-bit: `BitsAndBytesConfig(load_in_4bit=True, nf4, double quantization,
+  compute fp32)` through transformers, then `peft.get_peft_model` — when bitsandbytes is installed
+  and runs on this machine (the row says why not otherwise).
+
+Memory is the peak resident set during the timed steps above the process's resident set after all
+its imports (torch's and the libraries' own pages are not counted), with freed heap returned to
+the system (`malloc_trim`) before the steps, so a model loaded in fp32 and then quantized is
+counted at its quantized size. Each step's temporaries (a dequantized weight per layer) are freed
+at once, but glibc keeps freed blocks below its moving mmap threshold in the heap, so the peak
+grows with how the allocations fell: `--live-memory` fixes the threshold at 128 kB, so the peak is
+what is alive (and the steps are slower: time them without it). `linear weights` is what the
+base's linear layers (not the embeddings, not the output head) occupy as stored, against fp32.
+Run it at `--batch 1`, where the weights dominate, and at `--batch 4`.
+
+Usage:
+    .venv/bin/python benchmarks/qlora.py --batch 1                 # step times
+    .venv/bin/python benchmarks/qlora.py --batch 1 --live-memory   # memory
+    .venv/bin/python benchmarks/qlora.py --batch 4 --out runs/qlora4.json
+    .venv/bin/python benchmarks/qlora.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import importlib.util
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import _common as C
+
+DROPOUT = 0.05
+FULL = C.Sizes(batch=1, seq=128, layers=None, warmup=2, steps=5, repeats=3)
+QUICK = C.Sizes(batch=1, seq=64, layers=2, warmup=1, steps=2, repeats=1)
+BASES = {"fp32": "fp32 base", "bf16": "bf16 base", "nf4": "NF4 base (QLoRA)"}
+
+
+def rows_for(args: argparse.Namespace) -> list[C.Row]:
+    rows = []
+    for aset in args.adapter_sets:
+        label = C.ADAPTER_SET_LABELS[aset]
+        for base, what in BASES.items():
+            rows.append(C.Row(f"{base}-{aset}", f"lorakit LoRA {label}, {what}", {"kind": base, "adapters": aset}))
+        bnb = {"kind": "bnb4", "adapters": aset}
+        rows.append(C.Row(f"bnb4-{aset}", f"PEFT LoRA {label}, bitsandbytes 4-bit base", bnb))
+    return rows
+
+
+def _rss_mib() -> float:
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+)\s+kB", status).group(1)) / 1024
+
+
+def _trim() -> None:
+    """Return freed heap pages to the system, so the resident set is what is alive."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _bnb_model(args: argparse.Namespace):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from lorakit.models import ensure_cached
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        str(ensure_cached(C.MODEL)), quantization_config=config, device_map="cpu", dtype=torch.float32
+    )
+    if args.layers is not None and args.layers < model.config.num_hidden_layers:
+        model.model.layers = model.model.layers[: args.layers]
+        model.config.num_hidden_layers = args.layers
+    model.config.use_cache = False
+    return model
+
+
+def _linear_weights(model: Any) -> tuple[int, int]:
+    """(bytes as stored, bytes in fp32) of the base's linear weights, the output head left out."""
+    from torch import nn
+
+    from lorakit.quantize import stored_bytes
+
+    head = model.get_output_embeddings()
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not head]
+    return sum(stored_bytes(m.weight) for m in linears), sum(m.weight.numel() * 4 for m in linears)
+
+
+def run_row(args: argparse.Namespace, row: C.Row) -> dict[str, Any]:
+    import peft  # noqa: F401 - imported before the baseline, as every row's libraries are
+    import transformers  # noqa: F401
+
+    from lorakit import quantize as Q
+
+    kind = row.params["kind"]
+    if kind == "bnb4" and importlib.util.find_spec("bitsandbytes") is None:
+        return {"error": "bitsandbytes is not installed (pip install bitsandbytes)"}
+    if kind == "nf4":
+        Q._nf4_module()  # torchao imported before the baseline
+    if kind == "bnb4":
+        import bitsandbytes  # noqa: F401
+    _trim()
+    after_imports = _rss_mib()
+    extra: dict[str, Any] = {"rss_after_imports_mib": after_imports}
+    if kind == "bnb4":
+        model, extra["lora_B_tensors"] = C.add_lora(_bnb_model(args), "peft", row.params["adapters"], DROPOUT)
+    else:
+        model = C.load_base(args)
+        if kind != "fp32":
+            Q.quantize(model, kind)
+        model, extra["lora_B_tensors"] = C.add_lora(model, "lorakit", row.params["adapters"], DROPOUT)
+        extra["linear_stored_bytes"], extra["linear_fp32_bytes"] = _linear_weights(model)
+        if Q.quantization_of(model) != (None if kind == "fp32" else kind):
+            raise RuntimeError(f"expected a {kind} base")
+    model.train()
+    ids = C.random_ids(args, model.config.vocab_size)
+    step = C.training_step(model, ids)
+    _trim()
+    result = C.measure_row(step, args, row)
+    result["above_imports_mib"] = result["peak_mib"] - after_imports
+    return {**result, **extra}
+
+
+def report(args: argparse.Namespace, rows: list[C.Row], s: dict[str, dict]) -> str:
+    headers = ["configuration", "step ms", "vs fp32 base", "peak above imports MiB", "vs fp32 base"]
+    headers += ["linear weights vs fp32", "spread"]
+    notes: list[str] = []
+
+    def line(row: C.Row, r: dict) -> list:
+        ms, mem = r["ms"]["step"], r["above_imports_mib"]
+        ref = s.get(f"fp32-{row.params['adapters']}", {})
+        ref_mem = ref.get("above_imports_mib")
+        weights = "–"
+        if r.get("linear_fp32_bytes"):
+            stored = r["linear_stored_bytes"]
+            weights = f"{stored / 2**20:.0f} MiB ({stored / r['linear_fp32_bytes']:.3f}×)"
+        return [
+            C.row_label(row, r, notes),
+            C.fmt_ms(ms),
+            C.fmt_ratio(C.ratio(ms, C.ms_of(s, f"fp32-{row.params['adapters']}"))),
+            C.fmt_mib(mem),
+            C.fmt_ratio(C.ratio(mem, ref_mem)),
+            weights,
+            C.fmt_spread(r),
+        ]
+
+    lines = C.table_lines(rows, s, len(headers), line)
+    text = C.describe_settings(args, f"; LoRA dropout {DROPOUT}, each step lorakit.train.train_step") + "\n\n"
+    return text + C.markdown_table(headers, lines)
+
+
+def main() -> int:
+    parser = C.make_parser(__doc__, FULL, QUICK)
+    C.add_adapter_set_flag(parser)
+    parser.add_argument(
+        "--live-memory",
+        action="store_true",
+        help="children run with MALLOC_MMAP_THRESHOLD_=131072: every freed block over 128 kB goes back to the "
+        "system at once, so the peak is what is alive, not what glibc kept (steps are slower: time them without)",
+    )
+    if "--live-memory" in sys.argv:  # set before the children start; they inherit it
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    return C.main(__file__, parser, rows_for, run_row, report)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
