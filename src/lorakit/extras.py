@@ -7,7 +7,7 @@ load adapters on any model. The rest comes with extras (`scripts/install.sh` ins
 |---|---|---|
 | `cli` | transformers, gguf, matplotlib | the `lorakit` command: loading models and tokenizers (GGUF too), loss plots |
 | `eval` | sacrebleu, pycocoevalcap (and a Java runtime) | the E2E NLG scores (BLEU, NIST, METEOR, ROUGE-L, CIDEr) |
-| `quantize` | torchao | NF4 bases (QLoRA; `lorakit.quantize`) |
+| `quantize` | torchao | NF4 bases (QLoRA; `lorakit.quantization`) |
 | `all` | all of them | |
 """
 

@@ -13,7 +13,7 @@ from lorakit.errors import ConfigError, LorakitError, UnsupportedLayerError
 from lorakit.functional import scaling
 from lorakit.kernels import gated_mlp
 from lorakit.layers import AdapterRecord, LoraLayer, LoraLinear, SavedModule, wrapper_for
-from lorakit.quantize import is_quantized
+from lorakit.quantization import is_quantized
 from lorakit.state import check_adapter_name, clear_state, hosts, lora_layers, state_of
 from lorakit.targeting import Target, resolve_modules_to_save, resolve_targets
 

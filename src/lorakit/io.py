@@ -25,7 +25,7 @@ from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFormatError, ShapeMismatchError
 from lorakit.inject import apply, plan
 from lorakit.layers import Conv1D, LoraConv2d, LoraEmbedding, LoraLayer, SavedModule, wrapper_for
-from lorakit.quantize import quantization_of
+from lorakit.quantization import quantization_of
 from lorakit.state import check_adapter_name, hosts, lora_layers, require_adapter, walk
 from lorakit.targeting import Target, resolve_modules_to_save
 

@@ -23,7 +23,7 @@ from lorakit import init
 from lorakit.errors import LorakitError, UnsupportedLayerError
 from lorakit.kernels import linear as linear_kernels
 from lorakit.kernels.dropout import Draw, MaskSharing, dropout_active, dropped
-from lorakit.quantize import dequantized_weight, is_quantized
+from lorakit.quantization import dequantized_weight, is_quantized
 
 try:  # GPT-2 style layers store their weight as (in, out).
     from transformers.pytorch_utils import Conv1D
@@ -165,7 +165,7 @@ class LoraLayer(AdapterHost):
         super().__init__()
         self.base_layer = base_layer
         self.merged: tuple[str, ...] = ()
-        # A quantized base (`lorakit.quantize`) holds a dense merged weight while adapters are
+        # A quantized base (`lorakit.quantization`) holds a dense merged weight while adapters are
         # merged; its compressed weight waits here, to come back exactly on unmerge.
         self.stored_weight: nn.Parameter | None = None
         # Dropout masks shared by layers reading the same tensor: `inject` gives every layer of a

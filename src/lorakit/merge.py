@@ -13,7 +13,7 @@ from lorakit.errors import ConfigError, LorakitError
 from lorakit.functional import expand_fused
 from lorakit.inject import apply, plan, unload
 from lorakit.layers import LoraEmbedding, LoraLayer, SavedModule
-from lorakit.quantize import dequantize
+from lorakit.quantization import dequantize
 from lorakit.state import check_adapter_name, hosts, lora_layers, require_adapter, state_of
 from lorakit.targeting import Target
 
@@ -62,7 +62,7 @@ def merge_and_unload(model: nn.Module, *, safe: bool = False) -> nn.Module:
     LoRA layers become their base layers with ΔW merged in; `modules_to_save` wrappers become the
     active adapter's trained copy. The result has the model's original module types and no
     trace of lorakit: save it with `save_pretrained` like any model. A quantized base
-    (`lorakit.quantize`) comes back dequantized: every layer a plain `nn.Linear` holding the weights
+    (`lorakit.quantization`) comes back dequantized: every layer a plain `nn.Linear` holding the weights
     the model computed with (ΔW added where merged); nothing is re-quantized.
 
     Returns:

@@ -112,7 +112,7 @@ def load_model(
         num_labels: Number of classes for `task="classification"`.
         dtype: Floating-point dtype of the weights (GGUF caches are stored in float32 and cast).
         quantize: `"nf4"` or `"bf16"`: store the linear layers' frozen weights that way
-            (`lorakit.quantize.quantize`; the output head stays as loaded); None keeps `dtype`.
+            (`lorakit.quantize`; the output head stays as loaded); None keeps `dtype`.
 
     Returns:
         `(model, tokenizer, name)`. `name` is a stable identifier: for packaged aliases the upstream
@@ -141,7 +141,7 @@ def load_model(
     model.config.name_or_path = name
     model.name_or_path = name
     if quantize is not None:
-        from lorakit.quantize import quantize as quantize_model
+        from lorakit.quantization import quantize as quantize_model
 
         quantize_model(model, quantize)
     return model, tokenizer, name
@@ -256,7 +256,7 @@ def _warn_full_precision(model: nn.Module, scheme: str) -> None:
     how far those are from the ones it was trained with."""
     import warnings
 
-    from lorakit.quantize import quantization_error
+    from lorakit.quantization import quantization_error
     from lorakit.state import lora_layers
 
     error = max((quantization_error(layer.base_layer.weight, scheme) for _, layer in lora_layers(model)), default=0.0)

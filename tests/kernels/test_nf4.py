@@ -7,7 +7,7 @@ import torch
 
 import lorakit
 from lorakit.kernels import nf4
-from lorakit.quantize import _nf4_module, nf4_scaler_block
+from lorakit.quantization import _nf4_module, nf4_scaler_block
 
 
 @pytest.mark.parametrize("shape", [(16, 16), (192, 576), (576, 576), (256, 128)])

@@ -8,7 +8,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lorakit
-from lorakit import quantize as Q
+from lorakit import quantization as Q
 from lorakit.errors import ConfigError, UnsupportedLayerError
 from tests.conftest import (
     assert_same_state,

@@ -94,7 +94,7 @@ def test_require_and_require_extra(monkeypatch):
 def test_nf4_without_the_quantize_extra_names_it_and_changes_nothing():
     code = """
 from torch import nn
-import lorakit.quantize as Q
+import lorakit.quantization as Q
 model = nn.Sequential(nn.Linear(64, 64))
 try:
     Q.quantize(model, "nf4")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit import quantize as Q
+from lorakit import quantization as Q
 from lorakit.train import TrainConfig, build_optimizer, fit, train_step
 from tests.conftest import TOL, clone, nf4_llama, randomize_adapters, tiny_llama
 

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from torch import nn
 
 import lorakit
-from lorakit import quantize as Q
+from lorakit import quantization as Q
 from lorakit.errors import ConfigError
 from lorakit.train import TrainConfig, fit
 from tests.conftest import TOL, assert_same_state, clone, nf4_llama, randomize_adapters, state_snapshot
@@ -26,7 +26,7 @@ def _dequantized_twin(model: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("scheme", ["nf4", "bf16"])
 def test_every_linear_but_the_head_is_stored_compressed_and_computes_its_dequantized_weight(scheme):
     base = nf4_llama()
-    model = Q.quantize(clone(base), scheme)
+    model = lorakit.quantize(clone(base), scheme)  # the top-level name is the same function
     quantized = [p for p, m in model.named_modules() if isinstance(m, Q.QuantizedLinear)]
     linear = [p for p, m in base.named_modules() if isinstance(m, nn.Linear) and p != "lm_head"]
     assert quantized == linear and Q.quantization_of(model) == scheme
