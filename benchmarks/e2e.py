@@ -19,7 +19,11 @@ the same seed and batch order:
 - `full`: every weight trained (lr `--full-lr`, default 5e-5; the rest as for LoRA).
 - `qlora`, `dora`, `qdora` (not run unless named in `--methods`): `lora` over the base's linear
   weights stored in NF4 (`lorakit.quantize(model, "nf4")`, QLoRA), `lora` with `use_dora=True`
-  (DoRA), and both. Each starts from the same A as `lora` and trains the same steps.
+  (DoRA), and both. Each starts from the same A as `lora` and trains the same steps. Over an
+  NF4 base, decoding runs on `lorakit.merge_and_unload(model)` (every weight dequant(W), plus ΔW
+  where adapted, in fp32: what `lorakit merge` writes), the same function as the quantized model
+  up to float rounding: on the quantized model every decoding step dequantizes every weight
+  again, about 3× the time per MR on CPU.
 
 Training follows the paper (microsoft/LoRA examples/NLG README): AdamW, lr 2e-4, batch 8, weight
 decay 0.01, linear warmup then linear decay, label smoothing 0.1, no gradient clipping (`--clip
@@ -248,6 +252,9 @@ def run_method(
         result.update(X.train_record(stats, train_ds, cfg))
         result["adapter_bytes"] = X.directory_bytes(stats.saved)
 
+    if method in ("qlora", "qdora"):
+        model = lorakit.merge_and_unload(model)
+        result["decoded_merged"] = True
     print(f"[{method}] decoding {len(prompts)} MRs, beam {args.beams}", flush=True)
     started = time.perf_counter()
     predictions = decode(model, tokenizer, prompts, args)

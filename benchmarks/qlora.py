@@ -54,6 +54,7 @@ DROPOUT = 0.05
 FULL = C.Sizes(batch=1, seq=128, layers=None, warmup=2, steps=5, repeats=3)
 QUICK = C.Sizes(batch=1, seq=64, layers=2, warmup=1, steps=2, repeats=1)
 BASES = {"fp32": "fp32 base", "bf16": "bf16 base", "nf4": "NF4 base (QLoRA)"}
+HEAD_ROW = ("nf4head", "NF4 base and output head")  # with --quantize-head
 
 
 def rows_for(args: argparse.Namespace) -> list[C.Row]:
@@ -62,6 +63,9 @@ def rows_for(args: argparse.Namespace) -> list[C.Row]:
         label = C.ADAPTER_SET_LABELS[aset]
         for base, what in BASES.items():
             rows.append(C.Row(f"{base}-{aset}", f"lorakit LoRA {label}, {what}", {"kind": base, "adapters": aset}))
+        if args.quantize_head:
+            kind, what = HEAD_ROW
+            rows.append(C.Row(f"{kind}-{aset}", f"lorakit LoRA {label}, {what}", {"kind": kind, "adapters": aset}))
         bnb = {"kind": "bnb4", "adapters": aset}
         rows.append(C.Row(f"bnb4-{aset}", f"PEFT LoRA {label}, bitsandbytes 4-bit base", bnb))
     return rows
@@ -121,7 +125,7 @@ def run_row(args: argparse.Namespace, row: C.Row) -> dict[str, Any]:
     kind = row.params["kind"]
     if kind == "bnb4" and importlib.util.find_spec("bitsandbytes") is None:
         return {"error": "bitsandbytes is not installed (pip install bitsandbytes)"}
-    if kind == "nf4":
+    if kind.startswith("nf4"):
         Q._nf4_module()  # torchao imported before the baseline
     if kind == "bnb4":
         import bitsandbytes  # noqa: F401
@@ -136,10 +140,10 @@ def run_row(args: argparse.Namespace, row: C.Row) -> dict[str, Any]:
     else:
         model = C.load_base(args)
         if kind != "fp32":
-            Q.quantize(model, kind)
+            Q.quantize(model, kind.removesuffix("head"), include_head=kind.endswith("head"))
         model, extra["lora_B_tensors"] = C.add_lora(model, "lorakit", row.params["adapters"], DROPOUT)
         extra["linear_stored_bytes"], extra["linear_fp32_bytes"] = _linear_weights(model)
-        if Q.quantization_of(model) != (None if kind == "fp32" else kind):
+        if Q.quantization_of(model) != (None if kind == "fp32" else kind.removesuffix("head")):
             raise RuntimeError(f"expected a {kind} base")
     model.train()
     ids = C.random_ids(args, model.config.vocab_size)
@@ -186,6 +190,12 @@ def main() -> int:
         action="store_true",
         help="children run with MALLOC_MMAP_THRESHOLD_=131072: every freed block over 128 kB goes back to the "
         "system at once, so the peak is what is alive, not what glibc kept (steps are slower: time them without)",
+    )
+    parser.add_argument(
+        "--quantize-head",
+        action="store_true",
+        help="add rows with the output head quantized too (include_head=True): for models whose head is not "
+        "tied to the input embeddings",
     )
     if "--live-memory" in sys.argv:  # set before the children start; they inherit it
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
