@@ -497,7 +497,7 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
     except OSError:
         pass
     versions = {}
-    for pkg in ("torch", "transformers", "peft", "lorakit"):
+    for pkg in ("torch", "transformers", "peft", "lorakit", "torchao", "bitsandbytes"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

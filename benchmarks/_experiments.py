@@ -185,7 +185,7 @@ def set_up_method(
     result: dict[str, Any] = {}
     if method in LORAKIT_VARIANTS:
         if method in ("qlora", "qdora"):
-            lorakit.quantize(model, "nf4")
+            lorakit.quantize(model.to(device), "nf4")  # quantized where it will run
         if method in ("dora", "qdora"):
             config = dataclasses.replace(config, use_dora=True)
         torch.manual_seed(seed)

@@ -17,7 +17,8 @@ so the fastest steps are the closest to each configuration's own cost.
   and after in the same run.
 - `--mode dora`: reference = the lorakit LoRA step (dropout 0.05, as `train`); rows: lorakit
   DoRA (`use_dora=True`, same targets and rank), lorakit DoRA with every kernel off, PEFT LoRA,
-  PEFT DoRA — so DoRA's cost reads both against lorakit's LoRA step and against PEFT's DoRA step.
+  PEFT DoRA, and the floor — so DoRA's cost reads against lorakit's LoRA step, against PEFT's
+  DoRA step, and against what no adapter can go below.
 - `--mode inference`: reference = the base model; rows: lorakit unmerged, PEFT unmerged, lorakit
   merged (the same graph as the base: its spread shows what the machine can resolve).
 
@@ -94,11 +95,15 @@ def _dora_rows(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
         "lorakit DoRA, kernels disabled (reference)": ("lorakit", True, True),
         "PEFT LoRA": ("peft", False, False),
         "PEFT DoRA": ("peft", True, False),
+        "floor": ("floor", False, False),
     }
     for label, (lib, dora, off) in specs.items():
         model = C.load_base(args)
         ids = ids if ids is not None else C.random_ids(args, model.config.vocab_size)
-        model, _ = C.add_lora(model, lib, args.adapter_set, 0.05, use_dora=dora)
+        if lib == "floor":
+            C.make_floor(model)
+        else:
+            model, _ = C.add_lora(model, lib, args.adapter_set, 0.05, use_dora=dora)
         model.train()
         train = C.training_step(model, ids)
 

@@ -62,6 +62,8 @@ def rows_for(args: argparse.Namespace) -> list[C.Row]:
     for aset in args.adapter_sets:
         label = C.ADAPTER_SET_LABELS[aset]
         for base, what in BASES.items():
+            if base == "fp32" and args.dtype != "fp32":
+                what = f"{args.dtype} base as loaded"  # the row names stay, the label says what ran
             rows.append(C.Row(f"{base}-{aset}", f"lorakit LoRA {label}, {what}", {"kind": base, "adapters": aset}))
         if args.quantize_head:
             kind, what = HEAD_ROW
@@ -84,7 +86,6 @@ def _trim() -> None:
 
 
 def _bnb_model(args: argparse.Namespace):
-    import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from lorakit.models import ensure_cached
@@ -93,10 +94,13 @@ def _bnb_model(args: argparse.Namespace):
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_compute_dtype=C.torch_dtype(args),
     )
     model = AutoModelForCausalLM.from_pretrained(
-        str(ensure_cached(C.model_spec(args))), quantization_config=config, device_map="cpu", dtype=torch.float32
+        str(ensure_cached(C.model_spec(args))),
+        quantization_config=config,
+        device_map=args.device,
+        dtype=C.torch_dtype(args),
     )
     if args.layers is not None and args.layers < model.config.num_hidden_layers:
         model.model.layers = model.model.layers[: args.layers]
@@ -150,7 +154,8 @@ def run_row(args: argparse.Namespace, row: C.Row) -> dict[str, Any]:
     step = C.training_step(model, ids)
     _trim()
     result = C.measure_row(step, args, row)
-    result["above_imports_mib"] = result["peak_mib"] - after_imports
+    # On CUDA the peak is the device's allocated memory, which holds nothing of the imports.
+    result["above_imports_mib"] = result["peak_mib"] - (after_imports if args.device == "cpu" else 0.0)
     return {**result, **extra}
 
 
