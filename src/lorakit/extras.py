@@ -8,6 +8,7 @@ load adapters on any model. The rest comes with extras (`scripts/install.sh` ins
 | `cli` | transformers, gguf, matplotlib | the `lorakit` command: loading models and tokenizers (GGUF too), loss plots |
 | `eval` | sacrebleu, pycocoevalcap (and a Java runtime) | the E2E NLG scores (BLEU, NIST, METEOR, ROUGE-L, CIDEr) |
 | `quantize` | torchao | NF4 bases (QLoRA; `lorakit.quantization`) |
+| `serve` | fastapi, uvicorn, prometheus_client | `lorakit serve` (`lorakit.serve`) |
 | `all` | all of them | |
 """
 
@@ -25,6 +26,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "cli": ("transformers", "gguf", "matplotlib"),
     "eval": ("sacrebleu", "pycocoevalcap"),
     "quantize": ("torchao",),
+    "serve": ("fastapi", "uvicorn", "prometheus_client"),
 }
 """extra -> the import names of the packages it installs."""
 

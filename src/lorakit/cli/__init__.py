@@ -7,6 +7,7 @@
 | `generate` | `cli/generate.py` | `lorakit.generate.generate` |
 | `merge` | `cli/merge.py` | `lorakit.export.export_merged` |
 | `inspect` | `cli/inspect.py` | `lorakit.inject.preview` |
+| `serve` | `cli/serve.py` | `lorakit.serve.serve` |
 
 Bad input ends with one line on stderr and exit code 2 (`--debug` shows the traceback).
 """
@@ -28,9 +29,9 @@ __all__ = ["build_parser", "commands", "main"]
 
 def commands() -> dict:
     """name -> `Command`, for every subcommand (imported on first use)."""
-    from lorakit.cli import eval, generate, inspect, merge, train
+    from lorakit.cli import eval, generate, inspect, merge, serve, train
 
-    return {m.COMMAND.name: m.COMMAND for m in (train, generate, eval, merge, inspect)}
+    return {m.COMMAND.name: m.COMMAND for m in (train, generate, eval, merge, inspect, serve)}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser: one subcommand per command, flags generated from its config dataclasses."""
     parser = _Parser(
         prog="lorakit",
-        description="LoRA fine-tuning (Hu et al., 2022): train, generate, eval, merge, inspect.",
+        description="LoRA fine-tuning (Hu et al., 2022): train, generate, eval, merge, inspect, serve.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -15,7 +15,7 @@ How a value is written on the command line, by the field's type:
 | `int`, `float`, `str` | as usual; `none` for an optional field |
 | `Literal[...]` | one of the choices (listed in `--help`) |
 | `list[...]` | comma-separated (`q_proj,v_proj`) or JSON (`'["q_proj", "v_proj"]'`) |
-| `dict[...]` | `key=value,key=value` or JSON (`'{"q_proj": 16}'`) |
+| `dict[...]` | `key=value,key=value` or JSON (`'{"q_proj": 16}'`); given twice, the pairs merge |
 | `tuple[...]` | comma-separated (`0.9,0.999`) |
 | `list[str] \\| str` | a comma-separated list, or one string when it is a regex or `all-linear` |
 
@@ -249,14 +249,24 @@ def add_flags(parser: argparse.ArgumentParser, specs: Sequence[FlagSpec]) -> Non
 
             convert.__name__ = f.name  # argparse names the type in its error message
             shown = json.dumps(default) if isinstance(default, dict | list) else _show(default)
+            is_dict = typing.get_origin(annotation) is dict
             group.add_argument(
                 *names,
                 dest=f.name,
                 type=convert,
+                action=_MergeDicts if is_dict else "store",
                 default=argparse.SUPPRESS,
                 metavar=_metavar(annotation),
                 help=f"{text} (default: {shown})",
             )
+
+
+class _MergeDicts(argparse.Action):
+    """A `dict` flag given more than once merges its pairs (`--adapter a=x --adapter b=y`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # type: ignore[override]
+        previous = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, {**previous, **values} if isinstance(previous, dict) else values)
 
 
 # ------------------------------------------------------------------------------------------ TOML

@@ -1,0 +1,33 @@
+"""`lorakit serve`: one base model and many LoRA adapters behind an OpenAI-compatible HTTP API.
+
+| module | owns |
+|---|---|
+| `engine` | the worker thread that owns the model: continuous batching across adapters |
+| `batch` | the running batch's left-padded KV cache (rows join after a batch-1 prefill, leave at once) |
+| `text` | sampling parameters, next-token choice, streamed text with stop strings |
+| `registry` | model names, adapters loaded/unloaded while serving, reference counts |
+| `api`, `schemas` | the FastAPI endpoints and OpenAI's request/response and error shapes |
+| `metrics` | Prometheus metrics |
+| `server` | `ServeConfig`, loading everything, running uvicorn |
+
+The HTTP layer needs the `serve` extra (fastapi, uvicorn, prometheus_client); the engine needs
+only torch and transformers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["Engine", "ServeConfig", "build_server", "serve"]
+
+
+def __getattr__(name: str) -> Any:  # import on use: `lorakit.serve.engine` should not need FastAPI
+    if name == "Engine":
+        from lorakit.serve.engine import Engine
+
+        return Engine
+    if name in ("ServeConfig", "build_server", "serve"):
+        from lorakit.serve import server
+
+        return getattr(server, name)
+    raise AttributeError(name)

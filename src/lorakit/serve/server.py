@@ -1,0 +1,154 @@
+"""`lorakit serve`: load the base model and adapters, start the engine, run uvicorn."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from lorakit.errors import ConfigError
+from lorakit.extras import require
+from lorakit.models import DEFAULT_MODEL, ModelSource, adapter_directory, load_model
+from lorakit.serve.api import ServerState, create_app
+from lorakit.serve.engine import Engine
+from lorakit.serve.metrics import ServeMetrics
+from lorakit.serve.registry import AdapterRegistry
+
+__all__ = ["ServeConfig", "build_server", "serve"]
+
+
+@dataclass
+class ServeConfig:
+    """How `lorakit serve` runs.
+
+    Args:
+        adapter: adapters to load at start, `name=folder` (an adapter folder or a training run's
+            output directory); repeat the flag or separate pairs with commas.
+        host: the address to listen on.
+        port: the port to listen on.
+        adapter_dir: the folder `POST /v1/load_lora_adapter` may load from (paths are resolved
+            inside it; nothing outside it is read); omit to refuse loading over HTTP.
+        max_batch: requests decoded together at most (rows of one batch).
+        max_adapters: adapters loaded at most (at start and over HTTP together).
+        max_queue: requests waiting for a row at most; beyond it requests get 429 with Retry-After.
+        max_model_len: prompt plus completion tokens at most (default: the model's context length).
+        default_max_tokens: `max_tokens` of a request that gives none (default: OpenAI's, 16 for
+            completions and the rest of the context for chat).
+        api_key_env: name of an environment variable holding the API key that `/v1/` requests must
+            send as `Authorization: Bearer KEY` (omit for no key).
+        batching: `mixed` (one batch holds rows of different adapters) or `per_adapter` (one
+            adapter's requests at a time: the switching baseline, for benchmarks).
+        threads: torch CPU threads (default: torch's).
+        log_level: uvicorn's log level.
+    """
+
+    adapter: dict[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    adapter_dir: str | None = None
+    max_batch: int = 8
+    max_adapters: int = 16
+    max_queue: int = 64
+    max_model_len: int | None = None
+    default_max_tokens: int | None = None
+    api_key_env: str | None = None
+    batching: Literal["mixed", "per_adapter"] = "mixed"
+    threads: int | None = None
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("max_batch", "max_adapters", "max_queue"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                problems.append(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("max_model_len", "default_max_tokens", "threads"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                problems.append(f"{name} must be an integer >= 1 or none, got {value!r}")
+        if not 0 <= self.port <= 65535:
+            problems.append(f"port must be in 0..65535, got {self.port}")
+        if len(self.adapter) > self.max_adapters:
+            problems.append(f"{len(self.adapter)} adapters given but max_adapters is {self.max_adapters}")
+        if self.adapter_dir is not None and not Path(self.adapter_dir).is_dir():
+            problems.append(f"adapter_dir {self.adapter_dir!r} is not a folder")
+        if self.api_key_env is not None and not os.environ.get(self.api_key_env):
+            problems.append(f"api_key_env: the environment variable {self.api_key_env} is not set (or empty)")
+        if problems:
+            raise ConfigError("invalid ServeConfig:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def build_server(config: ServeConfig, source: ModelSource) -> tuple[Any, ServerState]:
+    """Load the model and the start-up adapters, start the engine; return `(app, state)`.
+
+    `source.quantize == "auto"` stores the base as the start-up adapters were trained (NF4 or bf16
+    when they all record the same), else in full precision.
+
+    Raises:
+        ConfigError: invalid settings. AdapterFormatError, ShapeMismatchError: an unreadable adapter
+            or one made for another model (nothing is served then).
+    """
+    require("fastapi", "serve", "lorakit serve")
+    require("uvicorn", "serve", "lorakit serve")
+    from lorakit.io import adapter_base_quantization
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    folders = {name: adapter_directory(path) for name, path in config.adapter.items()}
+    if source.quantize == "auto":
+        recorded = {adapter_base_quantization(f) for f in folders.values()}
+        scheme = recorded.pop() if len(recorded) == 1 else None
+    else:
+        scheme = None if source.quantize == "none" else source.quantize
+    model, tokenizer, name = load_model(source.model, quantize=scheme)
+    model.eval()
+    metrics = ServeMetrics()
+    engine = Engine(
+        model,
+        tokenizer,
+        max_batch=config.max_batch,
+        max_queue=config.max_queue,
+        batching=config.batching,
+        metrics=metrics,
+    ).start()
+    registry = AdapterRegistry(
+        engine,
+        base_names=[name, source.model or DEFAULT_MODEL],
+        adapter_dir=Path(config.adapter_dir) if config.adapter_dir else None,
+        max_adapters=config.max_adapters,
+    )
+    try:
+        for adapter_name, folder in folders.items():
+            registry.load(adapter_name, folder).result()
+    except Exception:
+        engine.close()
+        raise
+    metrics.adapters.set(len(folders))
+    context = config.max_model_len or getattr(model.config, "max_position_embeddings", None) or 2048
+    state = ServerState(
+        engine=engine,
+        registry=registry,
+        tokenizer=tokenizer,
+        metrics=metrics,
+        max_model_len=int(context),
+        default_max_tokens=config.default_max_tokens,
+        api_key=os.environ[config.api_key_env] if config.api_key_env else None,
+    )
+    return create_app(state), state
+
+
+def serve(config: ServeConfig, source: ModelSource, echo: Callable[[str], None] = print) -> None:
+    """Serve until interrupted (SIGINT / SIGTERM end it gracefully)."""
+    import uvicorn
+
+    app, state = build_server(config, source)
+    adapters = ", ".join(e.name for e in state.registry.ready()) or "none"
+    echo(f"serving {state.registry.base} (adapters: {adapters}) on http://{config.host}:{config.port}/v1")
+    try:
+        uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
+    finally:
+        state.engine.close()

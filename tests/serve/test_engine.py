@@ -1,0 +1,132 @@
+"""The engine in-process: the KV batch's splicing, text streaming with stop strings and split
+characters, sampling, and continuous batching against `generate` on tiny and packaged models."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.data import encode_prompt
+from lorakit.generate import Decoding, generate
+from lorakit.layers import BASE
+from lorakit.models import load_model, load_tokenizer
+from lorakit.serve.batch import KVBatch
+from lorakit.serve.engine import Engine, Event, Job
+from lorakit.serve.errors import Overloaded
+from lorakit.serve.text import SamplingParams, TextStream, make_generator, next_token
+from tests.serve.conftest import PROMPTS, make_adapter
+
+
+def test_kv_batch_pads_joins_and_trims():
+    batch = KVBatch()
+    a = [(torch.full((1, 2, 3, 4), 1.0), torch.full((1, 2, 3, 4), -1.0))]
+    b = [(torch.full((1, 2, 5, 4), 2.0), torch.full((1, 2, 5, 4), -2.0))]
+    batch.join(a)
+    batch.join(b)
+    assert batch.layers[0][0].shape == (2, 2, 5, 4)
+    assert batch.mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert (batch.layers[0][0][0, :, :2] == 0).all() and (batch.layers[0][0][0, :, 2:] == 1).all()
+    batch.keep([0])  # the long row leaves: the two columns only it used go too
+    assert batch.mask.tolist() == [[1, 1, 1]]
+    assert torch.equal(batch.layers[0][1], a[0][1])
+    batch.keep([])
+    assert batch.rows == 0
+
+
+def test_text_stream_holds_back_stop_prefixes_and_split_characters():
+    tok = load_tokenizer()
+    ids = tok("Hello world, the end. More", add_special_tokens=False)["input_ids"]
+    stream = TextStream(tok, stop=("end.",))
+    pieces = [stream.add(i) for i in ids]
+    assert stream.stopped
+    assert "".join(pieces) == "Hello world, the "
+    assert not any("end" in p for p in pieces)
+    snow = tok("☃☃", add_special_tokens=False)["input_ids"]  # byte-level BPE splits the character
+    stream = TextStream(tok)
+    pieces = [stream.add(i) for i in snow]
+    assert "\ufffd" not in "".join(pieces) and "".join(pieces) + stream.flush() == "☃☃"
+
+
+def test_sampling_follows_temperature_top_p_and_the_seed():
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.9])
+    greedy = SamplingParams(temperature=0)
+    assert next_token(logits, greedy, make_generator(0, torch.device("cpu"))) == 1
+    assert next_token(logits, SamplingParams(temperature=1e-30), make_generator(0, torch.device("cpu"))) == 1
+    narrow = SamplingParams(temperature=1.0, top_p=1e-300)  # only the top token survives
+    assert {next_token(logits, narrow, make_generator(s, torch.device("cpu"))) for s in range(20)} == {1}
+    nucleus = SamplingParams(temperature=1.0, top_p=0.6)  # tokens 1 and 3 hold the first 60%
+    assert {next_token(logits, nucleus, make_generator(s, torch.device("cpu"))) for s in range(40)} == {1, 3}
+    draws = [
+        next_token(logits, SamplingParams(temperature=2.0), make_generator(7, torch.device("cpu"))) for _ in range(3)
+    ]
+    assert len(set(draws)) == 1  # the same seed, the same draw
+
+
+def run_jobs(engine: Engine, jobs: list[tuple[list[int], str, SamplingParams]]) -> list[list[Event]]:
+    events: list[list[Event]] = [[] for _ in jobs]
+    done = threading.Semaphore(0)
+
+    def emitter(i):
+        def emit(event):
+            events[i].append(event)
+            if event.finish_reason:
+                done.release()
+
+        return emit
+
+    for i, (ids, adapter, params) in enumerate(jobs):
+        engine.submit(Job(ids, adapter, params, emitter(i)))
+    for _ in jobs:
+        assert done.acquire(timeout=300)
+    return events
+
+
+@pytest.mark.parametrize("batching", ["mixed", "per_adapter"])
+def test_continuous_batching_equals_generate_for_each_adapter(tmp_path, batching):
+    names = {"qv": (["q_proj", "v_proj"], 8, False), "dora": (["k_proj", "down_proj"], 4, True)}
+    for seed, (name, (targets, r, dora)) in enumerate(names.items()):
+        make_adapter(tmp_path / name, targets, r, dora, seed)
+    tok = load_tokenizer()
+    prompts = [*PROMPTS, "def fib(n):", "Once upon a time"]
+    expected = {}
+    for name in [None, *names]:
+        model, _, _ = load_model(None)
+        if name:
+            lorakit.load_adapter(model, tmp_path / name)
+        expected[name] = generate(model, tok, prompts, Decoding(max_new_tokens=10), batch_size=1)
+    model, _, _ = load_model(None)
+    for name in names:
+        lorakit.load_adapter(model, tmp_path / name, adapter_name=name)
+    engine = Engine(model, tok, max_batch=3, batching=batching).start()  # fewer rows than requests: slots are reused
+    try:
+        jobs = [
+            (encode_prompt(tok, p), name or BASE, SamplingParams(max_tokens=10, temperature=0))
+            for p in prompts
+            for name in [None, *names]
+        ]
+        events = run_jobs(engine, jobs)
+    finally:
+        engine.close()
+    for (ids, adapter, _), evs in zip(jobs, events, strict=True):
+        name = None if adapter == BASE else adapter
+        text = "".join(e.text for e in evs).strip()
+        assert text == expected[name][prompts.index(tok.decode(ids, skip_special_tokens=True))], (adapter, ids)
+        assert evs[-1].finish_reason in ("stop", "length") and evs[-1].completion_tokens <= 10
+    assert engine.running == 0 and engine.waiting == 0
+
+
+def test_a_full_queue_raises_overloaded_and_close_cancels():
+    model, tok, _ = load_model(None)
+    engine = Engine(model, tok, max_batch=1, max_queue=2)  # not started: nothing leaves the queue
+    got: list[Event] = []
+    for _ in range(2):
+        engine.submit(Job([1, 2, 3], BASE, SamplingParams(max_tokens=4), got.append))
+    with pytest.raises(Overloaded, match="2 requests waiting"):
+        engine.submit(Job([1, 2, 3], BASE, SamplingParams(max_tokens=4), got.append))
+    engine.start()
+    engine.close()
+    ends = [e.finish_reason for e in got if e.finish_reason]
+    assert len(ends) == 2 and set(ends) <= {"cancelled", "length", "stop"}  # each job ends exactly once
