@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
 from lorakit import functional as LF
 from lorakit.kernels.switch import enabled
@@ -18,18 +19,28 @@ from lorakit.kernels.switch import enabled
 if TYPE_CHECKING:
     from lorakit.layers import LoraLinear
 
-__all__ = ["forward", "stacks"]
+__all__ = ["DENSE_TOKENS", "forward", "stacks"]
+
+DENSE_TOKENS = 64
+"""At most this many tokens in the batch (a decode step), the branch is two dense products over
+every adapter's stacked A and B with the other adapters' columns zeroed — no per-row gather of A
+and B; more tokens gather each row's own A and B and run a `bmm` pair."""
 
 
-def stacks(layer: LoraLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Each row's (A, s·B), (batch, r, in) and (batch, out, r), when the path applies (else None).
+def stacks(layer: LoraLinear, x: torch.Tensor) -> tuple | None:
+    """How to compute each row's branch, when the path applies (else None).
+
+    `("gathered", A, B)`: each row's A and s·B, (batch, r, in) and (batch, out, r); or, for at most
+    `DENSE_TOKENS` tokens, `("dense", A_all, B_all, select)`: every adapter's A and s·B stacked,
+    (adapters·r, in) and (out, adapters·r), and (batch, adapters·r) ones on each row's own columns.
 
     Applies without gradients, to x with one leading row per name of the routing, when the layer
     is not disabled and every adapter of the batch is a plain one (no fused slices, no DoRA) of one
     dtype.
-    All adapters of the batch are stacked once (ranks zero-padded, a zero slot last for base rows)
-    and kept in the layer's `kernel_cache` while they are unchanged; the per-row gather is kept for
-    the routing block.
+    All adapters of the layer are stacked once (ranks zero-padded, a zero slot last for base rows)
+    and kept in the layer's `kernel_cache` until one is added, removed or changed — not rebuilt
+    when the set of adapters in the batch changes, as it does at every step of a serving engine;
+    the per-row gather is kept for the routing block.
     """
     routing = layer.rows
     names = routing.names
@@ -37,36 +48,54 @@ def stacks(layer: LoraLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
         return None
     if x.dim() < 2 or x.shape[0] != len(names):
         return None
-    present = [n for n in dict.fromkeys(names) if n in layer.adapters]
-    records = [layer.adapters[n] for n in present]
-    if not records or any(rec.slices is not None or rec.use_dora for rec in records):
+    adapters = layer.adapters._modules  # name -> record (plain dict access: this runs per layer per step)
+    if not any(n in adapters for n in names):
         return None
-    dtype = records[0].lora_A.dtype
-    if any(rec.lora_A.dtype != dtype for rec in records):
-        return None
-    key = tuple(
-        (n, id(rec.lora_A), rec.lora_A._version, id(rec.lora_B), rec.lora_B._version, rec.scaling)
-        for n, rec in zip(present, records, strict=True)
-    )
+    # Every plain adapter of the layer, in a stable order (DoRA and fused-slice ones take the reference).
+    key = tuple(_signature(n, rec) for n, rec in adapters.items() if rec.slices is None and not rec.use_dora)
     gathered = routing.derived.get(layer)
     if gathered is not None and gathered[0] == key:
         return gathered[1]
+    present = [k[0] for k in key]
+    if any(n in adapters and n not in present for n in names):
+        return None
+    dtypes = {k[-1] for k in key}
+    if len(dtypes) != 1:
+        return None
     stacked = layer.kernel_cache.get("stacked_rows")
-    if stacked is None or stacked[0] != key:
+    if stacked is None or stacked[0] != key:  # rebuilt only when an adapter is added, removed or changed
+        records = [adapters[n] for n in present]
         r = max(rec.r for rec in records)
+        (dtype,) = dtypes
         A = torch.zeros(len(records) + 1, r, layer.in_features, dtype=dtype, device=x.device)
         B = torch.zeros(len(records) + 1, layer.out_features, r, dtype=dtype, device=x.device)
         for i, rec in enumerate(records):
             A[i, : rec.r] = rec.lora_A
             B[i, :, : rec.r] = rec.lora_B * rec.scaling
-        stacked = (key, A, B)
+        # The dense form for few tokens: every adapter's A as rows of one matrix, B as columns.
+        flat_A = A[:-1].reshape(-1, layer.in_features)  # (adapters·r, in)
+        flat_B = B[:-1].permute(1, 0, 2).reshape(layer.out_features, -1)  # (out, adapters·r)
+        stacked = (key, A, B, flat_A, flat_B)
         layer.kernel_cache["stacked_rows"] = stacked
-    _, A, B = stacked
+    _, A, B, flat_A, flat_B = stacked
     slot = {n: i for i, n in enumerate(present)}
-    index = torch.tensor([slot.get(n, len(records)) for n in names], device=x.device)
-    result = (A[index], B[index])
+    index = torch.tensor([slot.get(n, len(present)) for n in names], device=x.device)
+    if x.numel() // x.shape[-1] <= DENSE_TOKENS:
+        # (rows, adapters·r) selector: 1 on the r columns of each row's own adapter, 0 elsewhere
+        r = A.shape[1]
+        select = F.one_hot(index, len(present) + 1)[:, :-1].to(A.dtype).repeat_interleave(r, dim=1)
+        result: tuple = ("dense", flat_A, flat_B, select)
+    else:
+        result = ("gathered", A[index], B[index])
     routing.derived[layer] = (key, result)
     return result
+
+
+def _signature(name: str, record: Any) -> tuple:
+    """What the stacked copy of one adapter depends on: its tensors (identity and in-place version),
+    scaling and dtype."""
+    A, B = record._parameters["lora_A"], record._parameters["lora_B"]
+    return (name, id(A), A._version, id(B), B._version, record.scaling, A.dtype)
 
 
 def forward(layer: LoraLinear, x: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
@@ -74,6 +103,11 @@ def forward(layer: LoraLinear, x: torch.Tensor, args: tuple, kwargs: dict[str, A
     rows = stacks(layer, x)
     if rows is None:
         return None
-    A, B = rows
     result = layer.base_layer(x, *args, **kwargs)
+    if rows[0] == "dense":
+        _, flat_A, flat_B, select = rows
+        h = x.to(flat_A.dtype).reshape(x.shape[0], -1, x.shape[-1]) @ flat_A.T  # (rows, tokens, adapters·r)
+        delta = (h * select[:, None, :]) @ flat_B.T  # other adapters' columns are zero
+        return result + delta.view(*x.shape[:-1], -1).to(result.dtype)
+    _, A, B = rows
     return result + LF.linear_delta(x.to(A.dtype), A, B).to(result.dtype)

@@ -279,6 +279,7 @@ def _params(state: ServerState, body: Any, prompt_len: int, chat: bool) -> Sampl
         top_p=1.0 if body.top_p is None else body.top_p,
         stop=tuple(s for s in stop if s),
         seed=body.seed,
+        ignore_eos=bool(body.ignore_eos),
     )
 
 

@@ -8,8 +8,10 @@ Continuous batching across adapters. Each turn of the worker loop:
    (batch 1, unpadded) and samples its first token, then its KV cache joins the batch
    (`KVBatch.join`);
 3. runs one decode step for all rows together, each row with its own adapter or the base
-   (`lorakit.adapter_per_row`, the per-row path of the layers: the rows' A and B are gathered and
-   applied in one batched product), and each row samples its next token with its own generator;
+   (`lorakit.adapter_per_row`, the per-row path of the layers: every adapter's A and B stacked
+   once, each row's own columns selected, one product for the batch; a batch whose rows all use
+   one adapter runs it as the active adapter), and each row samples its next token with its own
+   generator;
 4. drops the rows that finished (end of sequence, a stop string, `max_tokens`) or whose client
    went away, at once, so their slots go to waiting requests in the next turn.
 
@@ -40,7 +42,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lorakit.adapters import adapter_per_row, disable_adapters, list_adapters, set_adapter
+from lorakit.adapters import active_adapters, adapter_per_row, disable_adapters, list_adapters, set_adapter
 from lorakit.layers import BASE
 from lorakit.serve.batch import KVBatch, layers_of
 from lorakit.serve.errors import Overloaded
@@ -145,6 +147,7 @@ class Engine:
         self._closed = False
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self._active: str | None = None  # the adapter set active for uniform batches
         # transformers 5 names the cache argument and output `cache`, earlier versions `past_key_values`
         accepted = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
@@ -302,7 +305,7 @@ class Engine:
             if self.metrics is not None:
                 self.metrics.observe_first_token(job.first_token - job.submitted)
         job.last = token
-        end = token in self.eos_ids
+        end = token in self.eos_ids and not job.params.ignore_eos
         piece = job.stream.add(token, special=end)
         if end or job.stream.stopped:
             self._finish(job, "stop", text=piece)
@@ -343,16 +346,22 @@ class Engine:
 
     @contextlib.contextmanager
     def _route(self, names: list[str]) -> Iterator[None]:
-        """Run the block with adapter `names[i]` on batch row i (`BASE`: none)."""
+        """Run the block with adapter `names[i]` on batch row i (`BASE`: none).
+
+        Rows of different adapters go through `adapter_per_row`; a batch whose rows all use one
+        adapter runs it as the model's active adapter (the single-adapter path, no routing).
+        """
+        distinct = set(names)
         if not list_adapters(self.model):
             yield  # no adapter loaded: every row is the base
-        elif self.batching == "per_adapter":
-            (name,) = set(names)  # the baseline's batches hold one adapter
-            if name == BASE:
-                with disable_adapters(self.model):
-                    yield
-            else:
+        elif len(distinct) == 1 and BASE not in distinct:
+            (name,) = distinct
+            if self._active != name or active_adapters(self.model) != (name,):
                 set_adapter(self.model, name)
+                self._active = name
+            yield
+        elif self.batching == "per_adapter":
+            with disable_adapters(self.model):  # the baseline's batches hold one adapter: here, the base
                 yield
         else:
             with adapter_per_row(self.model, names):

@@ -41,6 +41,7 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     n: Annotated[int, Field(ge=1, le=1, description="Only 1 is supported.")] | None = 1
     user: str | None = None
+    ignore_eos: bool | None = Field(False, description="Keep generating past end-of-sequence (vLLM's field).")
 
 
 class CompletionRequest(_Sampling):

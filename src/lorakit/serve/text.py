@@ -29,6 +29,7 @@ class SamplingParams:
         stop: strings that end the completion (not included in it).
         seed: the request's own sampling seed: the same seed gives the same text whatever else
             is in the batch; None draws one.
+        ignore_eos: keep generating past end-of-sequence tokens (vLLM's field; for benchmarks).
     """
 
     max_tokens: int = 16
@@ -36,6 +37,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False
 
 
 @dataclass
