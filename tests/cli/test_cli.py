@@ -440,6 +440,7 @@ FLAGS = {
     "eval": ["--adapter", "--data", "--task", "--e2e-metrics", "--config", "--debug"],
     "merge": ["--adapter", "--model", "--out", "--config", "--debug"],
     "inspect": ["--model", "--target", "-r", "--config", "--debug"],
+    "serve": ["--model", "--adapter", "--adapter-dir", "--port", "--max-batch", "--api-key-env", "--quantize"],
 }
 
 

@@ -190,3 +190,15 @@ def test_each_command_has_its_own_flags():
     assert lora.target_modules == "all-linear" and lora.r == 2
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--task", "classification"])  # not a generate flag
+
+
+def test_a_dict_flag_given_twice_merges_its_pairs(tmp_path):
+    (tmp_path / "a").mkdir()
+    _, config = _options("serve", "--adapter", "e2e=runs/x", "--adapter", "sql=runs/y,chat=runs/z")
+    assert config.adapter == {"e2e": "runs/x", "sql": "runs/y", "chat": "runs/z"}
+    _, config = _options("serve", "--adapter-dir", str(tmp_path / "a"), "--max-batch", "4")
+    assert config.adapter == {} and config.max_batch == 4
+    with pytest.raises(ConfigError, match="max_batch must be an integer >= 1"):
+        _options("serve", "--max-batch", "0")
+    with pytest.raises(ConfigError, match=r"adapter_dir .* is not a folder"):
+        _options("serve", "--adapter-dir", str(tmp_path / "missing"))

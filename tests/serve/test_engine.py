@@ -130,3 +130,26 @@ def test_a_full_queue_raises_overloaded_and_close_cancels():
     engine.close()
     ends = [e.finish_reason for e in got if e.finish_reason]
     assert len(ends) == 2 and set(ends) <= {"cancelled", "length", "stop"}  # each job ends exactly once
+
+
+def test_adapters_on_an_nf4_base_equal_generate_on_it(tmp_path):
+    make_adapter(tmp_path / "qv", ["q_proj", "v_proj"], 8, False, 0)
+    tok = load_tokenizer()
+    model, _, _ = load_model(None, quantize="nf4")
+    lorakit.load_adapter(model, tmp_path / "qv", adapter_name="qv")
+    expected = {}
+    for name in ("qv", BASE):
+        if name == BASE:
+            with lorakit.disable_adapters(model):
+                expected[name] = generate(model, tok, PROMPTS, Decoding(max_new_tokens=8), batch_size=1)
+        else:
+            expected[name] = generate(model, tok, PROMPTS, Decoding(max_new_tokens=8), batch_size=1)
+    engine = Engine(model, tok, max_batch=4).start()
+    try:
+        greedy = SamplingParams(max_tokens=8, temperature=0)
+        jobs = [(encode_prompt(tok, p), n, greedy) for n in ("qv", BASE) for p in PROMPTS]
+        events = run_jobs(engine, jobs)
+    finally:
+        engine.close()
+    for (_, name, _), evs, want in zip(jobs, events, [*expected["qv"], *expected[BASE]], strict=True):
+        assert "".join(e.text for e in evs).strip() == want, name

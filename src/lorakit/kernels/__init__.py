@@ -20,8 +20,11 @@ The paths (name · module · eligibility function: what it saves; when it applie
 - `merged_weight` · `merged_weight` · `weight`: without gradients, one x·(W0 + s·B·A)ᵀ instead of
   the branches: one pass over W instead of two over the output. `nn.Linear` base without hooks, no
   dropout in effect, enough rows to be cheaper.
-- `stacked_rows` · `rows` · `stacks`: `adapter_per_row` without gradients: every row's (A, s·B)
-  stacked, one `bmm` pair for any number of adapters. Plain adapters of one dtype.
+- `stacked_rows` · `rows` · `stacks`: `adapter_per_row` without gradients: every plain adapter of
+  the layer stacked once (kept until one changes); up to 64 tokens (a decode step) two dense
+  products over all of them with each row's own columns selected, more tokens each row's (A, s·B)
+  gathered and one `bmm` pair — any number of adapters for about the cost of one. Rows on DoRA or
+  fused-slice adapters, or adapters of mixed dtypes, take the reference.
 - `nf4_dequant` · `nf4` · `dequantize`: an NF4 base weight back to dense in three passes (a
   byte-pair table gather, an in-place scale) instead of torchao's eight: the same numbers, 2.8×
   faster on CPU; a QLoRA step dequantizes every base weight twice.
