@@ -36,7 +36,7 @@ def test_fuzzing_the_openapi_schema_never_gets_a_server_error(tmp_path):
                 assert "error" in response.json(), response.text  # OpenAI's error JSON, not a traceback
 
         call()
-        assert seen.get(200, 0) >= 20 and sum(n for s, n in seen.items() if 400 <= s < 500) > 0, seen
+        assert seen.get(200, 0) >= 10 and sum(n for s, n in seen.items() if 400 <= s < 500) > 0, seen
         assert server.alive()
         assert server.get("/health")[0] == 200
 
