@@ -153,3 +153,28 @@ def test_adapters_on_an_nf4_base_equal_generate_on_it(tmp_path):
         engine.close()
     for (_, name, _), evs, want in zip(jobs, events, [*expected["qv"], *expected[BASE]], strict=True):
         assert "".join(e.text for e in evs).strip() == want, name
+
+
+def test_unload_waits_for_running_requests_and_refuses_new_ones(tmp_path):
+    from lorakit.serve.errors import UnknownModel
+    from lorakit.serve.registry import AdapterRegistry
+
+    make_adapter(tmp_path / "qv", ["q_proj", "v_proj"], 8, False, 0)
+    model, tok, name = load_model(None)
+    engine = Engine(model, tok).start()
+    try:
+        registry = AdapterRegistry(engine, base_names=[name], adapter_dir=tmp_path, max_adapters=2)
+        registry.load("qv", registry.resolve_path("qv")).result(60)
+        assert registry.acquire("qv") == "qv"  # a request is running on it
+        drained = registry.unload("qv")
+        with pytest.raises(UnknownModel, match="being unloaded"):
+            registry.acquire("qv")
+        assert not drained.done() and lorakit.list_adapters(model) == ["qv"]
+        registry.release("qv")  # the request finished: now it goes
+        drained.result(60)
+        assert lorakit.list_adapters(model) == [] and registry.ready() == []
+        with pytest.raises(UnknownModel, match="does not exist"):
+            registry.acquire("qv")
+        assert registry.acquire(name) == BASE
+    finally:
+        engine.close()

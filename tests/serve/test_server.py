@@ -205,7 +205,6 @@ def test_load_and_unload_under_traffic(server, adapter_dir, reference):
     assert len(texts) == 3 and all(t.strip() == reference["qv", PROMPTS[1]] for t in texts)
     (unload,) = [r for r in results if isinstance(r, tuple)]
     assert unload[0] == 200, unload
-    assert refused >= 0
     assert "hot" not in {m.id for m in c.models.list().data}
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="hot", prompt="x", max_tokens=1)
@@ -301,18 +300,22 @@ def test_a_client_that_goes_away_frees_its_row(server):
         ).encode(),
         headers={"content-type": "application/json", "authorization": f"Bearer {API_KEY}"},
     )
-    before = (
-        metric(server, 'lorakit_generations_total{finish_reason="cancelled"}')
-        if "cancelled" in server.get("/metrics")[1]
-        else 0
-    )
+    cancelled = 'lorakit_generations_total{finish_reason="cancelled"}'
+
+    def count() -> float:
+        return metric(server, cancelled) if cancelled in server.get("/metrics")[1] else 0
+
+    before = count()
     with urllib.request.urlopen(request, timeout=60) as r:
         r.readline()  # the first event arrived: the request is in the batch
+    # The gauges are refreshed after each engine turn: wait for the cancellation to be counted.
     deadline = time.time() + 60
+    while time.time() < deadline and count() == before:
+        time.sleep(0.2)
+    assert metric(server, cancelled) == before + 1
     while time.time() < deadline and metric(server, "lorakit_batch_rows") > 0:
         time.sleep(0.2)
     assert metric(server, "lorakit_batch_rows") == 0
-    assert metric(server, 'lorakit_generations_total{finish_reason="cancelled"}') == before + 1
 
 
 def test_health_and_metrics(server):

@@ -72,7 +72,7 @@ def create_app(state: ServerState) -> Any:
     require("fastapi", "serve", "lorakit serve")
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response
     from starlette.exceptions import HTTPException
 
     app = FastAPI(title="lorakit", summary="OpenAI-compatible server: one base model, many LoRA adapters")
@@ -205,7 +205,6 @@ def create_app(state: ServerState) -> Any:
         state.metrics.adapters.set(len(state.registry.ready()))
         return {"object": "lora_adapter", "id": entry.name, "status": "unloaded"}
 
-    app.state.streaming_response = StreamingResponse
     return app
 
 
@@ -316,8 +315,10 @@ async def _generate(state: ServerState, request: Any, body: Any, prompts: list[l
     usage = {"prompt_tokens": sum(len(p) for p in prompts)}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        from fastapi.responses import StreamingResponse
+
         stream = _stream(reply, queue, jobs, usage, include_usage, chat)
-        return request.app.state.streaming_response(stream, media_type="text/event-stream")
+        return StreamingResponse(stream, media_type="text/event-stream")
     return await _collect(reply, queue, jobs, usage, chat, request)
 
 
