@@ -149,6 +149,9 @@ def run_row(args: argparse.Namespace, row: C.Row) -> dict[str, Any]:
         extra["linear_stored_bytes"], extra["linear_fp32_bytes"] = _linear_weights(model)
         if Q.quantization_of(model) != (None if kind == "fp32" else kind.removesuffix("head")):
             raise RuntimeError(f"expected a {kind} base")
+    if args.grad_checkpointing:  # what `TrainConfig(grad_checkpointing=True)` turns on in `fit`
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        extra["grad_checkpointing"] = True
     model.train()
     ids = C.random_ids(args, model.config.vocab_size)
     step = C.training_step(model, ids)
@@ -183,7 +186,9 @@ def report(args: argparse.Namespace, rows: list[C.Row], s: dict[str, dict]) -> s
         ]
 
     lines = C.table_lines(rows, s, len(headers), line)
-    text = C.describe_settings(args, f"; LoRA dropout {DROPOUT}, each step lorakit.train.train_step") + "\n\n"
+    checkpointing = ", gradient checkpointing" if args.grad_checkpointing else ""
+    text = C.describe_settings(args, f"; LoRA dropout {DROPOUT}, each step lorakit.train.train_step{checkpointing}")
+    text += "\n\n"
     return text + C.markdown_table(headers, lines)
 
 
@@ -201,6 +206,12 @@ def main() -> int:
         action="store_true",
         help="add rows with the output head quantized too (include_head=True): for models whose head is not "
         "tied to the input embeddings",
+    )
+    parser.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="every row recomputes its activations in the backward (transformers' gradient checkpointing, "
+        "non-reentrant; QLoRA's own recipe), so the peak is the weights' more than the activations'",
     )
     if "--live-memory" in sys.argv:  # set before the children start; they inherit it
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
