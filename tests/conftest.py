@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+import lorakit
 import lorakit.kernels
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -113,6 +115,21 @@ def randomize_adapters(model: nn.Module, seed: int = 3, scale: float = 0.3) -> N
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
             elif ".adapters." in f".{name}." and name.endswith("lora_magnitude_vector"):
                 p.mul_(torch.rand(p.shape, generator=gen) + 0.5)
+
+
+def each_adapter_alone(model: nn.Module, ids: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Logits of `ids` with each adapter of `names` as the only active one (`"__base__"`: adapters
+    disabled), without gradients: what each row of a per-row batch must equal."""
+    alone = {}
+    with torch.no_grad():
+        for name in dict.fromkeys(names):
+            if name == "__base__":
+                with lorakit.disable_adapters(model):
+                    alone[name] = model(ids).logits
+            else:
+                lorakit.set_adapter(model, name)
+                alone[name] = model(ids).logits
+    return alone
 
 
 def state_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ from tests.conftest import (
     assert_same_state,
     clone,
     conv_net,
+    each_adapter_alone,
     nf4_llama,
     randomize_adapters,
     state_snapshot,
@@ -109,15 +110,9 @@ def test_a_per_row_batch_with_dora_rows_equals_each_adapter_alone(ids):
     randomize_adapters(model)
     model.eval()
     names = ["d", "__base__", "l", "d"]
-    with torch.no_grad():
-        alone = {}
-        for name in ("d", "l"):
-            lorakit.set_adapter(model, name)
-            alone[name] = model(ids).logits
-        with lorakit.disable_adapters(model):
-            alone["__base__"] = model(ids).logits
-        with lorakit.adapter_per_row(model, names):
-            mixed = model(ids).logits
+    alone = each_adapter_alone(model, ids, names)
+    with torch.no_grad(), lorakit.adapter_per_row(model, names):
+        mixed = model(ids).logits
     for row, name in enumerate(names):
         torch.testing.assert_close(mixed[row], alone[name][row], atol=1e-5, rtol=0)
 

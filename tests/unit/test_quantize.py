@@ -12,7 +12,15 @@ import lorakit
 from lorakit import quantization as Q
 from lorakit.errors import ConfigError
 from lorakit.train import TrainConfig, fit
-from tests.conftest import TOL, assert_same_state, clone, nf4_llama, randomize_adapters, state_snapshot
+from tests.conftest import (
+    TOL,
+    assert_same_state,
+    clone,
+    each_adapter_alone,
+    nf4_llama,
+    randomize_adapters,
+    state_snapshot,
+)
 
 IDS = torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(0))
 QV = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
@@ -113,16 +121,11 @@ def test_mixed_batches_on_an_nf4_base_equal_each_adapter_alone():
     lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["v_proj", "o_proj"]), "b")
     randomize_adapters(model, scale=0.05)
     model.eval()
-    with torch.no_grad():
-        alone = {}
-        for name in ("a", "b"):
-            lorakit.set_adapter(model, name)
-            alone[name] = model(IDS).logits
-        with lorakit.disable_adapters(model):
-            alone["__base__"] = model(IDS).logits
-        with lorakit.adapter_per_row(model, ["b", "__base__", "a"]):
-            mixed = model(IDS).logits
-    for row, name in enumerate(["b", "__base__", "a"]):
+    names = ["b", "__base__", "a"]
+    alone = each_adapter_alone(model, IDS, names)
+    with torch.no_grad(), lorakit.adapter_per_row(model, names):
+        mixed = model(IDS).logits
+    for row, name in enumerate(names):
         torch.testing.assert_close(mixed[row], alone[name][row], atol=1e-5, rtol=0)
 
 

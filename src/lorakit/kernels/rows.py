@@ -40,7 +40,7 @@ def stacks(layer: LoraLinear, x: torch.Tensor) -> tuple | None:
     All adapters of the layer are stacked once (ranks zero-padded, a zero slot last for base rows)
     and kept in the layer's `kernel_cache` until one is added, removed or changed — not rebuilt
     when the set of adapters in the batch changes, as it does at every step of a serving engine;
-    the per-row gather is kept for the routing block.
+    the rows' gather or selector is kept for the routing block.
     """
     routing = layer.rows
     names = routing.names

@@ -102,18 +102,13 @@ def create_app(state: ServerState) -> Any:
         body = {"error": {"message": str(err.detail), "type": kind, "param": None, "code": None}}
         return JSONResponse(body, status_code=err.status_code, headers=getattr(err, "headers", None))
 
+    def internal_error(err: Exception, path: str) -> JSONResponse:
+        log.exception("unexpected error on %s", path)  # the traceback goes to the log, not the client
+        return error_response(ServeError(f"internal error: {type(err).__name__}"))
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, err: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s", request.url.path)
-        body = {
-            "error": {
-                "message": f"internal error: {type(err).__name__}",
-                "type": "server_error",
-                "param": None,
-                "code": None,
-            }
-        }
-        return JSONResponse(body, status_code=500)
+        return internal_error(err, request.url.path)
 
     @app.middleware("http")
     async def _auth_and_count(request: Request, call_next: Callable) -> Response:
@@ -130,18 +125,7 @@ def create_app(state: ServerState) -> Any:
         try:
             response = await call_next(request)
         except Exception as err:  # what the exception handlers did not turn into a response
-            log.exception("unexpected error on %s", path)
-            response = JSONResponse(
-                {
-                    "error": {
-                        "message": f"internal error: {type(err).__name__}",
-                        "type": "server_error",
-                        "param": None,
-                        "code": None,
-                    }
-                },
-                status_code=500,
-            )
+            response = internal_error(err, path)
         route = request.scope.get("route")
         state.metrics.count(getattr(route, "path", "other"), response.status_code)
         return response
@@ -412,7 +396,7 @@ async def _stream(
             index, event = await queue.get()
             if event.finish_reason in ("error", "cancelled"):
                 message = event.error or "the request was cancelled (the server is stopping)"
-                yield sse({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
+                yield sse(ServeError(message).body())
                 break
             end = event.finish_reason
             if event.text or end is not None:

@@ -147,7 +147,6 @@ class Engine:
         self._closed = False
         self._thread: threading.Thread | None = None
         self.steps = 0
-        self._active: str | None = None  # the adapter set active for uniform batches
         # transformers 5 names the cache argument and output `cache`, earlier versions `past_key_values`
         accepted = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
@@ -356,9 +355,8 @@ class Engine:
             yield  # no adapter loaded: every row is the base
         elif len(distinct) == 1 and BASE not in distinct:
             (name,) = distinct
-            if self._active != name or active_adapters(self.model) != (name,):
+            if active_adapters(self.model) != (name,):
                 set_adapter(self.model, name)
-                self._active = name
             yield
         elif self.batching == "per_adapter":
             with disable_adapters(self.model):  # the baseline's batches hold one adapter: here, the base
