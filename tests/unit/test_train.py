@@ -208,6 +208,30 @@ def test_loss_falls_on_memorisation(tmp_path):
     assert result.steps == 40
 
 
+def test_fit_flushes_denormals_while_it_trains_and_restores_the_mode(tmp_path):
+    ids, _ = token_data(rows=4, seq=12)
+    seen = []
+
+    def flushing() -> bool:
+        return float(torch.tensor([1e-40]) * 1.0) == 0.0  # a float32 subnormal, unless flushed
+
+    for before in (False, True):
+        torch.set_flush_denormal(before)
+        try:
+            fit(
+                lora_llama(),
+                batches(ids, ids.clone(), batch_size=4),
+                cfg(max_steps=1),
+                tmp_path / str(before),
+                batches_per_epoch=1,
+                on_step=lambda step, record: seen.append(flushing()),
+            )
+            assert flushing() == before
+        finally:
+            torch.set_flush_denormal(False)
+    assert seen == [True, True]
+
+
 def test_full_fine_tuning_trains_every_weight_and_saves_the_model(tmp_path):
     """No lorakit adapter: fit trains what requires grad (here every weight) through the same loop
     and writes the model directory; resuming it continues exactly, as for an adapter."""
