@@ -1,5 +1,5 @@
 """Training: `train_step` (one optimizer step) and `fit()` — a plain loop a test can call — with durable
-checkpoints, exact resume and DDP; `run` is the whole `lorakit train` job around them.
+checkpoints, exact resume, DDP and FSDP (`shard`); `run` is the whole `lorakit train` job around them.
 
 >>> from lorakit.train import TrainConfig, fit
 >>> result = fit(model, batches_fn, TrainConfig(lr=1e-3, max_steps=100), "runs/x", batches_per_epoch=50)
@@ -12,6 +12,7 @@ from lorakit.train.distributed import DistInfo, init_distributed
 from lorakit.train.loop import FitResult, fit
 from lorakit.train.loss import count_targets, loss_sum
 from lorakit.train.optim import build_optimizer, build_scheduler, lr_factor
+from lorakit.train.sharding import gathered, is_sharded, shard
 from lorakit.train.step import StepResult, train_step
 
 __all__ = [
@@ -23,10 +24,13 @@ __all__ = [
     "build_scheduler",
     "count_targets",
     "fit",
+    "gathered",
     "init_distributed",
+    "is_sharded",
     "latest_checkpoint",
     "list_checkpoints",
     "loss_sum",
     "lr_factor",
+    "shard",
     "train_step",
 ]

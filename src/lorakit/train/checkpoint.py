@@ -10,11 +10,17 @@ A checkpoint directory holds
   rank's torch RNG state as uint8 (`rng.torch.<rank>`, `rng.cuda.<rank>`);
 - `trainer_state.json`: everything else — step, data position (epoch, batch within the epoch),
   config, optimizer param groups and non-tensor state, scheduler state, python/numpy RNG state,
-  loss and eval history.
+  loss and eval history;
+- under FSDP (`strategy="fsdp"`), `shards/`: one safetensors file per rank with that rank's rows
+  of the trainable parameters and of the optimizer state (`lorakit.train.sharding`); then
+  `trainer_state.safetensors` holds only the RNG states. Such a checkpoint resumes on any number
+  of ranks, or in one process; the adapter files beside it are whole (gathered to rank 0).
 
 The directory is built by `lorakit.atomic.build_directory` (a temporary `checkpoints/.step-N.tmp-*`,
 every file fsynced, renamed to `step-N`, the parent fsynced), so a kill at any moment leaves
-either no `step-N` or a complete one. Temporary leftovers are ignored and removed on the next run.
+either no `step-N` or a complete one (under FSDP each rank writes its shard into
+`checkpoints/.step-N.staging` first, and rank 0 moves it into the temporary directory).
+Temporary leftovers are ignored and removed on the next run.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from lorakit.errors import TrainingError
 from lorakit.io import save_adapter
 from lorakit.state import adapter_owner
 from lorakit.train.distributed import DistInfo, all_gather_bytes, barrier
+from lorakit.train.sharding import SHARDS_DIR, gathered, is_sharded, load_shards, save_shards
 
 try:
     import numpy as np
@@ -129,6 +136,17 @@ def save_checkpoint(
     """
     step = int(state["step"])
     final = out_dir / CHECKPOINTS_DIR / f"step-{step}"
+    sharded = is_sharded(model)
+    staging = out_dir / CHECKPOINTS_DIR / f".step-{step}.staging"  # a dot name: remove_partial cleans it
+    plain_opt: dict[str, Any] = {}
+    if sharded:
+        # Collective: each rank writes its rows of the trainable parameters and optimizer state;
+        # rank 0 moves the finished shards into the checkpoint it builds below.
+        if info.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        barrier(info)
+        plain_opt = save_shards(staging, model, optimizer)
+        barrier(info)
     tensors: dict[str, torch.Tensor] = {}
     # Collective: every rank's RNG state, gathered before rank 0 writes.
     for rank, rng in enumerate(all_gather_bytes(torch.get_rng_state(), info)):
@@ -136,12 +154,37 @@ def save_checkpoint(
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for rank, rng in enumerate(all_gather_bytes(torch.cuda.get_rng_state(), info)):
             tensors[f"rng.cuda.{rank}"] = rng
-    if info.is_main:
+    with gathered(model):  # FSDP: the whole adapter for its files (a collective)
+        if info.is_main:
+            _write(final, state, tensors, model, adapter_name, optimizer, scheduler, keep, info, sharded, plain_opt)
+    barrier(info)
+    return final
+
+
+def _write(
+    final: Path,
+    state: TrainerState,
+    tensors: dict[str, torch.Tensor],
+    model: nn.Module,
+    adapter_name: str | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    keep: int | None,
+    info: DistInfo,
+    sharded: bool,
+    plain_opt: dict[str, Any],
+) -> None:
+    """Rank 0's part of `save_checkpoint`: build the directory (moving the shards in, under FSDP)."""
+    out_dir = final.parent.parent
+    staging = final.parent / f".{final.name}.staging"
+    if sharded:
+        json_opt: dict[str, Any] = {"sharded": SHARDS_DIR, "plain": plain_opt}
+    else:
         for name, param in model.named_parameters():
             if param.requires_grad:
                 tensors[f"param.{name}"] = param.detach()
         opt_state = optimizer.state_dict()
-        json_opt: dict[str, Any] = {"param_groups": opt_state["param_groups"], "state": {}}
+        json_opt = {"param_groups": opt_state["param_groups"], "state": {}}
         for index, entries in opt_state["state"].items():
             plain = {}
             for key, value in entries.items():
@@ -150,34 +193,33 @@ def save_checkpoint(
                 else:
                     plain[key] = value
             json_opt["state"][str(index)] = plain
-        full = {
-            "format": FORMAT,
-            "version": VERSION,
-            **state,
-            "world_size": info.world_size,
-            "adapter_name": adapter_name,
-            "optimizer": json_opt,
-            "scheduler": scheduler.state_dict(),
-            "rng": _host_rng_state(),
-        }
-        text = json.dumps(full, indent=1, sort_keys=True) + "\n"
-        payload = safetensors_save(
-            {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, {"format": "pt"}
-        )
+    full = {
+        "format": FORMAT,
+        "version": VERSION,
+        **state,
+        "world_size": info.world_size,
+        "adapter_name": adapter_name,
+        "optimizer": json_opt,
+        "scheduler": scheduler.state_dict(),
+        "rng": _host_rng_state(),
+    }
+    text = json.dumps(full, indent=1, sort_keys=True) + "\n"
+    payload = safetensors_save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, {"format": "pt"})
 
-        def build(tmp: Path) -> None:
-            if adapter_name is not None:
-                save_adapter(adapter_owner(model), tmp, adapter_name)
-            atomic.write_bytes(tmp / STATE_TENSORS, payload)
-            atomic.write_text(tmp / STATE_JSON, text)
+    def build(tmp: Path) -> None:
+        if sharded:
+            os.rename(staging / SHARDS_DIR, tmp / SHARDS_DIR)
+            staging.rmdir()
+        if adapter_name is not None:
+            save_adapter(adapter_owner(model), tmp, adapter_name)
+        atomic.write_bytes(tmp / STATE_TENSORS, payload)
+        atomic.write_text(tmp / STATE_JSON, text)
 
-        # The same step saved twice (Ctrl-C right after a periodic save) replaces the first.
-        build_directory(final, build, replace=True)
-        if keep is not None:
-            for _, old in list_checkpoints(out_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-    barrier(info)
-    return final
+    # The same step saved twice (Ctrl-C right after a periodic save) replaces the first.
+    build_directory(final, build, replace=True)
+    if keep is not None:
+        for _, old in list_checkpoints(out_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _host_rng_state() -> dict[str, Any]:
@@ -235,6 +277,13 @@ def load_checkpoint(
     """
     json_path, tensor_path = path / STATE_JSON, path / STATE_TENSORS
     state = read_trainer_state(path)
+    sharded = isinstance(state.get("optimizer"), dict) and "sharded" in state["optimizer"]
+    if is_sharded(model) and not sharded:
+        raise TrainingError(
+            f"{path} was written by a run without FSDP ({state.get('world_size')} process(es)), and this run shards "
+            "the model: resume it with strategy='ddp' (--strategy ddp), which reads that checkpoint on any number "
+            "of processes"
+        )
     try:
         with open(tensor_path, "rb") as f:
             magic = f.read(2)
@@ -245,6 +294,11 @@ def load_checkpoint(
     except (OSError, SafetensorError, ValueError) as err:
         raise TrainingError(f"{tensor_path}: cannot read the trainer state ({err})") from None
 
+    if sharded:  # the parameters and optimizer state are in the shards, on any number of ranks
+        load_shards(path, model, optimizer, state["optimizer"]["plain"])
+        scheduler.load_state_dict(state["scheduler"])
+        _restore_rng(state, tensors, info)
+        return state
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     saved = {k[len("param.") :] for k in tensors if k.startswith("param.")}
     if saved != set(params):

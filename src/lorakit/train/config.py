@@ -15,7 +15,10 @@ SCHEDULES = ("cosine", "linear", "constant")
 
 # Fields that change only logging, checkpoint cadence or evaluation: a run may be resumed with
 # other values for them and still follow the same trajectory.
-RESUME_FREE_FIELDS = frozenset({"eval_every", "save_every", "keep_checkpoints", "log_every"})
+# The strategy and FSDP's memory options change how the same step is computed, not what it computes.
+RESUME_FREE_FIELDS = frozenset(
+    {"eval_every", "save_every", "keep_checkpoints", "log_every", "strategy", "reshard_after_forward", "cpu_offload"}
+)
 
 
 @dataclass
@@ -54,6 +57,14 @@ class TrainConfig:
             matrix products in bf16, the adapters' weights and gradients stay in their own dtype;
             `none` computes in the model's dtype.
         log_every: write a line to `metrics.jsonl` every this many steps.
+        strategy: how several processes (torchrun) share the work; one process ignores it.
+            `ddp` replicates the model on every rank and averages gradients; `fsdp` shards every
+            parameter, the frozen base included, over the ranks (FSDP2, each decoder block its own
+            unit), so each rank holds about 1/N of the model, and checkpoints are sharded.
+        reshard_after_forward: with `fsdp`, free each block's gathered parameters after its forward
+            and gather them again for the backward (less memory, more communication).
+        cpu_offload: with `fsdp` on CUDA, keep the shards, gradients and optimizer state in CPU
+            memory between uses.
 
     Raises:
         ConfigError: listing every invalid value at once.
@@ -79,6 +90,9 @@ class TrainConfig:
     grad_checkpointing: bool = False
     autocast: Literal["none", "bf16"] = "none"
     log_every: int = 1
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
@@ -144,6 +158,13 @@ class TrainConfig:
         integer("log_every", minimum=1)
         if self.autocast not in ("none", "bf16"):
             out.append(f"autocast must be 'none' or 'bf16', got {self.autocast!r}")
+        if self.strategy not in ("ddp", "fsdp"):
+            out.append(f"strategy must be 'ddp' or 'fsdp', got {self.strategy!r}")
+        for name in ("reshard_after_forward", "cpu_offload"):
+            if not isinstance(getattr(self, name), bool):
+                out.append(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.cpu_offload and self.strategy != "fsdp":
+            out.append("cpu_offload needs strategy='fsdp' (it offloads FSDP's shards)")
         return out
 
     def to_dict(self) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from lorakit.train.checkpoint import (
 from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import DistInfo, barrier, init_distributed
 from lorakit.train.optim import build_optimizer, build_scheduler
+from lorakit.train.sharding import gathered, shard
 from lorakit.train.step import train_step
 
 try:
@@ -178,6 +179,10 @@ def fit(
     DDP: when `torch.distributed` is initialised, or `WORLD_SIZE > 1` from torchrun (then
     `init_distributed` is called here), the model is wrapped in `DistributedDataParallel`; every
     rank calls `train_batches_fn` for the same global batches and keeps rows `rank::world_size`.
+    FSDP (`cfg.strategy == "fsdp"`, several processes): instead the model is sharded in place
+    (`lorakit.train.shard`) and stays sharded when fit returns (a forward then needs every rank);
+    the adapter is gathered for saving, and checkpoints hold each rank's shard
+    (`lorakit.train.sharding`), so they resume on any number of ranks.
 
     Args:
         model: a model with adapter `adapter_name` injected, or any model whose parameters to
@@ -238,6 +243,9 @@ def fit(
     if cfg.grad_checkpointing:
         _enable_grad_checkpointing(model)
     model.train()
+    sharded = cfg.strategy == "fsdp" and info.enabled
+    if sharded:  # before the optimizer, which must hold the sharded parameters
+        shard(model, reshard_after_forward=cfg.reshard_after_forward, cpu_offload=cfg.cpu_offload)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     position, run = _Position(), _Run()
@@ -250,7 +258,7 @@ def fit(
         _seed_everything(cfg.seed + info.rank)
 
     device = next(model.parameters()).device
-    train_model = _wrap_ddp(model, device, info)
+    train_model = model if sharded else _wrap_ddp(model, device, info)
     optimizer.zero_grad(set_to_none=True)
 
     metrics = _open_metrics(out / METRICS_FILE, resumed_from, info)
@@ -360,11 +368,12 @@ def fit(
 
     adapter_dir = out / ADAPTER_DIR if adapter_name is not None else None
     model_dir = out / MODEL_DIR if adapter_name is None else None
-    if info.is_main:
-        if adapter_dir is not None:
-            save_adapter(adapted, adapter_dir, adapter_name)
-        else:
-            save_model(model, model_dir)
+    with gathered(model, frozen=adapter_dir is None):  # FSDP: whole tensors for the files (a collective)
+        if info.is_main:
+            if adapter_dir is not None:
+                save_adapter(adapted, adapter_dir, adapter_name)
+            else:
+                save_model(model, model_dir)
     barrier(info)
     return FitResult(
         steps=position.step,

@@ -96,7 +96,7 @@ def train_run(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer
     """
     from lorakit.evaluate import loss_on
     from lorakit.models import load_model
-    from lorakit.train import fit, init_distributed
+    from lorakit.train import fit, init_distributed, is_sharded
     from lorakit.train.plot import plot_losses
 
     require_extra("cli", "lorakit train")
@@ -172,11 +172,15 @@ def train_run(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer
         resume=run.resume,
         progress=run.progress,
     )
-    if not main:
+    sharded = is_sharded(model)
+    if not main and not sharded:
         return {}
     model.eval()
+    # A sharded model's forward gathers each block from every rank: all ranks run these.
     after_loss = loss_on(model, eval_ds, train.batch_size)
     after_samples = _samples(model, tokenizer, prompts)
+    if not main:
+        return {}
     say(f"eval loss after: {after_loss:.4f} (before {before_loss:.4f})")
     for ex, text in zip(prompts, after_samples, strict=True):
         say(f"  after  | {ex.prompt.strip()}\n         -> {text}")

@@ -53,11 +53,12 @@ def train_step(
 
     The loss is summed over the target tokens of all micro-batches (and ranks) and divided by
     their number, so accumulation and data parallelism give the update of one big batch. Under
-    DDP (`model` wrapped, `info.world_size > 1`) each rank takes rows `rank::world_size` of every
-    batch and gradients sync on the last micro-batch only.
+    DDP (`model` wrapped, `info.world_size > 1`) or FSDP (`model` sharded) each rank takes rows
+    `rank::world_size` of every batch and gradients sync on the last micro-batch only.
 
     Args:
-        model: the model (or its DDP wrapper); batches go to the device of its first parameter.
+        model: the model (or its DDP wrapper, or the model sharded by FSDP); batches go to the
+            device of its first parameter.
         micro_batches: dicts with `labels` ((batch, seq) token labels, -100 = no target, or (batch,)
             class labels) and the model's inputs.
         optimizer: updates the parameters; None runs forward and backward only (the frozen
@@ -84,7 +85,7 @@ def train_step(
     inputs = sum(_count_inputs(b) for b, counts in shards if counts)
     totals = all_reduce_sum(torch.tensor([targets, inputs], dtype=torch.float64), info)
     global_targets = max(float(totals[0]), 1.0)
-    # DDP averages gradients over ranks; multiplying by the world size makes that a sum, so the
+    # DDP and FSDP average gradients over ranks; multiplying by the world size makes that a sum, so the
     # step's gradient is d(Σ over all ranks' targets of the loss)/d(params) / global_targets.
     scale = info.world_size / global_targets
     local_sum = torch.zeros((), dtype=torch.float64)
@@ -92,7 +93,7 @@ def train_step(
         tensors = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         labels = tensors.pop("labels")
         last = index == len(shards) - 1
-        sync = model.no_sync() if info.enabled and not last else contextlib.nullcontext()
+        sync = _no_sync(model) if info.enabled and not last else contextlib.nullcontext()
         cast = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
         with sync:
             with cast:
@@ -109,7 +110,8 @@ def train_step(
         optimizer.zero_grad(set_to_none=True)
         raise TrainingError(f"loss became {loss}")
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else math.inf))
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else math.inf)
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
     if not math.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         raise TrainingError(f"gradient norm became {grad_norm}")
@@ -119,6 +121,20 @@ def train_step(
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, input_tokens=tokens, stop=stopping)
+
+
+@contextlib.contextmanager
+def _no_sync(model: nn.Module):
+    """Accumulate this micro-batch's gradients locally: DDP's `no_sync`, FSDP2's gradient-sync switch."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        with model.no_sync():
+            yield
 
 
 def _count_inputs(batch: dict[str, Any]) -> int:
