@@ -86,7 +86,7 @@ def test_shard_makes_each_block_a_unit_and_keeps_the_function(group):
 
 def test_shard_refusals_leave_the_model_as_it_was(group):
     model = _adapted()
-    with pytest.raises(ConfigError, match="already on the CPU|on cpu"):
+    with pytest.raises(ConfigError, match=r"already on the CPU|on cpu"):
         shard(model, cpu_offload=True)
     assert not is_sharded(model) and not any(isinstance(p, DTensor) for p in model.parameters())
     shard(model)
@@ -149,7 +149,7 @@ def test_sharded_state_round_trip(group, tmp_path: Path):
     shard(other)
     other_opt = build_optimizer(other, TrainConfig(lr=1e-2))
     snapshot = {n: p.full_tensor().clone() for n, p in other.named_parameters() if p.requires_grad}
-    with pytest.raises(TrainingError, match="other trainable parameters.*k_proj"):
+    with pytest.raises(TrainingError, match=r"other trainable parameters.*k_proj"):
         load_shards(tmp_path, other, other_opt, plain)
     for name, param in other.named_parameters():
         if param.requires_grad:
@@ -174,7 +174,7 @@ def test_missing_shards_and_an_unsharded_checkpoint_are_refused(group, tmp_path:
     model = _adapted()
     shard(model)
     opt = build_optimizer(model, cfg)
-    with pytest.raises(TrainingError, match="without FSDP.*--strategy ddp"):
+    with pytest.raises(TrainingError, match=r"without FSDP.*--strategy ddp"):
         load_checkpoint(path, model=model, optimizer=opt, scheduler=build_scheduler(opt, cfg, 4), info=DistInfo())
     with pytest.raises(TrainingError, match="no sharded state"):
         load_shards(tmp_path / "nowhere", model, opt, {})
