@@ -167,3 +167,15 @@ def test_sigkill_of_a_rank_stops_the_job_and_resume_matches(runs):
     # Resume the same checkpoint in one process: the shards are read whole, and the run ends the same.
     _finish(_start(1, runs, copy, "--resume"))
     assert _max_diff(copy / "adapter", runs / "fsdp" / "adapter") <= 1e-5
+
+
+def test_a_one_process_checkpoint_resumes_on_two_fsdp_ranks(runs):
+    out = runs / "single-then-fsdp"
+    shutil.copytree(runs / "single", out)
+    # As if the one-process run had been killed after step 4: its last checkpoint and outputs gone.
+    shutil.rmtree(out / "checkpoints" / f"step-{STEPS}")
+    shutil.rmtree(out / "adapter")
+    (out / "summary.json").unlink()
+    _finish(_start(2, runs, out, "--strategy", "fsdp", "--resume"))
+    assert _max_diff(out / "adapter", runs / "single" / "adapter") <= 1e-5
+    assert (out / "checkpoints" / f"step-{STEPS}" / "shards").is_dir()  # from there on, sharded

@@ -156,25 +156,53 @@ def test_sharded_state_round_trip(group, tmp_path: Path):
             assert torch.equal(param.full_tensor(), snapshot[name])
 
 
-def test_missing_shards_and_an_unsharded_checkpoint_are_refused(group, tmp_path: Path):
+def test_an_unsharded_checkpoint_resumes_sharded(group, tmp_path: Path):
     cfg = TrainConfig(lr=1e-2, max_steps=4)
     plain_model = _adapted()
     optimizer = build_optimizer(plain_model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, 4)
+    _step(plain_model, optimizer)
+    scheduler.step()
     state = {"step": 1, "epoch": 0, "batch": 1, "config": cfg.to_dict()}
-    path = save_checkpoint(
-        tmp_path,
-        state,
-        model=plain_model,
-        adapter_name="default",
-        optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, cfg, 4),
-        keep=None,
-        info=DistInfo(),
-    )
+    info = DistInfo()
+    kwargs = {"adapter_name": "default", "keep": None, "info": info}
+    path = save_checkpoint(tmp_path, state, model=plain_model, optimizer=optimizer, scheduler=scheduler, **kwargs)
+
     model = _adapted()
+    randomize_adapters(model, seed=5)  # other adapter values than the checkpoint's, the same base
     shard(model)
     opt = build_optimizer(model, cfg)
-    with pytest.raises(TrainingError, match=r"without FSDP.*--strategy ddp"):
-        load_checkpoint(path, model=model, optimizer=opt, scheduler=build_scheduler(opt, cfg, 4), info=DistInfo())
+    sched = build_scheduler(opt, cfg, 4)
+    load_checkpoint(path, model=model, optimizer=opt, scheduler=sched, info=info)
+    want = dict(plain_model.named_parameters())
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.full_tensor(), want[name].detach(), atol=0, rtol=0)
+    assert opt.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+    # One more step from each: the same parameters (the optimizer state came across too).
+    _step(plain_model, optimizer)
+    _step(model, opt)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.full_tensor(), want[name].detach(), atol=1e-6, rtol=1e-5)
     with pytest.raises(TrainingError, match="no sharded state"):
         load_shards(tmp_path / "nowhere", model, opt, {})
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_a_sharded_training_step_equals_the_plain_one(group, use_dora):
+    config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=use_dora)
+    plain = _adapted(config=config)
+    sharded = clone(plain)
+    shard(sharded)
+    cfg = TrainConfig(lr=1e-2)
+    for model in (plain, sharded):
+        model.train()
+        optimizer = build_optimizer(model, cfg)
+        for _ in range(2):
+            _step(model, optimizer)
+    want = {n: p.detach() for n, p in plain.named_parameters() if p.requires_grad}
+    assert any("magnitude" in n for n in want) == use_dora
+    for name, param in sharded.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.full_tensor(), want[name], atol=1e-6, rtol=1e-5)

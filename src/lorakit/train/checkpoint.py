@@ -44,7 +44,7 @@ from lorakit.errors import TrainingError
 from lorakit.io import save_adapter
 from lorakit.state import adapter_owner
 from lorakit.train.distributed import DistInfo, all_gather_bytes, barrier
-from lorakit.train.sharding import SHARDS_DIR, gathered, is_sharded, load_shards, save_shards
+from lorakit.train.sharding import SHARDS_DIR, gathered, is_sharded, load_shards, load_whole, save_shards
 
 try:
     import numpy as np
@@ -278,12 +278,6 @@ def load_checkpoint(
     json_path, tensor_path = path / STATE_JSON, path / STATE_TENSORS
     state = read_trainer_state(path)
     sharded = isinstance(state.get("optimizer"), dict) and "sharded" in state["optimizer"]
-    if is_sharded(model) and not sharded:
-        raise TrainingError(
-            f"{path} was written by a run without FSDP ({state.get('world_size')} process(es)), and this run shards "
-            "the model: resume it with strategy='ddp' (--strategy ddp), which reads that checkpoint on any number "
-            "of processes"
-        )
     try:
         with open(tensor_path, "rb") as f:
             magic = f.read(2)
@@ -322,9 +316,6 @@ def load_checkpoint(
             "(another LoRA+ ratio or other trainable parameters?)"
         )
 
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(tensors[f"param.{name}"])
     opt_state: dict[int, dict[str, Any]] = {}
     for index, plain in state["optimizer"]["state"].items():
         opt_state[int(index)] = dict(plain)
@@ -335,7 +326,13 @@ def load_checkpoint(
     for group in groups:
         if "betas" in group:
             group["betas"] = tuple(group["betas"])
-    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    if is_sharded(model):  # a checkpoint of an unsharded run: each rank keeps its rows of every tensor
+        load_whole(model, optimizer, {n: tensors[f"param.{n}"] for n in params}, opt_state, groups)
+    else:
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(tensors[f"param.{name}"])
+        optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
     scheduler.load_state_dict(state["scheduler"])
     _restore_rng(state, tensors, info)
     return state

@@ -30,7 +30,16 @@ from torch import nn
 
 from lorakit.errors import ConfigError, TrainingError
 
-__all__ = ["SHARDS_DIR", "gathered", "is_sharded", "load_shards", "save_shards", "shard", "shard_units"]
+__all__ = [
+    "SHARDS_DIR",
+    "gathered",
+    "is_sharded",
+    "load_shards",
+    "load_whole",
+    "save_shards",
+    "shard",
+    "shard_units",
+]
 
 logger = logging.getLogger("lorakit.train")
 
@@ -195,8 +204,14 @@ def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[di
 
 
 def _split(optim_sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors, and the rest as JSON values. `param_names` (each group's list, repeated for each of
+    its parameters) is left out: it is the optimizer's own, rebuilt on load."""
     tensors = {k: v for k, v in optim_sd.items() if isinstance(v, torch.Tensor)}
-    plain = {k: (list(v) if isinstance(v, tuple) else v) for k, v in optim_sd.items() if k not in tensors}
+    plain = {
+        k: (list(v) if isinstance(v, tuple) else v)
+        for k, v in optim_sd.items()
+        if k not in tensors and not k.endswith(".param_names")
+    }
     return tensors, plain
 
 
@@ -250,6 +265,7 @@ def load_shards(directory: Path, model: nn.Module, optimizer: torch.optim.Optimi
         raise TrainingError(f"{folder}: no sharded state (the checkpoint is incomplete or not an FSDP checkpoint)")
     model_sd, optim_sd = _state_dicts(model, optimizer)
     optim_tensors, _ = _split(optim_sd)
+    names = {k: v for k, v in optim_sd.items() if k.endswith(".param_names")}
     state = {**{_MODEL + k: v for k, v in model_sd.items()}, **{_OPTIM + k: v for k, v in optim_tensors.items()}}
     reader = HuggingFaceStorageReader(str(folder))
     try:
@@ -272,5 +288,51 @@ def load_shards(directory: Path, model: nn.Module, optimizer: torch.optim.Optimi
     loaded_optim = {k[len(_OPTIM) :]: v for k, v in state.items() if k.startswith(_OPTIM)}
     for key, value in plain.items():
         loaded_optim[key] = tuple(value) if key.endswith(".betas") else value
+    loaded_optim.update(names)
+    options = StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=True, strict=False)
+    set_state_dict(model, optimizer, model_state_dict=loaded_model, optim_state_dict=loaded_optim, options=options)
+
+
+def load_whole(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    params: dict[str, torch.Tensor],
+    state: dict[int, dict[str, Any]],
+    groups: list[dict[str, Any]],
+) -> None:
+    """Whole tensors (a checkpoint of an unsharded run) into a sharded model and its optimizer.
+
+    A collective. Every rank reads the whole tensors and keeps its own rows.
+
+    Args:
+        model: the sharded model.
+        optimizer: built on it by `build_optimizer` (its groups carry `param_names`).
+        params: every trainable parameter, whole, by name.
+        state: the optimizer's per-parameter state, by index as `Optimizer.state_dict` numbers them.
+        groups: the optimizer's parameter groups as saved (with `param_names`).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.tensor import distribute_tensor
+
+    names = [name for group in groups for name in group["param_names"]]
+    flat: dict[str, Any] = {}
+    for index, entries in state.items():
+        for key, value in entries.items():
+            flat[f"state.{names[index]}.{key}"] = value
+    for group in groups:
+        for name in group["param_names"]:
+            for key, value in group.items():
+                if key != "params":
+                    flat[f"param_groups.{name}.{key}"] = tuple(value) if key == "betas" else value
+
+    def rows_of(template: Any, whole: Any) -> Any:  # this rank's rows, cut from the whole tensor here
+        if _is_dtensor(template):
+            whole = whole.to(template.dtype)
+            return distribute_tensor(whole, template.device_mesh, template.placements, src_data_rank=None)
+        return whole.to(template.dtype) if isinstance(template, torch.Tensor) else whole
+
+    model_sd, optim_sd = _state_dicts(model, optimizer)
+    loaded_model = {k: rows_of(t, params[k]) for k, t in model_sd.items()}
+    loaded_optim = {k: rows_of(t, flat[k]) if k in flat else t for k, t in optim_sd.items()}
     options = StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=True, strict=False)
     set_state_dict(model, optimizer, model_state_dict=loaded_model, optim_state_dict=loaded_optim, options=options)
