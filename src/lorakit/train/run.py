@@ -102,7 +102,13 @@ def train_run(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer
     require_extra("cli", "lorakit train")
     if run.threads:
         torch.set_num_threads(run.threads)
-    main = init_distributed().is_main
+    info = init_distributed()
+    main = info.is_main
+    if info.enabled and train.strategy == "fsdp" and run.quantize == "nf4":
+        raise ConfigError(
+            "--strategy fsdp with --quantize nf4 is not supported: lorakit does not shard NF4 weights; "
+            "use --strategy ddp with an NF4 base, or --quantize bf16 with FSDP"
+        )
     say = echo if main else (lambda _msg: None)
     out = _check_out(run)
     for source in (run.data, run.eval_data):

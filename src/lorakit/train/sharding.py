@@ -125,12 +125,16 @@ def shard(
             f"cpu_offload moves a GPU model's shards to CPU memory between uses; this model is on {device.type}, "
             "where its shards are in CPU memory already: drop cpu_offload"
         )
-    nf4 = [name for name, p in model.named_parameters() if _is_nf4(p)]
+    nf4 = [(name, p) for name, p in model.named_parameters() if _is_nf4(p)]
     if nf4:
+        name, weight = nf4[0]
+        factors = getattr(weight.data, "quantization_factor", None)
+        detail = f"; {name} has {factors.numel()} double-quantization factors" if factors is not None else ""
         raise ConfigError(
-            f"FSDP over an NF4 base is not supported ({len(nf4)} NF4 weights, e.g. {nf4[0]}): an NF4 weight is "
-            "stored as packed 4-bit codes and per-block scales, which FSDP would have to gather as one tensor. "
-            "Use strategy='ddp' for an NF4 base, or a bf16 base (quantize='bf16') with FSDP"
+            f"FSDP over an NF4 base is not supported ({len(nf4)} NF4 weights): torchao's NF4Tensor can be split "
+            "over N ranks only when its codes, block scales and double-quantization factors each divide by N, "
+            f"which lorakit's block sizes do not arrange{detail}. Use strategy='ddp' for an NF4 base, or a bf16 "
+            "base (quantize='bf16') with FSDP"
         )
     if mesh is None:
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
