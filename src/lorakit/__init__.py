@@ -24,6 +24,7 @@ from lorakit.errors import (
     TargetNotFoundError,
     UnsupportedLayerError,
 )
+from lorakit.export.gguf import export_gguf
 from lorakit.inject import inject, unload
 from lorakit.io import load_adapter, read_adapter_config, save_adapter
 from lorakit.layers import BASE
@@ -47,6 +48,7 @@ __all__ = [
     "delete_adapter",
     "dequantize",
     "disable_adapters",
+    "export_gguf",
     "inject",
     "list_adapters",
     "load_adapter",

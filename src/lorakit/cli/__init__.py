@@ -6,6 +6,7 @@
 | `eval` | `cli/eval.py` | `lorakit.evaluate.evaluate` |
 | `generate` | `cli/generate.py` | `lorakit.generate.generate` |
 | `merge` | `cli/merge.py` | `lorakit.export.export_merged` |
+| `export` | `cli/export.py` | `lorakit.export.export_gguf` |
 | `inspect` | `cli/inspect.py` | `lorakit.inject.preview` |
 | `serve` | `cli/serve.py` | `lorakit.serve.serve` |
 
@@ -29,9 +30,9 @@ __all__ = ["build_parser", "commands", "main"]
 
 def commands() -> dict:
     """name -> `Command`, for every subcommand (imported on first use)."""
-    from lorakit.cli import eval, generate, inspect, merge, serve, train
+    from lorakit.cli import eval, export, generate, inspect, merge, serve, train
 
-    return {m.COMMAND.name: m.COMMAND for m in (train, generate, eval, merge, inspect, serve)}
+    return {m.COMMAND.name: m.COMMAND for m in (train, generate, eval, merge, export, inspect, serve)}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,41 @@
+"""`lorakit export`: an adapter as a llama.cpp LoRA GGUF, or the merged model as one GGUF file.
+
+Flags: `ModelSource` (`--adapter`, `--model`) and `GgufExport` (`--format`, `--out`, `--outtype`,
+`--base-gguf`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from lorakit.cli.command import Command
+from lorakit.cli.flags import FlagSpec
+from lorakit.errors import ConfigError
+from lorakit.export.gguf import GgufExport, export_gguf
+from lorakit.models import ModelSource, load_source
+
+
+def _run(source: ModelSource, output: GgufExport, echo: Callable[[str], None]) -> Path:
+    if not output.out:
+        raise ConfigError("--out is required: the .gguf file to write")
+    if not source.adapter:
+        raise ConfigError("--adapter is required: an adapter directory or a training run's output directory")
+    if source.quantize not in ("auto", "none"):
+        raise ConfigError(f"--quantize {source.quantize}: export reads the base in full precision; drop --quantize")
+    model, _, _ = load_source(ModelSource(adapter=source.adapter, model=source.model, quantize="none"))
+    base = output.base_gguf
+    if base is None and source.model and source.model.lower().endswith(".gguf"):
+        base = source.model  # the base was loaded from this file: the merged GGUF starts from it
+    out = export_gguf(model, output.out, format=output.format, outtype=output.outtype, base_gguf=base)
+    what = "llama.cpp LoRA adapter" if output.format == "gguf-lora" else "merged model"
+    echo(f"{what} written to {out} ({out.stat().st_size / 2**20:.2f} MiB)")
+    return out
+
+
+COMMAND = Command(
+    name="export",
+    summary="Write an adapter as a llama.cpp LoRA GGUF (--format gguf-lora) or the merged model as one GGUF file.",
+    specs=(FlagSpec(ModelSource, "model and adapter"), FlagSpec(GgufExport, "output", aliases={"out": ("-o",)})),
+    run=_run,
+)

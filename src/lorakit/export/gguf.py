@@ -1,0 +1,398 @@
+"""GGUF files for llama.cpp, Ollama and LM Studio: a LoRA adapter, or the merged model.
+
+Written with the maintained `gguf` package (the extra `lorakit[cli]`), no llama.cpp build needed.
+
+- `gguf-lora`: llama.cpp's adapter format, as its own `convert_lora_to_gguf.py` writes it:
+  `general.type = adapter`, `adapter.type = lora`, `adapter.lora.alpha` (float32), and for each
+  adapted weight `<gguf tensor name>.lora_a` (A, r × in) and `.lora_b` (B, out × r), named through
+  the `gguf` package's tensor-name map. llama.cpp stores LLaMA's q and k weights with the rows of
+  each head permuted (for its rotary layout); it applies that permutation to ΔW's rows, which for
+  ΔW = B·A means to B only. llama.cpp scales each adapter by alpha / r (r read from the tensor),
+  so any other scale — rsLoRA's alpha/√r, a per-module `alpha_pattern` or `rank_pattern` — is
+  folded into B, and ΔW is the same.
+- `gguf`: one file with the merged model. It starts from the base's own GGUF file (its metadata,
+  tokenizer and every tensor, copied as they are stored) and replaces only the adapted weights by
+  dequant(W) + ΔW in the chosen type, so what was not adapted is bit-identical to the base file.
+
+Both are written atomically (a temporary file beside the target, fsynced, renamed).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lorakit.errors import ConfigError, ModelLoadError
+from lorakit.extras import require
+
+__all__ = ["ARCHITECTURES", "GgufExport", "export_gguf", "gguf_lora_tensors", "llama_permute"]
+
+Format = Literal["gguf-lora", "gguf"]
+OutType = Literal["auto", "f32", "f16", "bf16", "q8_0"]
+
+ARCHITECTURES: dict[str, tuple[str, bool]] = {
+    "LlamaForCausalLM": ("llama", True),
+    "MistralForCausalLM": ("llama", True),
+}
+"""transformers class → (GGUF architecture, whether q/k rows are permuted as llama.cpp's LLaMA converter does)."""
+
+_LORA_OUTTYPES = ("f32", "f16", "bf16")
+_MERGED_OUTTYPES = ("f16", "bf16", "q8_0", "f32")
+
+
+@dataclass
+class GgufExport:
+    """What `lorakit export` writes.
+
+    Args:
+        format: `gguf-lora` (a llama.cpp LoRA adapter: load it beside the base GGUF with
+            `--lora`) or `gguf` (the merged model as one GGUF file, from the base's own GGUF).
+        out: the `.gguf` file to write (replaced atomically if it exists); required.
+        outtype: the adapted tensors' type: `f32`, `f16`, `bf16` (adapters and merged models) or
+            `q8_0` (merged models); `auto` is f32 for an adapter, f16 for a merged model.
+        base_gguf: the base model's GGUF file, for `gguf` (default: the packaged model's file, or
+            the `.gguf` the model was loaded from).
+    """
+
+    format: Format = "gguf-lora"
+    out: str | None = None
+    outtype: OutType = "auto"
+    base_gguf: str | None = None
+
+
+def llama_permute(weights: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Permute the rows of a LLaMA q or k projection (or of its B) the way llama.cpp's converter does.
+
+    Within each of the `n_head` heads, rows [0, 2, 4, ..., 1, 3, 5, ...] of the head's half-split
+    rotary layout become interleaved pairs (`reshape(n_head, 2, d/2, ...).swapaxes(1, 2)`).
+    """
+    rows = weights.shape[0]
+    return weights.reshape(n_head, 2, rows // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+def llama_unpermute(weights: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The inverse of `llama_permute`."""
+    rows = weights.shape[0]
+    return weights.reshape(n_head, rows // n_head // 2, 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+def _architecture(model: nn.Module) -> tuple[str, bool, Any]:
+    config = getattr(model, "config", None)
+    names = list(getattr(config, "architectures", None) or []) or [type(model).__name__]
+    for name in names:
+        if name in ARCHITECTURES:
+            arch, permute = ARCHITECTURES[name]
+            return arch, permute, config
+    raise ConfigError(
+        f"GGUF export supports {', '.join(sorted(ARCHITECTURES))}; this model is {', '.join(names)}, which lorakit "
+        "does not map to llama.cpp's tensor names"
+    )
+
+
+def _name_map(arch: str, config: Any) -> Any:
+    import gguf
+
+    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    return gguf.get_tensor_name_map(arch_id, int(config.num_hidden_layers))
+
+
+def _head_counts(config: Any) -> dict[str, int]:
+    heads = int(config.num_attention_heads)
+    return {"q_proj": heads, "k_proj": int(getattr(config, "num_key_value_heads", None) or heads)}
+
+
+def gguf_lora_tensors(model: nn.Module, adapter_name: str = "default") -> tuple[float, dict[str, torch.Tensor]]:
+    """The tensors of a llama.cpp LoRA adapter for `model`'s adapter `adapter_name`.
+
+    Returns:
+        `(alpha, tensors)`: the `adapter.lora.alpha` to write, and `{"<gguf name>.lora_a": A,
+        "<gguf name>.lora_b": B'}` in float32, B' with the scale folded in and the rows permuted
+        where llama.cpp permutes the base weight, so that (alpha / r) · B'·A is the permuted ΔW.
+
+    Raises:
+        ConfigError: an architecture lorakit does not map, DoRA, modules trained in full (or
+            biases), a layer type llama.cpp's adapters do not cover, an output head tied to the
+            embeddings (llama.cpp ignores its adapter), or no adapter of that name.
+    """
+    require("gguf", "cli", "exporting GGUF files")
+    from lorakit.layers import LoraLinear
+    from lorakit.state import adapter_owner, lora_layers, state_of
+
+    owner = adapter_owner(model)
+    if owner is None or adapter_name not in state_of(owner).configs:
+        raise ConfigError(f"the model carries no lorakit adapter named {adapter_name!r}")
+    config = state_of(owner).configs[adapter_name]
+    arch, permute, hf_config = _architecture(owner)
+    merged = "export the merged model instead (--format gguf), which carries any adapter"
+    if config.use_dora:
+        raise ConfigError(f"a DoRA adapter has no llama.cpp LoRA form (its magnitude vector rescales W); {merged}")
+    if config.modules_to_save:
+        raise ConfigError(
+            f"modules_to_save {list(config.modules_to_save)} are trained in full, which a llama.cpp LoRA adapter "
+            f"cannot carry; {merged}"
+        )
+    if config.bias != "none":
+        raise ConfigError(f"bias={config.bias!r} trains biases, which a llama.cpp LoRA adapter cannot carry; {merged}")
+    names = _name_map(arch, hf_config)
+    heads = _head_counts(hf_config)
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    alpha = float(config.lora_alpha)
+    tensors: dict[str, torch.Tensor] = {}
+    for path, layer in lora_layers(owner):
+        if adapter_name not in layer.adapters:
+            continue
+        if not isinstance(layer, LoraLinear) or layer.is_conv1d:
+            kind = type(layer.base_layer).__name__
+            raise ConfigError(f"{path}: a {kind} adapter has no llama.cpp LoRA form; {merged}")
+        record = layer.adapters[adapter_name]
+        if record.slices is not None:
+            raise ConfigError(f"{path}: adapters on slices of a fused layer are not exported to GGUF; {merged}")
+        leaf = path.rsplit(".", 1)[-1]
+        if leaf == "lm_head" and tied:
+            raise ConfigError(
+                f"{path}: the output head is tied to the embeddings, and llama.cpp ignores an adapter on it; "
+                f"train without lm_head, or {merged}"
+            )
+        gguf_name = names.get_name(f"{path}.weight", try_suffixes=(".weight",))
+        if gguf_name is None:
+            raise ConfigError(f"{path}: no GGUF tensor name for it in the {arch} architecture; {merged}")
+        A = record.lora_A.detach().float().cpu()
+        B = record.lora_B.detach().float().cpu()
+        r = A.shape[0]
+        fold = float(record.scaling) / (alpha / r)  # llama.cpp scales by alpha / r
+        if fold != 1.0:
+            B = B * fold
+        if permute and leaf in heads:
+            B = llama_permute(B, heads[leaf])
+        tensors[f"{gguf_name}.lora_a"] = A.contiguous()
+        tensors[f"{gguf_name}.lora_b"] = B.contiguous()
+    if not tensors:
+        raise ConfigError(f"adapter {adapter_name!r} adapts no layer")
+    return alpha, tensors
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _encoded(tensor: torch.Tensor, outtype: str) -> tuple[Any, Any]:
+    """(numpy data, raw GGML type or None) of a float tensor in `outtype`."""
+    import gguf
+    import numpy as np
+
+    array = tensor.detach().float().cpu().numpy()
+    if outtype == "f32":
+        return array.astype(np.float32), None
+    if outtype == "f16":
+        return array.astype(np.float16), None
+    kind = {"bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[outtype]
+    return gguf.quants.quantize(array, kind), kind
+
+
+def _write_atomically(
+    path: Path, arch: str, metadata: Callable[[Any], None], tensors: list[tuple[str, Any, Any]]
+) -> Path:
+    """Write a GGUF file: `metadata(writer)` adds the key-values, then `tensors` ((name, numpy data,
+    raw GGML type or None), in file order) are written. Built in a temporary file beside `path`,
+    fsynced, renamed."""
+    import tempfile
+
+    import gguf
+
+    from lorakit import atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        metadata(writer)
+        for name, data, raw in tensors:
+            writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for _, data, _ in tensors:
+            writer.write_tensor_data(data)
+        writer.close()
+        atomic.fsync_path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    atomic.fsync_path(path.parent)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_lora(model: nn.Module, path: Path, outtype: str, adapter_name: str) -> Path:
+    import gguf
+
+    if outtype not in _LORA_OUTTYPES:
+        raise ConfigError(f"a llama.cpp LoRA adapter is written as f32, f16 or bf16, not {outtype}")
+    alpha, tensors = gguf_lora_tensors(model, adapter_name)
+    arch, _, config = _architecture(model)
+    encoded = [(name, *_encoded(t, outtype)) for name, t in tensors.items()]
+
+    def metadata(writer: Any) -> None:
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        name = getattr(config, "name_or_path", None)
+        if name:
+            writer.add_string(gguf.Keys.General.NAME, f"LoRA adapter for {name}")
+
+    return _write_atomically(path, arch, metadata, encoded)
+
+
+def base_gguf_of(model: nn.Module) -> Path | None:
+    """The GGUF file `model` was loaded from, when lorakit can tell: the packaged model's file, or a
+    `.gguf` path the model records as its name."""
+    from lorakit.models import PACKAGED_NAMES, _packaged_gguf
+
+    name = str(getattr(getattr(model, "config", None), "name_or_path", "") or "")
+    if name == PACKAGED_NAMES.get("smollm2-135m"):
+        return _packaged_gguf()
+    if name.lower().endswith(".gguf") and Path(name).is_file():
+        return Path(name)
+    return None
+
+
+def _write_merged(model: nn.Module, path: Path, outtype: str, adapter_name: str, base_gguf: Path | None) -> Path:
+    import gguf
+
+    from lorakit.layers import LoraLinear
+    from lorakit.quantization import dequantized_weight
+    from lorakit.state import adapter_owner, lora_layers, state_of
+
+    if outtype not in _MERGED_OUTTYPES:
+        raise ConfigError(f"a merged GGUF model is written as {', '.join(_MERGED_OUTTYPES)}, not {outtype}")
+    owner = adapter_owner(model)
+    if owner is None or adapter_name not in state_of(owner).configs:
+        raise ConfigError(f"the model carries no lorakit adapter named {adapter_name!r}")
+    arch, permute, config = _architecture(owner)
+    source = Path(base_gguf) if base_gguf is not None else base_gguf_of(owner)
+    if source is None:
+        raise ConfigError(
+            "a merged GGUF starts from the base model's own GGUF file (its metadata, tokenizer and tensors), and "
+            "this model was not loaded from one: pass base_gguf (--base-gguf FILE.gguf), or write the merged "
+            "transformers directory (`lorakit merge`) and convert it with llama.cpp's convert_hf_to_gguf.py"
+        )
+    try:
+        reader = gguf.GGUFReader(source)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot read the base GGUF file {source}: {err}") from None
+    file_arch = reader.fields.get("general.architecture")
+    file_arch = file_arch.contents() if file_arch is not None else None
+    if file_arch != arch:
+        raise ConfigError(f"{source} is a {file_arch!r} model; this model is {arch!r}")
+    names = _name_map(arch, config)
+    heads = _head_counts(config)
+    by_name = {t.name: t for t in reader.tensors}
+    replaced: dict[str, tuple[Any, Any]] = {}
+    for module_path, layer in lora_layers(owner):
+        if adapter_name not in layer.adapters:
+            continue
+        if not isinstance(layer, LoraLinear) or layer.is_conv1d or layer.adapters[adapter_name].slices is not None:
+            raise ConfigError(f"{module_path}: merged GGUF export covers adapters on plain linear layers only")
+        gguf_name = names.get_name(f"{module_path}.weight", try_suffixes=(".weight",))
+        if gguf_name is None or gguf_name not in by_name:
+            raise ConfigError(f"{module_path}: {source} has no tensor {gguf_name!r} for it")
+        stored = by_name[gguf_name]
+        base = torch.from_numpy(gguf.quants.dequantize(stored.data, stored.tensor_type).copy()).float()
+        base = base.reshape(tuple(int(d) for d in reversed(stored.shape.tolist())))
+        leaf = module_path.rsplit(".", 1)[-1]
+        weight = dequantized_weight(layer.base_layer.weight.detach()).float().cpu()
+        if base.shape != weight.shape:
+            raise ConfigError(
+                f"{module_path}: {source}'s {gguf_name} is {list(base.shape)}, the model's weight "
+                f"{list(weight.shape)}: the GGUF file is not this model's base"
+            )
+        in_file_order = llama_permute(weight, heads[leaf]) if permute and leaf in heads else weight
+        gap = float((in_file_order - base).abs().max())
+        if gap > 1e-5:
+            raise ConfigError(
+                f"{module_path}: the model's base weight differs from {source}'s {gguf_name} by up to {gap:.3g}: "
+                "the adapter's model was not loaded from this GGUF file (or its base was quantized again)"
+            )
+        delta = layer.delta_weight(adapter_name).detach().float().cpu()
+        if permute and leaf in heads:
+            delta = llama_permute(delta, heads[leaf])
+        merged = base + delta
+        if not torch.isfinite(merged).all():
+            raise ConfigError(f"{module_path}: the merged weight is not finite; nothing was written")
+        replaced[gguf_name] = _encoded(merged, outtype)
+
+    def metadata(writer: Any) -> None:
+        for field in reader.fields.values():
+            if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE:
+                continue
+            value_type = field.types[0]
+            sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
+
+    tensors = [
+        (t.name, *replaced[t.name]) if t.name in replaced else (t.name, t.data, t.tensor_type) for t in reader.tensors
+    ]
+    return _write_atomically(path, arch, metadata, tensors)
+
+
+def export_gguf(
+    model_or_adapter: nn.Module | str | os.PathLike[str],
+    path: str | os.PathLike[str],
+    *,
+    format: Format = "gguf-lora",
+    outtype: OutType = "auto",
+    adapter_name: str = "default",
+    base_gguf: str | os.PathLike[str] | None = None,
+    model: str | None = None,
+) -> Path:
+    """Write an adapter as a llama.cpp LoRA GGUF, or its model merged as one GGUF file.
+
+    Args:
+        model_or_adapter: a model carrying the lorakit adapter, or an adapter directory (or a
+            training run's output directory), loaded onto its base first.
+        path: the `.gguf` file to write (replaced atomically).
+        format: `gguf-lora` or `gguf` (merged); see the module docstring.
+        outtype: see `GgufExport.outtype`.
+        adapter_name: which adapter of the model.
+        base_gguf: for `gguf`, the base's GGUF file (default: found from the model).
+        model: with an adapter directory, its base model (default: the one the adapter records).
+
+    Returns:
+        The written file. The model is not changed.
+
+    Raises:
+        ConfigError: see `gguf_lora_tensors`; an outtype the format does not take; a base GGUF
+            of another architecture or other weights; no base GGUF for a merged export. Nothing is
+            written then.
+        MissingExtraError: the `gguf` package is not installed.
+    """
+    require("gguf", "cli", "exporting GGUF files")
+    if format not in ("gguf-lora", "gguf"):
+        raise ConfigError(f"format must be 'gguf-lora' or 'gguf', got {format!r}")
+    if isinstance(model_or_adapter, nn.Module):
+        module = model_or_adapter
+    else:
+        from lorakit.models import ModelSource, load_source
+
+        module, _, _ = load_source(ModelSource(adapter=os.fspath(model_or_adapter), model=model, quantize="none"))
+    out = Path(path)
+    if format == "gguf-lora":
+        return _write_lora(module, out, "f32" if outtype == "auto" else outtype, adapter_name)
+    chosen = "f16" if outtype == "auto" else outtype
+    if base_gguf is None and model is not None and str(model).lower().endswith(".gguf"):
+        base_gguf = model
+    return _write_merged(module, out, chosen, adapter_name, Path(base_gguf) if base_gguf else None)

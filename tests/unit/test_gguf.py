@@ -1,0 +1,262 @@
+"""GGUF export on the packaged SmolLM2-135M (a LLaMA, loaded from its own Q4_1 GGUF file).
+
+Read back with `gguf.GGUFReader` (the maintained package llama.cpp's own converters use) and, for
+the merged model, with transformers' GGUF loader. ΔW is rebuilt from the file's tensors the way
+llama.cpp computes it, (alpha / r) · B·A, un-permuted, and compared with lorakit's s·B·A.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import lorakit
+from lorakit.errors import ConfigError
+from lorakit.export.gguf import base_gguf_of, export_gguf, gguf_lora_tensors, llama_permute, llama_unpermute
+from lorakit.models import load_model
+from lorakit.state import lora_layers
+from tests.conftest import randomize_adapters, tiny_gpt2, tiny_llama
+
+gguf = pytest.importorskip("gguf")  # the `cli` extra; .ci/run installs it
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GGUF_NAMES = {
+    "q_proj": "attn_q",
+    "k_proj": "attn_k",
+    "v_proj": "attn_v",
+    "o_proj": "attn_output",
+    "gate_proj": "ffn_gate",
+    "up_proj": "ffn_up",
+    "down_proj": "ffn_down",
+}
+PROMPT = "name : The Eagle | Type : pub | food : French | area : riverside ||"
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    model, tokenizer, _ = load_model("smollm2-135m")
+    return model, tokenizer
+
+
+def _adapted(model, config: lorakit.LoraConfig, seed: int = 3):
+    lorakit.inject(model, config, adapter_name="default")
+    randomize_adapters(model, seed=seed, scale=0.05)
+    return model
+
+
+@pytest.fixture
+def adapted(smollm):
+    """SmolLM2 with an all-linear adapter whose scales llama.cpp cannot express as alpha / r:
+    rsLoRA, and per-module ranks and alphas."""
+    model, tokenizer = smollm
+    config = lorakit.LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=ALL_LINEAR,
+        use_rslora=True,
+        rank_pattern={"v_proj": 4},
+        alpha_pattern={"down_proj": 4},
+    )
+    _adapted(model, config)
+    try:
+        yield model, tokenizer
+    finally:
+        lorakit.unload(model)
+
+
+def _tensor(reader, name: str) -> torch.Tensor:
+    t = next(t for t in reader.tensors if t.name == name)
+    data = gguf.quants.dequantize(t.data, t.tensor_type)
+    return torch.from_numpy(np.ascontiguousarray(data)).float().reshape([int(d) for d in reversed(t.shape.tolist())])
+
+
+@pytest.mark.parametrize(
+    ("outtype", "qtype", "tol"), [("f32", "F32", 1e-6), ("f16", "F16", 2e-3), ("bf16", "BF16", 2e-2)]
+)
+def test_lora_adapter_round_trip(adapted, tmp_path: Path, outtype, qtype, tol):
+    model, _ = adapted
+    path = export_gguf(model, tmp_path / "adapter.gguf", outtype=outtype)
+    reader = gguf.GGUFReader(path)
+    fields = reader.fields
+    assert fields["general.architecture"].contents() == "llama"
+    assert fields["general.type"].contents() == "adapter"
+    assert fields["adapter.type"].contents() == "lora"
+    assert fields["adapter.lora.alpha"].types == [gguf.GGUFValueType.FLOAT32]
+    alpha = fields["adapter.lora.alpha"].contents()
+    assert alpha == 16.0
+
+    layers = dict(lora_layers(model))
+    expected = set()
+    for path_, _layer in layers.items():
+        block, leaf = path_.split(".")[2], path_.rsplit(".", 1)[-1]
+        stem = f"blk.{block}.{GGUF_NAMES[leaf]}.weight"
+        expected |= {f"{stem}.lora_a", f"{stem}.lora_b"}
+    assert {t.name for t in reader.tensors} == expected  # every adapted weight, nothing else
+    assert {t.tensor_type.name for t in reader.tensors} == {qtype}
+
+    worst = 0.0
+    for path_, layer in layers.items():
+        block, leaf = path_.split(".")[2], path_.rsplit(".", 1)[-1]
+        stem = f"blk.{block}.{GGUF_NAMES[leaf]}.weight"
+        A, B = _tensor(reader, f"{stem}.lora_a"), _tensor(reader, f"{stem}.lora_b")
+        assert A.shape[0] == layer.adapters["default"].r and B.shape[1] == A.shape[0]
+        delta = alpha / A.shape[0] * (B @ A)  # what llama.cpp computes
+        if leaf in ("q_proj", "k_proj"):
+            delta = llama_unpermute(delta, 9 if leaf == "q_proj" else 3)
+        want = layer.delta_weight("default").float()
+        worst = max(worst, float((delta - want).abs().max() / want.abs().max()))
+    assert worst <= tol
+
+
+def test_the_permutation_is_llama_cpps(smollm):
+    """The packaged GGUF was written by llama.cpp's converter: its q/k weights are transformers'
+    weights under `llama_permute` (and `llama_unpermute` inverts it)."""
+    model, _ = smollm
+    reader = gguf.GGUFReader(base_gguf_of(model))
+    attn = model.model.layers[3].self_attn
+    for leaf, heads, name in (("q_proj", 9, "attn_q"), ("k_proj", 3, "attn_k")):
+        weight = getattr(attn, leaf).weight.detach().float()
+        stored = _tensor(reader, f"blk.3.{name}.weight")
+        torch.testing.assert_close(llama_permute(weight, heads), stored, atol=1e-6, rtol=0)
+        assert not torch.equal(weight, stored)  # the permutation is not the identity
+        torch.testing.assert_close(llama_unpermute(llama_permute(weight, heads), heads), weight, atol=0, rtol=0)
+
+
+def test_merged_gguf_loads_in_transformers_with_the_merged_logits(adapted, tmp_path: Path):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = adapted
+    source = base_gguf_of(model)
+    path = export_gguf(model, tmp_path / "merged.gguf", format="gguf")
+    reader, base = gguf.GGUFReader(path), gguf.GGUFReader(source)
+    keys = {k for k in base.fields if not k.startswith("GGUF.")}
+    assert {k for k in reader.fields if not k.startswith("GGUF.")} == keys
+    for key in keys - {"general.architecture"}:
+        assert reader.fields[key].contents() == base.fields[key].contents(), key
+    adapted_names = {f"blk.{p.split('.')[2]}.{GGUF_NAMES[p.rsplit('.', 1)[-1]]}.weight" for p, _ in lora_layers(model)}
+    stored = {t.name: t for t in base.tensors}
+    assert [t.name for t in reader.tensors] == [t.name for t in base.tensors]
+    for tensor in reader.tensors:
+        if tensor.name in adapted_names:
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.F16
+        else:  # copied as stored: the same type and bytes
+            assert tensor.tensor_type == stored[tensor.name].tensor_type
+            assert np.array_equal(tensor.data, stored[tensor.name].data), tensor.name
+
+    # The logits, from an f32 file (so only float rounding separates it from the merged model).
+    exact = export_gguf(model, tmp_path / "merged-f32.gguf", format="gguf", outtype="f32")
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = model(ids).logits
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=exact.name, dtype=torch.float32).eval()
+        got = loaded(ids).logits
+        with lorakit.disable_adapters(model):
+            base_logits = model(ids).logits
+    assert float((want - base_logits).abs().max()) > 0.5  # the adapter changes the output
+    assert float((got - want).abs().max()) < 2e-3
+    assert tuple(lorakit.active_adapters(model)) == ("default",)  # the model itself was not merged
+    assert not any(layer.merged for _, layer in lora_layers(model))
+
+
+def test_merged_gguf_in_q8_0(adapted, tmp_path: Path):
+    model, _ = adapted
+    path = export_gguf(model, tmp_path / "merged-q8.gguf", format="gguf", outtype="q8_0")
+    reader = gguf.GGUFReader(path)
+    layer = model.model.layers[0].self_attn.v_proj
+    merged = (layer.base_layer.weight.detach() + layer.delta_weight("default")).float()
+    stored = _tensor(reader, "blk.0.attn_v.weight")
+    assert next(t for t in reader.tensors if t.name == "blk.0.attn_v.weight").tensor_type.name == "Q8_0"
+    assert float((stored - merged).abs().max()) <= float(merged.abs().max()) / 127  # one Q8_0 step
+
+
+def _unchanged(path: Path, before: bytes) -> bool:
+    return path.read_bytes() == before and not [p for p in path.parent.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (lorakit.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True), "DoRA"),
+        (lorakit.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]), "trained in full"),
+        (lorakit.LoraConfig(r=4, target_modules=["q_proj"], bias="lora_only"), "biases"),
+        (lorakit.LoraConfig(r=4, target_modules=["lm_head"]), "tied to the embeddings"),
+    ],
+    ids=["dora", "modules-to-save", "bias", "tied-head"],
+)
+def test_what_llama_cpp_cannot_carry_is_refused(smollm, tmp_path: Path, config, message):
+    model, _ = smollm
+    out = tmp_path / "adapter.gguf"
+    out.write_bytes(b"an earlier file")
+    _adapted(model, config)
+    try:
+        with pytest.raises(ConfigError, match=message) as err:
+            export_gguf(model, out)
+        assert "--format gguf" in str(err.value)  # it points to the merged export
+    finally:
+        lorakit.unload(model)
+    assert _unchanged(out, b"an earlier file")
+
+
+def test_bad_requests_are_refused_and_nothing_is_written(smollm, tmp_path: Path):
+    out = tmp_path / "x.gguf"
+    gpt2 = tiny_gpt2()
+    _adapted(gpt2, lorakit.LoraConfig(r=4, target_modules=["c_attn"]))
+    with pytest.raises(ConfigError, match="GPT2LMHeadModel"):
+        export_gguf(gpt2, out)
+
+    model, _ = smollm
+    _adapted(model, lorakit.LoraConfig(r=4, target_modules=["q_proj"]))
+    try:
+        with pytest.raises(ConfigError, match="f32, f16 or bf16"):
+            export_gguf(model, out, outtype="q8_0")
+        with pytest.raises(ConfigError, match="no lorakit adapter named 'other'"):
+            export_gguf(model, out, adapter_name="other")
+        # A base GGUF whose weights are not the model's: refused, naming the gap.
+        weight = model.model.layers[0].self_attn.q_proj.base_layer.weight
+        with torch.no_grad():
+            weight.add_(1e-3)
+        try:
+            with pytest.raises(ConfigError, match="differs from"):
+                export_gguf(model, out, format="gguf")
+        finally:
+            with torch.no_grad():
+                weight.sub_(1e-3)
+    finally:
+        lorakit.unload(model)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+    plain = tiny_llama()  # a LLaMA that was not loaded from a GGUF file
+    _adapted(plain, lorakit.LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ConfigError, match="convert_hf_to_gguf"):
+        export_gguf(plain, out, format="gguf")
+    alpha, tensors = gguf_lora_tensors(plain)  # but its adapter exports
+    assert alpha == 8 and len(tensors) == 4
+
+
+LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+
+
+@pytest.mark.skipif(
+    not LLAMA_CPP,
+    reason="llama-cpp-python is not installed: PyPI has only its source, which builds llama.cpp (see the issue note)",
+)
+def test_llama_cpp_runs_the_adapter_and_the_merged_model(adapted, tmp_path: Path):  # pragma: no cover - optional
+    from llama_cpp import Llama
+
+    model, tokenizer = adapted
+    adapter = export_gguf(model, tmp_path / "adapter.gguf")
+    merged = export_gguf(model, tmp_path / "merged.gguf", format="gguf", outtype="f32")
+    base = str(base_gguf_of(model))
+    with_adapter = Llama(model_path=base, lora_path=str(adapter), n_ctx=256, verbose=False, seed=0)
+    whole = Llama(model_path=str(merged), n_ctx=256, verbose=False, seed=0)
+    a = with_adapter(PROMPT, max_tokens=12, temperature=0.0)["choices"][0]["text"]
+    b = whole(PROMPT, max_tokens=12, temperature=0.0)["choices"][0]["text"]
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        first = int(model(ids).logits[0, -1].argmax())
+    assert a == b
+    assert a.startswith(tokenizer.decode([first]).strip()[:3]) or tokenizer.decode([first]).strip() in a
