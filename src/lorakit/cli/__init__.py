@@ -7,6 +7,8 @@
 | `generate` | `cli/generate.py` | `lorakit.generate.generate` |
 | `merge` | `cli/merge.py` | `lorakit.export.export_merged` |
 | `export` | `cli/export.py` | `lorakit.export.export_gguf` |
+| `analyze` | `cli/analyze.py` | `lorakit.analysis.analyze` |
+| `compress` | `cli/compress.py` | `lorakit.analysis.compress` |
 | `inspect` | `cli/inspect.py` | `lorakit.inject.preview` |
 | `serve` | `cli/serve.py` | `lorakit.serve.serve` |
 
@@ -30,9 +32,10 @@ __all__ = ["build_parser", "commands", "main"]
 
 def commands() -> dict:
     """name -> `Command`, for every subcommand (imported on first use)."""
-    from lorakit.cli import eval, export, generate, inspect, merge, serve, train
+    from lorakit.cli import analyze, compress, eval, export, generate, inspect, merge, serve, train
 
-    return {m.COMMAND.name: m.COMMAND for m in (train, generate, eval, merge, export, inspect, serve)}
+    modules = (train, generate, eval, merge, export, analyze, compress, inspect, serve)
+    return {m.COMMAND.name: m.COMMAND for m in modules}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,134 @@
+"""An adapter's low-rank factors, read from its PEFT files, and ΔW = s·B·A in factored SVD form.
+
+ΔW is never formed: with B = Q_B R_B and Aᵀ = Q_A R_A (thin QR), ΔW = s · Q_B (R_B R_Aᵀ) Q_Aᵀ, so
+the SVD of the r×r core R_B R_Aᵀ = U_c Σ V_cᵀ gives ΔW's singular values s·Σ and its singular
+vectors U = Q_B U_c, V = Q_A V_c — O((d + k) r²) work instead of O(d k r).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from lorakit.config import LoraConfig
+from lorakit.errors import AdapterFormatError
+from lorakit.functional import scaling
+from lorakit.io import PREFIX, WEIGHTS_NAME, read_adapter_config
+
+__all__ = ["DeltaSVD", "ModuleFactors", "delta_svd", "effective_rank", "read_factors"]
+
+_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B"}
+
+
+@dataclass
+class ModuleFactors:
+    """One adapted module of an adapter file.
+
+    Attributes:
+        path: the module's path in the base model (`model.layers.0.self_attn.q_proj`).
+        A: (r, k) in float64 (an embedding's A is (r, num_embeddings); a conv's is flattened to 2-D).
+        B: (d, r) in float64.
+        scaling: s, from the config (alpha / r, or alpha / √r with rsLoRA; per-module patterns).
+        kind: `linear` or `embedding`.
+        dora: the module has a DoRA magnitude vector (its ΔW here is the direction part s·B·A).
+    """
+
+    path: str
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+    kind: str = "linear"
+    dora: bool = False
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def leaf(self) -> str:
+        """The layer type: the last part of the path (`q_proj`)."""
+        return self.path.rsplit(".", 1)[-1]
+
+
+@dataclass
+class DeltaSVD:
+    """ΔW = U diag(S) Vᵀ, with U (d, r), S (r,) descending, V (k, r); float64."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+
+    @property
+    def frobenius(self) -> float:
+        return float(self.S.square().sum().sqrt())
+
+
+def read_factors(directory: str | os.PathLike[str]) -> tuple[LoraConfig, list[ModuleFactors]]:
+    """Every adapted module's A, B and scale from a PEFT adapter directory (safetensors and JSON only).
+
+    Raises:
+        AdapterFormatError: a missing or unreadable file, a key that is not PEFT's, or a module with
+            A but no B (or the reverse).
+    """
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    path = directory / WEIGHTS_NAME
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (OSError, SafetensorError, ValueError) as err:
+        raise AdapterFormatError(f"{path}: cannot read the adapter's tensors ({err})") from None
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    kinds: dict[str, str] = {}
+    dora: set[str] = set()
+    for key, tensor in tensors.items():
+        if not key.startswith(PREFIX):
+            raise AdapterFormatError(f"{path}: key {key!r} does not start with {PREFIX!r}; not a PEFT adapter file")
+        if key.endswith(".lora_magnitude_vector"):
+            dora.add(key[len(PREFIX) : -len(".lora_magnitude_vector")])
+            continue
+        for suffix, part in _SUFFIXES.items():
+            if key.endswith(suffix):
+                module = key[len(PREFIX) : -len(suffix)]
+                parts.setdefault(module, {})[part] = tensor
+                kinds[module] = "embedding" if "embedding" in suffix else "linear"
+    out = []
+    for module in sorted(parts, key=_natural):
+        found = parts[module]
+        if set(found) != {"A", "B"}:
+            raise AdapterFormatError(f"{path}: {module} has {sorted(found)} but needs both lora_A and lora_B")
+        A = found["A"].double().reshape(found["A"].shape[0], -1)
+        B = found["B"].double().reshape(found["B"].shape[0], -1)
+        r = A.shape[0]
+        s = scaling(r, config.alpha_for(module), config.use_rslora)
+        out.append(ModuleFactors(module, A, B, s, kinds[module], module in dora))
+    if not out:
+        raise AdapterFormatError(f"{path}: no lora_A/lora_B tensors")
+    return config, out
+
+
+def _natural(path: str) -> list:
+    """Sort key that puts layer 2 before layer 10."""
+    return [int(p) if p.isdigit() else p for p in path.split(".")]
+
+
+def delta_svd(factors: ModuleFactors) -> DeltaSVD:
+    """ΔW = s·B·A as U diag(S) Vᵀ, from the r×r core (never forming ΔW)."""
+    qb, rb = torch.linalg.qr(factors.B)
+    qa, ra = torch.linalg.qr(factors.A.T)
+    uc, sc, vch = torch.linalg.svd(rb @ ra.T)
+    return DeltaSVD(qb @ uc, sc * abs(factors.scaling), qa @ vch.T * (1 if factors.scaling >= 0 else -1))
+
+
+def effective_rank(singular_values: torch.Tensor, energy: float) -> int:
+    """The fewest leading singular values whose squares hold `energy` of the total (0 for ΔW = 0)."""
+    squares = singular_values.double().square()
+    total = float(squares.sum())
+    if total == 0.0:
+        return 0
+    kept = torch.cumsum(squares, 0) / total
+    return int((kept < energy - 1e-12).sum()) + 1

@@ -1,0 +1,44 @@
+"""`lorakit analyze`: the spectrum, subspace similarity and amplification of an adapter's ΔW. Flags: `Analysis`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from lorakit.analysis.report import Analysis, analyze, summary_table, write_analysis
+from lorakit.cli.command import Command
+from lorakit.cli.flags import FlagSpec
+from lorakit.errors import ConfigError
+
+
+def _run(options: Analysis, echo: Callable[[str], None]) -> dict[str, Any]:
+    if not options.adapter:
+        raise ConfigError("--adapter is required: an adapter directory or a training run's output directory")
+    base = None
+    if options.base is not None:
+        from lorakit.io import read_adapter_config
+        from lorakit.models import PACKAGED_NAMES, adapter_directory, load_model
+
+        spec = options.base
+        if spec == "auto":
+            recorded = read_adapter_config(adapter_directory(options.adapter)).base_model_name_or_path
+            names = {name: alias for alias, name in PACKAGED_NAMES.items()}
+            spec = names.get(recorded, recorded)
+        base, _, _ = load_model(spec)
+    result = analyze(options.adapter, compare=options.compare, base=base, energy=options.energy)
+    echo(summary_table(result))
+    pattern = result["suggested_rank_pattern"]
+    ranks = sorted(set(pattern.values()))
+    echo(f"\nsuggested rank_pattern at {options.energy:.0%} of ΔW's energy: ranks {ranks} over {len(pattern)} modules")
+    if options.out:
+        for path in write_analysis(result, options.out):
+            echo(f"wrote {path}")
+    return result
+
+
+COMMAND = Command(
+    name="analyze",
+    summary="Singular values, effective rank, subspace similarity and amplification of an adapter's ΔW.",
+    specs=(FlagSpec(Analysis, "analysis", aliases={"out": ("-o",)}),),
+    run=_run,
+)
