@@ -119,6 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-4, help="LoRA learning rate (lora, peft)")
     p.add_argument("--full-lr", type=float, default=5e-5, help="full fine-tuning learning rate")
     p.add_argument("-r", "--r", type=int, default=4, help="LoRA rank")
+    p.add_argument("--rank-pattern", default="", help="per-module ranks, e.g. k_proj=6,v_proj=6 (PEFT's rank_pattern)")
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--lora-dropout", type=float, default=0.1)
     p.add_argument("--target", default="q_proj,v_proj", help="comma-separated target module names")
@@ -198,6 +199,7 @@ def lora_config(args: argparse.Namespace, name: str) -> lorakit.LoraConfig:
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         target_modules=[t.strip() for t in args.target.split(",")],
+        rank_pattern={k.strip(): int(v) for k, v in (x.split("=") for x in args.rank_pattern.split(",") if x.strip())},
         base_model_name_or_path=name,
     )
 
