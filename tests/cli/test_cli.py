@@ -441,6 +441,9 @@ FLAGS = {
     "merge": ["--adapter", "--model", "--out", "--config", "--debug"],
     "inspect": ["--model", "--target", "-r", "--config", "--debug"],
     "serve": ["--model", "--adapter", "--adapter-dir", "--port", "--max-batch", "--api-key-env", "--quantize"],
+    "export": ["--adapter", "--format", "--out", "-o", "--outtype", "--base-gguf", "--config", "--debug"],
+    "analyze": ["--adapter", "--compare", "--base", "--energy", "--out", "--debug"],
+    "compress": ["--adapter", "--out", "--energy", "--rank", "--debug"],
 }
 
 
