@@ -49,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser: one subcommand per command, flags generated from its config dataclasses."""
     parser = _Parser(
         prog="lorakit",
-        description="LoRA fine-tuning (Hu et al., 2022): train, generate, eval, merge, export, analyze, compress, inspect, serve.",
+        description=(
+            "LoRA fine-tuning (Hu et al., 2022): train, generate, eval, merge, export, analyze, compress, "
+            "inspect, serve."
+        ),
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
