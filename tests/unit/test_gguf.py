@@ -260,3 +260,37 @@ def test_llama_cpp_runs_the_adapter_and_the_merged_model(adapted, tmp_path: Path
         first = int(model(ids).logits[0, -1].argmax())
     assert a == b
     assert a.startswith(tokenizer.decode([first]).strip()[:3]) or tokenizer.decode([first]).strip() in a
+
+
+def test_merged_gguf_from_a_transformers_directory(tmp_path: Path):
+    """A base loaded from a transformers directory: the whole GGUF is written (hyper-parameters,
+    BPE vocabulary, merges, special tokens, chat template), and transformers reads back the same
+    tokenizer and the merged model's logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.models import ensure_cached
+
+    folder = ensure_cached("smollm2-135m")
+    model, tokenizer, name = load_model(str(folder))
+    assert base_gguf_of(model) is None  # not from a GGUF file
+    _adapted(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "down_proj"]))
+    path = export_gguf(model, tmp_path / "merged.gguf", format="gguf", outtype="f32")
+    reader = gguf.GGUFReader(path)
+    source = gguf.GGUFReader(base_gguf_of(load_model("smollm2-135m")[0]))
+    assert len(reader.tensors) == len(source.tensors)  # the same tensors as llama.cpp's own conversion
+    assert {t.name for t in reader.tensors} == {t.name for t in source.tensors}
+    for key in (
+        "llama.block_count",
+        "llama.attention.head_count_kv",
+        "llama.rope.freq_base",
+        "tokenizer.chat_template",
+    ):
+        assert reader.fields[key].contents() == source.fields[key].contents(), key
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False)
+    loaded_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    assert loaded_tokenizer(prompt).input_ids == tokenizer(prompt).input_ids
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=2e-3, rtol=0)
+    assert name == str(folder)

@@ -10,9 +10,12 @@ Written with the maintained `gguf` package (the extra `lorakit[cli]`), no llama.
   ΔW = B·A means to B only. llama.cpp scales each adapter by alpha / r (r read from the tensor),
   so any other scale — rsLoRA's alpha/√r, a per-module `alpha_pattern` or `rank_pattern` — is
   folded into B, and ΔW is the same.
-- `gguf`: one file with the merged model. It starts from the base's own GGUF file (its metadata,
-  tokenizer and every tensor, copied as they are stored) and replaces only the adapted weights by
-  dequant(W) + ΔW in the chosen type, so what was not adapted is bit-identical to the base file.
+- `gguf`: one file with the merged model. When the base came from a GGUF file (the packaged default),
+  it starts from that file (its metadata, tokenizer and every tensor, copied as they are stored)
+  and replaces only the adapted weights by dequant(W) + ΔW in the chosen type, so what was not
+  adapted is bit-identical to the base file. When the base came from a transformers directory, the
+  whole file is written: the config's hyper-parameters, the directory's BPE vocabulary, merges,
+  special tokens and chat template (through the `gguf` package's readers), every merged tensor.
 
 Both are written atomically (a temporary file beside the target, fsynced, renamed).
 """
@@ -285,11 +288,15 @@ def _write_merged(model: nn.Module, path: Path, outtype: str, adapter_name: str,
     arch, permute, config = _architecture(owner)
     source = Path(base_gguf) if base_gguf is not None else base_gguf_of(owner)
     if source is None:
-        raise ConfigError(
-            "a merged GGUF starts from the base model's own GGUF file (its metadata, tokenizer and tensors), and "
-            "this model was not loaded from one: pass base_gguf (--base-gguf FILE.gguf), or write the merged "
-            "transformers directory (`lorakit merge`) and convert it with llama.cpp's convert_hf_to_gguf.py"
-        )
+        tokenizer_dir = _tokenizer_dir_of(owner)
+        if tokenizer_dir is None:
+            raise ConfigError(
+                "a merged GGUF needs the base's GGUF file or its transformers directory (for the tokenizer), and "
+                "this model records neither: pass base_gguf (--base-gguf FILE.gguf) or load the base from its "
+                "directory (--model DIR); or write the merged transformers directory (`lorakit merge`) and convert "
+                "it with llama.cpp's convert_hf_to_gguf.py"
+            )
+        return _write_merged_from_directory(owner, path, outtype, adapter_name, tokenizer_dir)
     try:
         reader = gguf.GGUFReader(source)
     except (OSError, ValueError) as err:
@@ -347,6 +354,142 @@ def _write_merged(model: nn.Module, path: Path, outtype: str, adapter_name: str,
         (t.name, *replaced[t.name]) if t.name in replaced else (t.name, t.data, t.tensor_type) for t in reader.tensors
     ]
     return _write_atomically(path, arch, metadata, tensors)
+
+
+def _tokenizer_dir_of(model: nn.Module) -> Path | None:
+    """The transformers directory `model` was loaded from (lorakit records it as the model's name)."""
+    name = str(getattr(getattr(model, "config", None), "name_or_path", "") or "")
+    folder = Path(name) if name else None
+    if folder is not None and folder.is_dir() and (folder / "tokenizer.json").is_file():
+        return folder
+    return None
+
+
+_FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # llama.cpp's LlamaFileType
+
+
+def _merged_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The model's weights by transformers name with the adapter merged in (the model is not changed)."""
+    from lorakit.layers import LoraLinear
+    from lorakit.quantization import dequantized_weight
+    from lorakit.state import lora_layers
+
+    layers = {path: layer for path, layer in lora_layers(model) if adapter_name in layer.adapters}
+    for path, layer in layers.items():
+        if not isinstance(layer, LoraLinear) or layer.is_conv1d or layer.adapters[adapter_name].slices is not None:
+            raise ConfigError(f"{path}: merged GGUF export covers adapters on plain linear layers only")
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict(keep_vars=False).items():
+        if ".adapters." in name:
+            continue
+        plain = name.replace(".base_layer.", ".")
+        value = dequantized_weight(tensor.detach()).float().cpu()
+        owner = plain.rsplit(".", 1)[0]
+        if owner in layers and plain.endswith(".weight"):
+            value = value + layers[owner].delta_weight(adapter_name).detach().float().cpu()
+        out[plain] = value
+    return out
+
+
+def _vocabulary(tokenizer_dir: Path) -> tuple[list[str], list[int]]:
+    """Token strings and types as llama.cpp's converter writes a BPE vocabulary (special tokens CONTROL)."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    vocab = tokenizer.get_vocab()
+    by_id = {i: token for token, i in vocab.items()}
+    added = tokenizer.get_added_vocab()
+    decoder = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(len(vocab)):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.USER_DEFINED)
+            continue
+        token = by_id[i]
+        if token in added:
+            special = decoder[i].special if i in decoder else False
+            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+        tokens.append(token)
+    return tokens, types
+
+
+def _write_merged_from_directory(
+    model: nn.Module, path: Path, outtype: str, adapter_name: str, tokenizer_dir: Path
+) -> Path:
+    """A whole GGUF (llama.cpp's LLaMA layout) from a model loaded from a transformers directory.
+
+    The hyper-parameters come from the model's config, the BPE vocabulary, merges, special tokens
+    and chat template from the directory's tokenizer files (through the `gguf` package's readers).
+    The pre-tokenizer is written as `default`: llama.cpp names pre-tokenizers by hashing their
+    output, which this path does not reproduce.
+    """
+    import gguf
+
+    arch, permute, config = _architecture(model)
+    try:
+        tokens, types = _vocabulary(tokenizer_dir)
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"cannot read the tokenizer of {tokenizer_dir} for the GGUF vocabulary: {err}") from None
+    names = _name_map(arch, config)
+    heads = _head_counts(config)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    weights = _merged_tensors(model, adapter_name)
+    if tied:
+        if any(p.startswith("lm_head") for p, _ in _adapted_paths(model, adapter_name)):
+            raise ConfigError("the output head is tied to the embeddings and was adapted: merging would untie them")
+        weights.pop("lm_head.weight", None)
+    tensors: list[tuple[str, Any, Any]] = []
+    for name, value in weights.items():
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ConfigError(f"{name}: no GGUF tensor name for it in the {arch} architecture")
+        leaf = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
+        if permute and leaf in heads and value.ndim == 2:
+            value = llama_permute(value, heads[leaf])
+        if not torch.isfinite(value).all():
+            raise ConfigError(f"{name}: the merged weight is not finite; nothing was written")
+        kind = outtype if value.ndim == 2 else "f32"
+        if kind == "q8_0" and value.shape[-1] % 32:
+            kind = "f16"  # Q8_0 packs rows in blocks of 32
+        tensors.append((gguf_name, *_encoded(value, kind)))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    special = gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=len(tokens))
+
+    def metadata(writer: Any) -> None:
+        writer.add_name(str(getattr(config, "name_or_path", "") or "model") + " (merged with lorakit)")
+        writer.add_vocab_size(len(tokens))
+        writer.add_context_length(int(config.max_position_embeddings))
+        writer.add_embedding_length(int(config.hidden_size))
+        writer.add_block_count(int(config.num_hidden_layers))
+        writer.add_feed_forward_length(int(config.intermediate_size))
+        writer.add_head_count(int(config.num_attention_heads))
+        writer.add_head_count_kv(heads["k_proj"])
+        writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or _rope_theta(config)))
+        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+        writer.add_rope_dimension_count(int(head_dim))
+        writer.add_file_type(_FILE_TYPES[outtype])
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        special.add_to_gguf(writer, quiet=True)
+
+    return _write_atomically(path, arch, metadata, tensors)
+
+
+def _rope_theta(config: Any) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", 10000.0))
+
+
+def _adapted_paths(model: nn.Module, adapter_name: str) -> list[tuple[str, Any]]:
+    from lorakit.state import lora_layers
+
+    return [(p, layer) for p, layer in lora_layers(model) if adapter_name in layer.adapters]
 
 
 def export_gguf(
