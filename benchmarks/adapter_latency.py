@@ -122,7 +122,7 @@ def main() -> int:
     tokenizer = built["merged"][1]
     text = " ".join(
         line.rsplit(",", 1)[-1]
-        for line in (REPO.parent / "shared/data/e2e/trainset.csv").read_text().splitlines()[1:200]
+        for line in (REPO.parent / "shared/data/e2e/trainset.csv").read_text().splitlines()[1:1000]
     )
     ids_all = torch.tensor(tokenizer(text)["input_ids"])
     rows = []
