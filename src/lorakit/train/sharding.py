@@ -184,11 +184,15 @@ def gathered(model: nn.Module, *, frozen: bool = False) -> Iterator[None]:
         yield
         return
     swapped = []
-    for _, owner, leaf, param in _trainable(model, frozen=frozen):
-        if _is_dtensor(param):
-            whole = nn.Parameter(param.detach().full_tensor(), requires_grad=False)
+    wholes: dict[int, nn.Parameter] = {}  # a tied parameter (registered twice) is gathered once
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if _is_dtensor(param) and (param.requires_grad or frozen):
+            if id(param) not in wholes:
+                wholes[id(param)] = nn.Parameter(param.detach().full_tensor(), requires_grad=False)
+            owner_path, _, leaf = name.rpartition(".")
+            owner = model.get_submodule(owner_path) if owner_path else model
             swapped.append((owner, leaf, param))
-            owner._parameters[leaf] = whole
+            owner._parameters[leaf] = wholes[id(param)]
     try:
         yield
     finally:
