@@ -125,7 +125,7 @@ def test_analyze_writes_the_documented_json(tmp_path: Path):
     want = torch.linalg.svdvals(layer.delta_weight("default").double())[:4]
     torch.testing.assert_close(torch.tensor(entry["singular_values"], dtype=torch.float64), want, atol=1e-6, rtol=1e-5)
     amp = entry["amplification"]
-    W = base.model.layers[0].self_attn.q_proj.weight.double()
+    W = base.model.layers[0].self_attn.q_proj.weight.detach().double()
     assert amp["w_on_w"] == pytest.approx(float(torch.linalg.svdvals(W)[:4].square().sum().sqrt()))
     assert amp["factor"] == pytest.approx(amp["delta_frobenius"] / amp["w_on_delta"])
     assert set(data["suggested_rank_pattern"]) == set(data["modules"])

@@ -71,7 +71,7 @@ def adapted(smollm):
 def _tensor(reader, name: str) -> torch.Tensor:
     t = next(t for t in reader.tensors if t.name == name)
     data = gguf.quants.dequantize(t.data, t.tensor_type)
-    return torch.from_numpy(np.ascontiguousarray(data)).float().reshape([int(d) for d in reversed(t.shape.tolist())])
+    return torch.from_numpy(np.array(data, copy=True)).float().reshape([int(d) for d in reversed(t.shape.tolist())])
 
 
 @pytest.mark.parametrize(
