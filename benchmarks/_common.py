@@ -732,6 +732,15 @@ def report_in_process(
     write_json(args.out, {"title": title, "args": vars(args), "machine": machine_info(args), "rows": rows})
 
 
+def print_and_save(
+    path: Path | None, title: str, headers: Sequence[str], lines: Sequence[Sequence[Any]], payload: dict[str, Any]
+) -> None:
+    """Print a benchmark's title and table; with `path`, also write `{"title": ..., **payload}` as JSON."""
+    print(title + "\n")
+    print(markdown_table(headers, lines))
+    write_json(path, {"title": title, **payload})
+
+
 def write_json(path: Path | None, payload: dict[str, Any]) -> None:
     """Write a benchmark's results as JSON (atomically, `lorakit.atomic`), if a path is given."""
     if path is None:

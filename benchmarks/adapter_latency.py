@@ -153,12 +153,12 @@ def main() -> int:
         f"({time.perf_counter() - started:.0f} s); extra parameters matched to LoRA q,v r={args.r}"
     )
     headers = ["batch", "model", "extra parameters", "forward ms", "vs merged LoRA", "paper (GPT-2 M)"]
-    print(title + "\n")
-    print(C.markdown_table(headers, rows))
-    C.write_json(
+    C.print_and_save(
         args.out,
+        title,
+        headers,
+        rows,
         {
-            "title": title,
             "command": "python benchmarks/adapter_latency.py " + " ".join(sys.argv[1:]),
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "rows": rows,

@@ -265,12 +265,12 @@ def main() -> int:
         f"{args.dtype}, {args.device}, {args.threads} thread(s) per rank, median of {args.steps} steps after 1 "
         f"warm-up, median over {args.repeats} repeat(s); largest rank shown ({time.perf_counter() - started:.0f} s)"
     )
-    print(title + "\n")
-    print(C.markdown_table(headers, lines))
-    C.write_json(
+    C.print_and_save(
         args.out,
+        title,
+        headers,
+        lines,
         {
-            "title": title,
             "command": "python benchmarks/fsdp.py " + " ".join(sys.argv[1:]),
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "machine": C.machine_info(args),

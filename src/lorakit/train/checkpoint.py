@@ -156,70 +156,61 @@ def save_checkpoint(
             tensors[f"rng.cuda.{rank}"] = rng
     with gathered(model):  # FSDP: the whole adapter for its files (a collective)
         if info.is_main:
-            _write(final, state, tensors, model, adapter_name, optimizer, scheduler, keep, info, sharded, plain_opt)
+            full = {
+                "format": FORMAT,
+                "version": VERSION,
+                **state,
+                "world_size": info.world_size,
+                "adapter_name": adapter_name,
+                "optimizer": _optimizer_state(model, optimizer, tensors, plain_opt if sharded else None),
+                "scheduler": scheduler.state_dict(),
+                "rng": _host_rng_state(),
+            }
+            text = json.dumps(full, indent=1, sort_keys=True) + "\n"
+            payload = safetensors_save(
+                {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, {"format": "pt"}
+            )
+
+            def build(tmp: Path) -> None:
+                if sharded:
+                    os.rename(staging / SHARDS_DIR, tmp / SHARDS_DIR)
+                    staging.rmdir()
+                if adapter_name is not None:
+                    save_adapter(adapter_owner(model), tmp, adapter_name)
+                atomic.write_bytes(tmp / STATE_TENSORS, payload)
+                atomic.write_text(tmp / STATE_JSON, text)
+
+            # The same step saved twice (Ctrl-C right after a periodic save) replaces the first.
+            build_directory(final, build, replace=True)
+            if keep is not None:
+                for _, old in list_checkpoints(out_dir)[:-keep]:
+                    shutil.rmtree(old, ignore_errors=True)
     barrier(info)
     return final
 
 
-def _write(
-    final: Path,
-    state: TrainerState,
-    tensors: dict[str, torch.Tensor],
-    model: nn.Module,
-    adapter_name: str | None,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    keep: int | None,
-    info: DistInfo,
-    sharded: bool,
-    plain_opt: dict[str, Any],
-) -> None:
-    """Rank 0's part of `save_checkpoint`: build the directory (moving the shards in, under FSDP)."""
-    out_dir = final.parent.parent
-    staging = final.parent / f".{final.name}.staging"
-    if sharded:
-        json_opt: dict[str, Any] = {"sharded": SHARDS_DIR, "plain": plain_opt}
-    else:
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                tensors[f"param.{name}"] = param.detach()
-        opt_state = optimizer.state_dict()
-        json_opt = {"param_groups": opt_state["param_groups"], "state": {}}
-        for index, entries in opt_state["state"].items():
-            plain = {}
-            for key, value in entries.items():
-                if isinstance(value, torch.Tensor):
-                    tensors[f"optimizer.{index}.{key}"] = value
-                else:
-                    plain[key] = value
-            json_opt["state"][str(index)] = plain
-    full = {
-        "format": FORMAT,
-        "version": VERSION,
-        **state,
-        "world_size": info.world_size,
-        "adapter_name": adapter_name,
-        "optimizer": json_opt,
-        "scheduler": scheduler.state_dict(),
-        "rng": _host_rng_state(),
-    }
-    text = json.dumps(full, indent=1, sort_keys=True) + "\n"
-    payload = safetensors_save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, {"format": "pt"})
-
-    def build(tmp: Path) -> None:
-        if sharded:
-            os.rename(staging / SHARDS_DIR, tmp / SHARDS_DIR)
-            staging.rmdir()
-        if adapter_name is not None:
-            save_adapter(adapter_owner(model), tmp, adapter_name)
-        atomic.write_bytes(tmp / STATE_TENSORS, payload)
-        atomic.write_text(tmp / STATE_JSON, text)
-
-    # The same step saved twice (Ctrl-C right after a periodic save) replaces the first.
-    build_directory(final, build, replace=True)
-    if keep is not None:
-        for _, old in list_checkpoints(out_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+def _optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], sharded: dict | None
+) -> dict[str, Any]:
+    """The checkpoint's optimizer JSON; the trainable parameters and optimizer tensors go into
+    `tensors`. Under FSDP (`sharded`: the optimizer's non-tensor state from `save_shards`) both are
+    in the shards instead."""
+    if sharded is not None:
+        return {"sharded": SHARDS_DIR, "plain": sharded}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            tensors[f"param.{name}"] = param.detach()
+    opt_state = optimizer.state_dict()
+    json_opt: dict[str, Any] = {"param_groups": opt_state["param_groups"], "state": {}}
+    for index, entries in opt_state["state"].items():
+        plain = {}
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{key}"] = value
+            else:
+                plain[key] = value
+        json_opt["state"][str(index)] = plain
+    return json_opt
 
 
 def _host_rng_state() -> dict[str, Any]:
