@@ -75,7 +75,12 @@ def run_e2e(args: argparse.Namespace, name: str, target: str, r: int, pattern: s
 
 def table5(args: argparse.Namespace) -> dict[str, Any]:
     rows = {}
-    for name, (target, r, pattern) in TABLE5.items():
+    chosen = [n.strip() for n in args.table5.split(";")] if args.table5 else list(TABLE5)
+    unknown = sorted(set(chosen) - set(TABLE5))
+    if unknown:
+        raise SystemExit(f"--table5: unknown {unknown}; choose from {list(TABLE5)}")
+    for name in chosen:
+        target, r, pattern = TABLE5[name]
         runs = [
             run_e2e(args, f"t5-{name.replace(',', '').replace(' ', '')}", target, r, pattern, s) for s in args.seeds
         ]
@@ -243,6 +248,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--eval-size", type=int, default=200)
     p.add_argument("--seeds", default="110", help="table5 runs every seed; the others use the first")
+    p.add_argument("--table5", default="", help="a subset of table5's rows, ';'-separated (e.g. 'q;v;q,v')")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="runs/lowrank")
