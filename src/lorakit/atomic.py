@@ -4,7 +4,8 @@ Every file lorakit writes (adapters, checkpoints, metrics, JSON reports, plots, 
 model cache) goes through here:
 
 - `write_file` (and `write_bytes`, `write_text`, `write_json`): a temporary file in the same
-  folder, written, flushed and fsynced, renamed over the target, the folder fsynced.
+  folder, written, flushed and fsynced, renamed over the target, the folder fsynced;
+  `write_path` does the same for a writer that wants a file name (the `gguf` package's).
 - `build_directory`: a temporary sibling directory filled by a callback, every file and folder in
   it fsynced, renamed to the target, the parent fsynced.
 
@@ -25,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["build_directory", "fsync_path", "write_bytes", "write_file", "write_json", "write_text"]
+__all__ = ["build_directory", "fsync_path", "write_bytes", "write_file", "write_json", "write_path", "write_text"]
 
 
 def write_file(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
@@ -39,10 +40,7 @@ def write_file(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Pat
         The path.
     """
     path = Path(path)
-    try:
-        mode = path.stat().st_mode & 0o7777
-    except FileNotFoundError:
-        mode = 0o666 & ~_umask()
+    mode = _mode_for(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, mode)
@@ -56,6 +54,45 @@ def write_file(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Pat
         raise
     fsync_path(path.parent)
     return path
+
+
+def write_path(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Write `path` atomically with a writer that wants a file name rather than an open file.
+
+    `write(tmp)` creates the temporary file `tmp` beside `path`; it is then given the mode
+    `write_file` gives, fsynced and renamed over `path`, the folder fsynced. On any error the
+    temporary file is removed and `path` is untouched.
+
+    Args:
+        path: the file to create or replace; its folder must exist.
+        write: called once with the temporary file's path (the file exists, empty).
+
+    Returns:
+        The path.
+    """
+    path = Path(path)
+    mode = _mode_for(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.chmod(tmp, mode)
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+    return path
+
+
+def _mode_for(path: Path) -> int:
+    """The mode a rewritten `path` gets: the replaced file's, else what a plain `open()` would give."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -86,3 +86,22 @@ def test_new_files_and_directories_get_the_umasks_permissions(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o750
+
+
+def test_write_path_replaces_atomically_keeps_the_mode_and_cleans_up(tmp_path):
+    target = tmp_path / "model.gguf"
+    target.write_bytes(b"old")
+    os.chmod(target, 0o640)
+
+    def fail(tmp: Path) -> None:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("writer failed")
+
+    with pytest.raises(RuntimeError, match="writer failed"):
+        atomic.write_path(target, fail)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+
+    atomic.write_path(target, lambda tmp: tmp.write_bytes(b"new"))
+    assert target.read_bytes() == b"new"
+    assert target.stat().st_mode & 0o777 == 0o640  # the replaced file's mode, as write_file keeps it
+    assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]

@@ -105,6 +105,28 @@ def _name_map(arch: str, config: Any) -> Any:
     return gguf.get_tensor_name_map(arch_id, int(config.num_hidden_layers))
 
 
+def _owner(model: nn.Module, adapter_name: str) -> nn.Module:
+    """The module carrying lorakit's adapters, checked to have `adapter_name`."""
+    from lorakit.state import adapter_owner, state_of
+
+    owner = adapter_owner(model)
+    if owner is None or adapter_name not in state_of(owner).configs:
+        raise ConfigError(f"the model carries no lorakit adapter named {adapter_name!r}")
+    return owner
+
+
+def _merged_layers(owner: nn.Module, adapter_name: str) -> dict[str, Any]:
+    """path -> LoRA layer for every layer carrying `adapter_name`, checked to be one a merged GGUF covers."""
+    from lorakit.layers import LoraLinear
+    from lorakit.state import lora_layers
+
+    layers = {path: layer for path, layer in lora_layers(owner) if adapter_name in layer.adapters}
+    for path, layer in layers.items():
+        if not isinstance(layer, LoraLinear) or layer.is_conv1d or layer.adapters[adapter_name].slices is not None:
+            raise ConfigError(f"{path}: merged GGUF export covers adapters on plain linear layers only")
+    return layers
+
+
 def _head_counts(config: Any) -> dict[str, int]:
     heads = int(config.num_attention_heads)
     return {"q_proj": heads, "k_proj": int(getattr(config, "num_key_value_heads", None) or heads)}
@@ -125,11 +147,9 @@ def gguf_lora_tensors(model: nn.Module, adapter_name: str = "default") -> tuple[
     """
     require("gguf", "cli", "exporting GGUF files")
     from lorakit.layers import LoraLinear
-    from lorakit.state import adapter_owner, lora_layers, state_of
+    from lorakit.state import lora_layers, state_of
 
-    owner = adapter_owner(model)
-    if owner is None or adapter_name not in state_of(owner).configs:
-        raise ConfigError(f"the model carries no lorakit adapter named {adapter_name!r}")
+    owner = _owner(model, adapter_name)
     config = state_of(owner).configs[adapter_name]
     arch, permute, hf_config = _architecture(owner)
     merged = "export the merged model instead (--format gguf), which carries any adapter"
@@ -201,19 +221,12 @@ def _write_atomically(
     path: Path, arch: str, metadata: Callable[[Any], None], tensors: list[tuple[str, Any, Any]]
 ) -> Path:
     """Write a GGUF file: `metadata(writer)` adds the key-values, then `tensors` ((name, numpy data,
-    raw GGML type or None), in file order) are written. Built in a temporary file beside `path`,
-    fsynced, renamed."""
-    import tempfile
-
+    raw GGML type or None), in file order) are written, through `lorakit.atomic.write_path`."""
     import gguf
 
     from lorakit import atomic
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(tmp, arch)
         metadata(writer)
         for name, data, raw in tensors:
@@ -224,20 +237,9 @@ def _write_atomically(
         for _, data, _ in tensors:
             writer.write_tensor_data(data)
         writer.close()
-        atomic.fsync_path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    atomic.fsync_path(path.parent)
-    return path
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic.write_path(path, write)
 
 
 def _write_lora(model: nn.Module, path: Path, outtype: str, adapter_name: str) -> Path:
@@ -276,15 +278,11 @@ def base_gguf_of(model: nn.Module) -> Path | None:
 def _write_merged(model: nn.Module, path: Path, outtype: str, adapter_name: str, base_gguf: Path | None) -> Path:
     import gguf
 
-    from lorakit.layers import LoraLinear
     from lorakit.quantization import dequantized_weight
-    from lorakit.state import adapter_owner, lora_layers, state_of
 
     if outtype not in _MERGED_OUTTYPES:
         raise ConfigError(f"a merged GGUF model is written as {', '.join(_MERGED_OUTTYPES)}, not {outtype}")
-    owner = adapter_owner(model)
-    if owner is None or adapter_name not in state_of(owner).configs:
-        raise ConfigError(f"the model carries no lorakit adapter named {adapter_name!r}")
+    owner = _owner(model, adapter_name)
     arch, permute, config = _architecture(owner)
     source = Path(base_gguf) if base_gguf is not None else base_gguf_of(owner)
     if source is None:
@@ -309,11 +307,7 @@ def _write_merged(model: nn.Module, path: Path, outtype: str, adapter_name: str,
     heads = _head_counts(config)
     by_name = {t.name: t for t in reader.tensors}
     replaced: dict[str, tuple[Any, Any]] = {}
-    for module_path, layer in lora_layers(owner):
-        if adapter_name not in layer.adapters:
-            continue
-        if not isinstance(layer, LoraLinear) or layer.is_conv1d or layer.adapters[adapter_name].slices is not None:
-            raise ConfigError(f"{module_path}: merged GGUF export covers adapters on plain linear layers only")
+    for module_path, layer in _merged_layers(owner, adapter_name).items():
         gguf_name = names.get_name(f"{module_path}.weight", try_suffixes=(".weight",))
         if gguf_name is None or gguf_name not in by_name:
             raise ConfigError(f"{module_path}: {source} has no tensor {gguf_name!r} for it")
@@ -368,16 +362,11 @@ def _tokenizer_dir_of(model: nn.Module) -> Path | None:
 _FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # llama.cpp's LlamaFileType
 
 
-def _merged_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """The model's weights by transformers name with the adapter merged in (the model is not changed)."""
-    from lorakit.layers import LoraLinear
+def _merged_tensors(model: nn.Module, layers: dict[str, Any], adapter_name: str) -> dict[str, torch.Tensor]:
+    """The model's weights by transformers name with the adapter of `layers` merged in (the model is
+    not changed)."""
     from lorakit.quantization import dequantized_weight
-    from lorakit.state import lora_layers
 
-    layers = {path: layer for path, layer in lora_layers(model) if adapter_name in layer.adapters}
-    for path, layer in layers.items():
-        if not isinstance(layer, LoraLinear) or layer.is_conv1d or layer.adapters[adapter_name].slices is not None:
-            raise ConfigError(f"{path}: merged GGUF export covers adapters on plain linear layers only")
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict(keep_vars=False).items():
         if ".adapters." in name:
@@ -437,9 +426,10 @@ def _write_merged_from_directory(
     names = _name_map(arch, config)
     heads = _head_counts(config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    weights = _merged_tensors(model, adapter_name)
+    layers = _merged_layers(model, adapter_name)
+    weights = _merged_tensors(model, layers, adapter_name)
     if tied:
-        if any(p.startswith("lm_head") for p, _ in _adapted_paths(model, adapter_name)):
+        if any(p.startswith("lm_head") for p in layers):
             raise ConfigError("the output head is tied to the embeddings and was adapted: merging would untie them")
         weights.pop("lm_head.weight", None)
     tensors: list[tuple[str, Any, Any]] = []
@@ -484,12 +474,6 @@ def _write_merged_from_directory(
 def _rope_theta(config: Any) -> float:
     params = getattr(config, "rope_parameters", None) or {}
     return float(params.get("rope_theta", 10000.0))
-
-
-def _adapted_paths(model: nn.Module, adapter_name: str) -> list[tuple[str, Any]]:
-    from lorakit.state import lora_layers
-
-    return [(p, layer) for p, layer in lora_layers(model) if adapter_name in layer.adapters]
 
 
 def export_gguf(
