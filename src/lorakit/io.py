@@ -14,6 +14,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -36,6 +37,7 @@ __all__ = [
     "adapter_base_quantization",
     "load_adapter",
     "read_adapter_config",
+    "read_lora_tensors",
     "save_adapter",
 ]
 
@@ -238,6 +240,29 @@ def load_adapter(
             else:
                 where.copy_(tensors[key])
     return model
+
+
+def read_lora_tensors(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, dict[str, Any]]]:
+    """An adapter's config and, per adapted module, its tensors, read (not loaded into a model).
+
+    The files are checked as `load_adapter` checks them (safetensors only, PEFT's keys, A and B
+    both present); keys other than LoRA's (modules_to_save, biases) are left out.
+
+    Returns:
+        `(config, {module path: {"A": tensor, "B": tensor, ["M": DoRA magnitude,] "kind":
+        "linear" | "embedding"}})`.
+
+    Raises:
+        AdapterFormatError: missing, corrupt or pickled files, or keys that are not PEFT's.
+    """
+    config = read_adapter_config(directory)
+    path = Path(directory) / WEIGHTS_NAME
+    lora, _ = _split_keys(_read_header(path), path)
+    tensors = _read_tensors(path)
+    return config, {
+        module: {part: (key if part == "kind" else tensors[key]) for part, key in slot.items()}
+        for module, slot in lora.items()
+    }
 
 
 def _read_header(path: Path) -> dict[str, tuple[int, ...]]:

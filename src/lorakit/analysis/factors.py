@@ -12,16 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFormatError
 from lorakit.functional import scaling
-from lorakit.io import PREFIX, WEIGHTS_NAME, read_adapter_config
+from lorakit.io import WEIGHTS_NAME, read_lora_tensors
 
 __all__ = ["DeltaSVD", "ModuleFactors", "delta_svd", "effective_rank", "read_factors"]
-
-_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B"}
 
 
 @dataclass
@@ -74,40 +71,16 @@ def read_factors(directory: str | os.PathLike[str]) -> tuple[LoraConfig, list[Mo
         AdapterFormatError: a missing or unreadable file, a key that is not PEFT's, or a module with
             A but no B (or the reverse).
     """
-    directory = Path(directory)
-    config = read_adapter_config(directory)
-    path = directory / WEIGHTS_NAME
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except (OSError, SafetensorError, ValueError) as err:
-        raise AdapterFormatError(f"{path}: cannot read the adapter's tensors ({err})") from None
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    kinds: dict[str, str] = {}
-    dora: set[str] = set()
-    for key, tensor in tensors.items():
-        if not key.startswith(PREFIX):
-            raise AdapterFormatError(f"{path}: key {key!r} does not start with {PREFIX!r}; not a PEFT adapter file")
-        if key.endswith(".lora_magnitude_vector"):
-            dora.add(key[len(PREFIX) : -len(".lora_magnitude_vector")])
-            continue
-        for suffix, part in _SUFFIXES.items():
-            if key.endswith(suffix):
-                module = key[len(PREFIX) : -len(suffix)]
-                parts.setdefault(module, {})[part] = tensor
-                kinds[module] = "embedding" if "embedding" in suffix else "linear"
+    config, found = read_lora_tensors(directory)
     out = []
-    for module in sorted(parts, key=_natural):
-        found = parts[module]
-        if set(found) != {"A", "B"}:
-            raise AdapterFormatError(f"{path}: {module} has {sorted(found)} but needs both lora_A and lora_B")
-        A = found["A"].double().reshape(found["A"].shape[0], -1)
-        B = found["B"].double().reshape(found["B"].shape[0], -1)
-        r = A.shape[0]
-        s = scaling(r, config.alpha_for(module), config.use_rslora)
-        out.append(ModuleFactors(module, A, B, s, kinds[module], module in dora))
+    for module in sorted(found, key=_natural):
+        parts = found[module]
+        A = parts["A"].double().reshape(parts["A"].shape[0], -1)
+        B = parts["B"].double().reshape(parts["B"].shape[0], -1)
+        s = scaling(A.shape[0], config.alpha_for(module), config.use_rslora)
+        out.append(ModuleFactors(module, A, B, s, parts["kind"], "M" in parts))
     if not out:
-        raise AdapterFormatError(f"{path}: no lora_A/lora_B tensors")
+        raise AdapterFormatError(f"{Path(directory) / WEIGHTS_NAME}: no lora_A/lora_B tensors")
     return config, out
 
 
