@@ -116,13 +116,14 @@ def worker(args: argparse.Namespace) -> None:
     first = time.perf_counter()
     step()
     first = time.perf_counter() - first
-    grads = sum(_local_bytes(p.grad) for p in model.parameters() if p.grad is not None)  # none: zeroed
     C.reset_peak(args.device)
     times = C.time_steps(step, args.device, 0, args.steps)
     peak = C.peak_mib(args.device) - (base_rss if args.device == "cpu" else 0)
     params = sum(_local_bytes(p) for p in model.parameters())
     trainable = sum(_local_bytes(p) for p in model.parameters() if p.requires_grad)
-    grads = grads or trainable  # a gradient of each trainable tensor's local rows, between backward and step
+    # train_step frees the gradients after the step; between backward and step each trainable
+    # tensor has one of its own local size.
+    grads = trainable
     optim = sum(_local_bytes(v) for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
     result = {
         "rank": info.rank,

@@ -155,10 +155,10 @@ def compression(args: argparse.Namespace, t6: dict[str, Any]) -> dict[str, Any]:
     from lorakit.models import load_model
 
     small = Path(args.out) / "t6-qv-r64-compressed-99"
+    report_path = small.with_name(small.name + ".report.json")
     if not small.is_dir():
-        report = compress(t6["64"]["adapter"], small, energy=0.99)
-    else:
-        report = json.loads((small / "report.json").read_text()) if (small / "report.json").is_file() else {}
+        C.write_json(report_path, compress(t6["64"]["adapter"], small, energy=0.99))
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     scored = Path(args.out) / "t6-qv-r64-compressed-99.scores.json"
     if not scored.is_file():
         e_args = E.parse_args(["--eval-size", str(args.eval_size), "--threads", str(args.threads)])

@@ -162,15 +162,6 @@ def _is_dtensor(tensor: Any) -> bool:
     return isinstance(tensor, DTensor)
 
 
-def _trainable(model: nn.Module, *, frozen: bool = False) -> list[tuple[str, nn.Module, str, nn.Parameter]]:
-    out = []
-    for name, param in model.named_parameters():
-        if param.requires_grad or frozen:
-            owner_path, _, leaf = name.rpartition(".")
-            out.append((name, model.get_submodule(owner_path) if owner_path else model, leaf, param))
-    return out
-
-
 @contextlib.contextmanager
 def gathered(model: nn.Module, *, frozen: bool = False) -> Iterator[None]:
     """Inside, every trainable parameter of a sharded `model` is a whole plain tensor (on every rank).
@@ -207,7 +198,7 @@ def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[di
     options = StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=True)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     # A frozen weight tied to another (a tied output head) still comes back: keep the trainable only.
-    trainable = {name for name, _, _, _ in _trainable(model)}
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
     return {k: v for k, v in model_sd.items() if k in trainable}, optim_sd
 
 
