@@ -40,6 +40,7 @@ __all__ = [
     "load_model",
     "load_source",
     "load_tokenizer",
+    "recorded_base",
 ]
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -230,16 +231,12 @@ def load_source(source: ModelSource) -> tuple[nn.Module, Any, str]:
         AdapterFormatError, ShapeMismatchError: the adapter is unreadable or made for another model.
         ModelLoadError: the base model cannot be loaded.
     """
-    from lorakit.io import adapter_base_quantization, load_adapter, read_adapter_config
+    from lorakit.io import adapter_base_quantization, load_adapter
 
     adapter = adapter_directory(source.adapter) if source.adapter else None
     spec = source.model
     if adapter is not None and spec is None:
-        recorded = read_adapter_config(adapter).base_model_name_or_path
-        if recorded in PACKAGED_NAMES.values():  # a packaged model records its upstream id, not its alias
-            spec = next(alias for alias, name in PACKAGED_NAMES.items() if name == recorded)
-        elif recorded and Path(recorded).exists():
-            spec = recorded
+        spec = recorded_base(adapter)
     trained_on = adapter_base_quantization(adapter) if adapter is not None else None
     scheme = {"auto": trained_on, "none": None}.get(source.quantize, source.quantize)
     model, tokenizer, name = load_model(spec, task=source.task, num_labels=source.num_labels, quantize=scheme)
@@ -249,6 +246,20 @@ def load_source(source: ModelSource) -> tuple[nn.Module, Any, str]:
             _warn_full_precision(model, trained_on)
     model.eval()
     return model, tokenizer, name
+
+
+def recorded_base(adapter: str | os.PathLike[str]) -> str | None:
+    """The base model an adapter directory records (`base_model_name_or_path`), as `load_model`
+    takes it: a packaged model's upstream id maps back to its alias, a local path is kept if it
+    exists; None otherwise (then the packaged default is meant)."""
+    from lorakit.io import read_adapter_config
+
+    recorded = read_adapter_config(adapter_directory(adapter)).base_model_name_or_path
+    if recorded in PACKAGED_NAMES.values():  # a packaged model records its upstream id, not its alias
+        return next(alias for alias, name in PACKAGED_NAMES.items() if name == recorded)
+    if recorded and Path(recorded).exists():
+        return recorded
+    return None
 
 
 def _warn_full_precision(model: nn.Module, scheme: str) -> None:

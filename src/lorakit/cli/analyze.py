@@ -16,14 +16,9 @@ def _run(options: Analysis, echo: Callable[[str], None]) -> dict[str, Any]:
         raise ConfigError("--adapter is required: an adapter directory or a training run's output directory")
     base = None
     if options.base is not None:
-        from lorakit.io import read_adapter_config
-        from lorakit.models import PACKAGED_NAMES, adapter_directory, load_model
+        from lorakit.models import load_model, recorded_base
 
-        spec = options.base
-        if spec == "auto":
-            recorded = read_adapter_config(adapter_directory(options.adapter)).base_model_name_or_path
-            names = {name: alias for alias, name in PACKAGED_NAMES.items()}
-            spec = names.get(recorded, recorded)
+        spec = recorded_base(options.adapter) if options.base == "auto" else options.base
         base, _, _ = load_model(spec)
     result = analyze(options.adapter, compare=options.compare, base=base, energy=options.energy)
     echo(summary_table(result))
