@@ -26,14 +26,14 @@ def _adapter(folder: Path, r: int, seed: int) -> Path:
 
 def test_analyze_and_compress_from_the_command_line(tmp_path: Path):
     a, b = _adapter(tmp_path / "a", 4, 1), _adapter(tmp_path / "b", 8, 2)
-    done = _cli("analyze", "--adapter", a, "--compare", b, "--energy", 0.9, "--out", tmp_path / "report")
+    done = _cli("analyze", a, "--compare", b, "--energy", 0.9, "--out", tmp_path / "report")  # ADAPTER positional
     assert done.returncode == 0, done.stderr
     assert "| q_proj | 2 | 4 |" in done.stdout and "suggested rank_pattern at 90%" in done.stdout
     data = json.loads((tmp_path / "report" / "analysis.json").read_text())
     assert len(data["modules"]) == 4 and data["energy"] == 0.9
     assert (tmp_path / "report" / "phi_v_proj.png").is_file()
 
-    done = _cli("compress", "--adapter", a, "--rank", 2, "--out", tmp_path / "small")
+    done = _cli("compress", a, "--rank", 2, "--out", tmp_path / "small")
     assert done.returncode == 0, done.stderr
     assert "ranks 2-2 over 4 modules" in done.stdout
     assert json.loads((tmp_path / "small" / "adapter_config.json").read_text())["r"] == 2

@@ -202,3 +202,27 @@ def test_a_dict_flag_given_twice_merges_its_pairs(tmp_path):
         _options("serve", "--max-batch", "0")
     with pytest.raises(ConfigError, match=r"adapter_dir .* is not a folder"):
         _options("serve", "--adapter-dir", str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("command", ["analyze", "compress", "merge", "export", "eval", "generate"])
+def test_the_adapter_may_be_given_as_the_positional_argument(command, tmp_path):
+    by_flag = _options(command, "--adapter", "runs/x")
+    by_position = _options(command, "runs/x")
+    assert by_position == by_flag
+    assert any(getattr(o, "adapter", None) == "runs/x" for o in by_position)
+    # The positional argument also wins over a --config file's key, as a flag does.
+    assert _options(command, "runs/x", toml='adapter = "runs/y"', tmp_path=tmp_path) == by_flag
+
+
+@pytest.mark.parametrize("command", ["analyze", "eval"])
+def test_an_adapter_given_twice_differently_is_refused(command):
+    with pytest.raises(ConfigError, match=r"ADAPTER given twice: 'runs/x' and --adapter 'runs/y'"):
+        _options(command, "runs/x", "--adapter", "runs/y")
+    assert _options(command, "runs/x", "--adapter", "runs/x") == _options(command, "--adapter", "runs/x")
+
+
+def test_commands_without_an_adapter_take_no_positional_argument(capsys):
+    for command in ("train", "inspect", "serve"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "runs/x"])
+        assert "unrecognized arguments: runs/x" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from lorakit.errors import ConfigError
 
 def _run(options: Analysis, echo: Callable[[str], None]) -> dict[str, Any]:
     if not options.adapter:
-        raise ConfigError("--adapter is required: an adapter directory or a training run's output directory")
+        raise ConfigError("ADAPTER (or --adapter) is required: an adapter directory or a training run's output")
     base = None
     if options.base is not None:
         from lorakit.models import load_model, recorded_base
@@ -36,4 +36,5 @@ COMMAND = Command(
     summary="Singular values, effective rank, subspace similarity and amplification of an adapter's ΔW.",
     specs=(FlagSpec(Analysis, "analysis", aliases={"out": ("-o",)}),),
     run=_run,
+    positional="adapter",
 )

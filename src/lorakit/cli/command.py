@@ -8,9 +8,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorakit.cli.flags import FlagSpec, add_flags, read_toml, resolve
+from lorakit.errors import ConfigError
 from lorakit.recipes import RECIPES, config_path
 
 __all__ = ["Command"]
+
+_POSITIONAL = "positional_value"
 
 
 @dataclass(frozen=True)
@@ -22,12 +25,15 @@ class Command:
         summary: one line for `lorakit --help` and the top of its own `--help`.
         specs: the config dataclasses whose fields are its flags, in order.
         run: called with one instance per spec (in order) and `echo`, the printer.
+        positional: a field that may also be given as the one positional argument
+            (`lorakit analyze runs/x` is `lorakit analyze --adapter runs/x`).
     """
 
     name: str
     summary: str
     specs: Sequence[FlagSpec]
     run: Callable[..., Any]
+    positional: str | None = None
 
     def add_to(self, sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         parser = sub.add_parser(self.name, help=self.summary, description=self.summary)
@@ -39,12 +45,24 @@ class Command:
         )
         # SUPPRESS: an absent subcommand --debug must not reset `lorakit --debug train ...` to False.
         parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+        if self.positional:
+            flag = "--" + self.positional.replace("_", "-")
+            name = self.positional.upper()
+            parser.add_argument(_POSITIONAL, nargs="?", default=argparse.SUPPRESS, metavar=name, help=f"same as {flag}")
         add_flags(parser, self.specs)
         return parser
 
     def options(self, args: argparse.Namespace) -> list[Any]:
         """The config instances: defaults, then `--config`, then the flags given."""
         toml, source = None, ""
+        if self.positional and _POSITIONAL in vars(args):
+            value = getattr(args, _POSITIONAL)
+            given = getattr(args, self.positional, value)
+            if given != value:
+                flag = "--" + self.positional.replace("_", "-")
+                raise ConfigError(f"{self.positional.upper()} given twice: {value!r} and {flag} {given!r}; give one")
+            args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != _POSITIONAL})
+            setattr(args, self.positional, value)
         if args.config:
             path = config_path(args.config)
             toml, source = read_toml(path), str(path)

@@ -13,7 +13,7 @@ from lorakit.errors import ConfigError
 
 def _run(options: Compression, echo: Callable[[str], None]) -> dict[str, Any]:
     if not options.adapter or not options.out:
-        raise ConfigError("--adapter and --out are required: the adapter to compress and the directory to write")
+        raise ConfigError("ADAPTER (or --adapter) and --out are required: the adapter and the directory to write")
     result = compress(options.adapter, options.out, energy=options.energy, rank=options.rank)
     (p0, p1), (b0, b1) = result["parameters"], result["bytes"]
     kept = [m["kept"] for m in result["modules"].values()]
@@ -31,4 +31,5 @@ COMMAND = Command(
     summary="Truncate each module's ΔW to a lower rank by SVD (--energy or --rank) and save a PEFT adapter.",
     specs=(FlagSpec(Compression, "compression", aliases={"out": ("-o",)}),),
     run=_run,
+    positional="adapter",
 )

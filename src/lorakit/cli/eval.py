@@ -31,4 +31,5 @@ COMMAND = Command(
         ),
     ),
     run=_run,
+    positional="adapter",
 )

@@ -20,7 +20,7 @@ def _run(source: ModelSource, output: GgufExport, echo: Callable[[str], None]) -
     if not output.out:
         raise ConfigError("--out is required: the .gguf file to write")
     if not source.adapter:
-        raise ConfigError("--adapter is required: an adapter directory or a training run's output directory")
+        raise ConfigError("ADAPTER (or --adapter) is required: an adapter directory or a training run's output")
     if source.quantize not in ("auto", "none"):
         raise ConfigError(f"--quantize {source.quantize}: export reads the base in full precision; drop --quantize")
     model, _, _ = load_source(ModelSource(adapter=source.adapter, model=source.model, quantize="none"))
@@ -38,4 +38,5 @@ COMMAND = Command(
     summary="Write an adapter as a llama.cpp LoRA GGUF (--format gguf-lora) or the merged model as one GGUF file.",
     specs=(FlagSpec(ModelSource, "model and adapter"), FlagSpec(GgufExport, "output", aliases={"out": ("-o",)})),
     run=_run,
+    positional="adapter",
 )

@@ -38,4 +38,5 @@ COMMAND = Command(
         FlagSpec(Decoding, "decoding"),
     ),
     run=_run,
+    positional="adapter",
 )

@@ -28,7 +28,7 @@ def _run(source: ModelSource, output: MergeOutput, echo: Callable[[str], None]) 
     if not output.out:
         raise ConfigError("--out is required: the directory for the merged model")
     if not source.adapter:
-        raise ConfigError("--adapter is required: an adapter directory or a training run's output directory")
+        raise ConfigError("ADAPTER (or --adapter) is required: an adapter directory or a training run's output")
     model, tokenizer, _ = load_source(source)
     out = export_merged(model, tokenizer, output.out)
     echo(f"merged model written to {out}")
@@ -40,4 +40,5 @@ COMMAND = Command(
     summary="Merge an adapter into its base model and write a plain transformers model directory.",
     specs=(FlagSpec(ModelSource, "model and adapter"), FlagSpec(MergeOutput, "output", aliases={"out": ("-o",)})),
     run=_run,
+    positional="adapter",
 )
