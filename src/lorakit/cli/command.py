@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lorakit.cli.flags import FlagSpec, add_flags, read_toml, resolve
+from lorakit.cli.flags import FlagSpec, add_flags, flag_name, read_toml, resolve
 from lorakit.errors import ConfigError
 from lorakit.recipes import RECIPES, config_path
 
@@ -46,8 +46,7 @@ class Command:
         # SUPPRESS: an absent subcommand --debug must not reset `lorakit --debug train ...` to False.
         parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
         if self.positional:
-            flag = "--" + self.positional.replace("_", "-")
-            name = self.positional.upper()
+            name, flag = self.positional.upper(), flag_name(self.positional)
             parser.add_argument(_POSITIONAL, nargs="?", default=argparse.SUPPRESS, metavar=name, help=f"same as {flag}")
         add_flags(parser, self.specs)
         return parser
@@ -59,7 +58,7 @@ class Command:
             value = getattr(args, _POSITIONAL)
             given = getattr(args, self.positional, value)
             if given != value:
-                flag = "--" + self.positional.replace("_", "-")
+                flag = flag_name(self.positional)
                 raise ConfigError(f"{self.positional.upper()} given twice: {value!r} and {flag} {given!r}; give one")
             args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != _POSITIONAL})
             setattr(args, self.positional, value)

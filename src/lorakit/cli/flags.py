@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 from lorakit.errors import ConfigError
 
-__all__ = ["FlagSpec", "add_flags", "field_help", "parse_value", "read_toml", "resolve"]
+__all__ = ["FlagSpec", "add_flags", "field_help", "flag_name", "parse_value", "read_toml", "resolve"]
 
 _REGEX_CHARS = re.compile(r"[\\^$*+?()\[\]{}|]")
 _TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
@@ -213,7 +213,8 @@ def _metavar(annotation: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------------ argparse
-def _flag(name: str) -> str:
+def flag_name(name: str) -> str:
+    """The flag of a field: `target_modules` -> `--target-modules`."""
     return "--" + name.replace("_", "-")
 
 
@@ -230,7 +231,7 @@ def add_flags(parser: argparse.ArgumentParser, specs: Sequence[FlagSpec]) -> Non
             annotation = hints[f.name]
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             text = helps.get(f.name, "")
-            names = [_flag(f.name), *spec.aliases.get(f.name, ())]
+            names = [flag_name(f.name), *spec.aliases.get(f.name, ())]
             if annotation is bool:
                 group.add_argument(
                     *names,
