@@ -184,37 +184,26 @@ def compression(args: argparse.Namespace, t6: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _over_seeds(bleu: list[float]) -> list[str]:
+    """Two table cells: the mean (± the population spread when there are several seeds), each seed's."""
+    spread = f" ± {statistics.pstdev(bleu):.2f}" if len(bleu) > 1 else ""
+    return [f"{statistics.fmean(bleu):.1f}{spread}", ", ".join(f"{b:.1f}" for b in bleu)]
+
+
 def report(results: dict[str, Any]) -> str:
     parts = []
     if "table5" in results:
         rows = []
         for name, row in results["table5"].items():
-            spread = f" ± {statistics.pstdev(row['bleu']):.2f}" if len(row["bleu"]) > 1 else ""
-            rows.append(
-                [
-                    name,
-                    f"{row['trainable']:,}",
-                    f"{statistics.fmean(row['bleu']):.1f}{spread}",
-                    ", ".join(f"{b:.1f}" for b in row["bleu"]),
-                ]
-            )
+            rows.append([name, f"{row['trainable']:,}", *_over_seeds(row["bleu"])])
         parts.append(
             "Table 5 analogue (one budget)\n\n" + C.markdown_table(["adapted", "trainable", "BLEU", "per seed"], rows)
         )
     if "table6" in results:
         rows = []
         for r, v in results["table6"].items():
-            bleu = v.get("bleu", [v["scores"]["BLEU"]])
-            spread = f" ± {statistics.pstdev(bleu):.2f}" if len(bleu) > 1 else ""
-            rows.append(
-                [
-                    r,
-                    f"{v['trainable']:,}",
-                    f"{statistics.fmean(bleu):.1f}{spread}",
-                    ", ".join(f"{b:.1f}" for b in bleu),
-                    f"{v['scores']['ROUGE_L']:.1f}",
-                ]
-            )
+            bleu = v.get("bleu", [v["scores"]["BLEU"]])  # a one-seed lowrank.json from before seeds
+            rows.append([r, f"{v['trainable']:,}", *_over_seeds(bleu), f"{v['scores']['ROUGE_L']:.1f}"])
         parts.append(
             "Table 6 analogue (q,v)\n\n"
             + C.markdown_table(["r", "trainable", "BLEU", "per seed", "ROUGE-L (first seed)"], rows)
