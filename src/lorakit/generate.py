@@ -12,6 +12,7 @@ from torch import nn
 from lorakit.data import encode_prompt
 from lorakit.errors import ConfigError
 from lorakit.extras import require
+from lorakit.modes import evaluating
 
 __all__ = ["E2E_PAPER", "Decoding", "generate"]
 
@@ -93,46 +94,44 @@ def generate(
     from transformers import LogitsProcessorList
 
     d = decoding or Decoding()
-    was_training = model.training
-    model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(d.seed)
     outputs: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            encoded = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
-            width = max(len(e) for e in encoded)
-            ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, e in enumerate(encoded):  # left padding: generation continues at the right edge
-                ids[row, width - len(e) :] = torch.tensor(e)
-                mask[row, width - len(e) :] = 1
-            kwargs: dict[str, Any] = dict(
-                max_new_tokens=d.max_new_tokens,
-                num_beams=d.num_beams,
-                do_sample=d.do_sample,
-                pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
-                use_cache=True,
-            )
-            if d.do_sample:
-                kwargs.update(temperature=d.temperature, top_p=d.top_p)
-            else:
-                kwargs.update(temperature=None, top_p=None, top_k=None)
-            if d.num_beams > 1:
-                kwargs.update(length_penalty=d.length_penalty, early_stopping=True)
-            if d.no_repeat_ngram_size:
-                kwargs["logits_processor"] = LogitsProcessorList(
-                    [_NoRepeatNGramInCompletion(d.no_repeat_ngram_size, prompt_width=width)]
+    with evaluating(model):
+        try:
+            for start in range(0, len(prompts), batch_size):
+                encoded = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
+                width = max(len(e) for e in encoded)
+                ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for row, e in enumerate(encoded):  # left padding: generation continues at the right edge
+                    ids[row, width - len(e) :] = torch.tensor(e)
+                    mask[row, width - len(e) :] = 1
+                kwargs: dict[str, Any] = dict(
+                    max_new_tokens=d.max_new_tokens,
+                    num_beams=d.num_beams,
+                    do_sample=d.do_sample,
+                    pad_token_id=pad,
+                    eos_token_id=tokenizer.eos_token_id,
+                    use_cache=True,
                 )
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-            for row in out[:, width:]:
-                outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    finally:
-        torch.random.set_rng_state(generator_state)
-        model.train(was_training)
+                if d.do_sample:
+                    kwargs.update(temperature=d.temperature, top_p=d.top_p)
+                else:
+                    kwargs.update(temperature=None, top_p=None, top_k=None)
+                if d.num_beams > 1:
+                    kwargs.update(length_penalty=d.length_penalty, early_stopping=True)
+                if d.no_repeat_ngram_size:
+                    kwargs["logits_processor"] = LogitsProcessorList(
+                        [_NoRepeatNGramInCompletion(d.no_repeat_ngram_size, prompt_width=width)]
+                    )
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+                for row in out[:, width:]:
+                    outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+        finally:
+            torch.random.set_rng_state(generator_state)
     return outputs
 
 

@@ -139,7 +139,12 @@ def apply(
     *,
     trainable: bool,
 ) -> None:
-    """Install planned steps (nothing here validates user input; on any error, undo all)."""
+    """Install planned steps (nothing here validates user input; on any error, undo all).
+
+    Every module this creates (wrapper, adapter record, saved copy) takes the training mode of the
+    layer it wraps, so an adapter loaded into a model in eval mode runs no dropout, and one added
+    to a training model trains (PEFT's `from_pretrained` likewise gives an eval-mode model).
+    """
     state = state_of(model, create=True)
     first = not state.configs
     done: list[tuple[str, nn.Module, nn.Module]] = []  # (path, old, new) swaps, to undo
@@ -148,8 +153,10 @@ def apply(
     try:
         for step in steps:
             if step.wrapper is not step.old:
+                step.wrapper.train(step.old.training)
                 _set_module(model, step.path, step.wrapper)
                 done.append((step.path, step.old, step.wrapper))
+            step.record.train(step.wrapper.base_layer.training)
             step.wrapper.adapters[adapter_name] = step.record
             added.append(step.wrapper)
             if step.residual is not None:
@@ -161,9 +168,10 @@ def apply(
             module = model.get_submodule(path)
             wrapper = module if isinstance(module, SavedModule) else SavedModule(module)
             if wrapper is not module:
+                wrapper.train(module.training)
                 _set_module(model, path, wrapper)
                 done.append((path, module, wrapper))
-            wrapper.add_copy(adapter_name)
+            wrapper.add_copy(adapter_name).train(wrapper.original_module.training)
             added.append(wrapper)
     except BaseException:
         for host in added:

@@ -142,7 +142,7 @@ class QuantizedLinear(nn.Linear):
             stored = weight.to(torch.bfloat16)
         new.weight = nn.Parameter(stored, requires_grad=False)
         new.bias = linear.bias
-        return new
+        return new.train(linear.training)  # a layer of an eval-mode model stays in eval mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = FrozenLinear.apply(x, self.weight)
@@ -280,7 +280,7 @@ def plain_linear(module: QuantizedLinear, dtype: torch.dtype | None = None) -> n
         plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
     plain.weight = nn.Parameter(weight.clone(), requires_grad=False)
     plain.bias = module.bias
-    return plain
+    return plain.train(module.training)
 
 
 def quantization_error(weight: torch.Tensor, scheme: str) -> float:

@@ -19,7 +19,9 @@ def _cli(*args: object) -> subprocess.CompletedProcess:
 
 def _adapter(folder: Path, r: int, seed: int) -> Path:
     model = tiny_llama()
-    lorakit.inject(model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"]))
+    lorakit.inject(
+        model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules=["q_proj", "v_proj"])
+    )
     randomize_adapters(model, seed=seed)
     return lorakit.save_adapter(model, folder)
 

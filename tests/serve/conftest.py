@@ -39,7 +39,9 @@ def make_adapter(directory: Path, targets: list[str], r: int, use_dora: bool, se
     """An adapter of the packaged model with random non-zero B (B = 0 would be the base model)."""
     model, _, _ = load_model(None)
     torch.manual_seed(seed)  # A's initialisation
-    lorakit.inject(model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, use_dora=use_dora))
+    # lora_dropout 0.05, as the adapters `lorakit train` makes: a server must run no dropout (issue 24).
+    cfg = lorakit.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules=targets, use_dora=use_dora)
+    lorakit.inject(model, cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -328,7 +328,10 @@ class MaskSharing(threading.local):
         """The mask for input `x` with probability p: the shared one when `x` already has one."""
         if not share or compiling():
             return Draw(draw_mask(x.shape, p, x.device), shared=False)
-        key = (x._version, x.shape, p, torch.is_grad_enabled())
+        # An inference tensor (made under torch.inference_mode) has no version counter to read;
+        # it cannot be changed in place outside inference mode either, so its identity is the key.
+        version = -1 if x.is_inference() else x._version
+        key = (version, x.shape, p, torch.is_grad_enabled())
         if self.value is not None and self.ref is not None and self.ref() is x and self.key == key:
             return self.value
         value = Draw(draw_mask(x.shape, p, x.device), shared=True)

@@ -151,6 +151,7 @@ class AdapterRegistry:
 
         def run() -> None:
             load_adapter(self.engine.model, folder, adapter_name=name)
+            self.engine.model.eval()  # the server only infers: no dropout, whatever the model's mode was
 
         def finished(f: Future) -> None:
             err = f.exception()

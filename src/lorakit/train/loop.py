@@ -28,6 +28,7 @@ from lorakit import atomic
 from lorakit.atomic import build_directory
 from lorakit.errors import ConfigError, TrainingError
 from lorakit.io import save_adapter
+from lorakit.modes import evaluating
 from lorakit.state import adapter_owner, require_adapter
 from lorakit.train.checkpoint import (
     CHECKPOINTS_DIR,
@@ -433,13 +434,8 @@ def save_model(model: nn.Module, directory: Path) -> Path:
 
 def _evaluate(model: nn.Module, eval_fn: EvalFn, device: torch.device, step: int) -> dict[str, float]:
     devices = [device.index or 0] if device.type == "cuda" else []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            result = eval_fn(model)
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.no_grad(), torch.random.fork_rng(devices=devices):
+        result = eval_fn(model)
     if not isinstance(result, dict):
         raise TrainingError(f"eval_fn must return a dict of numbers, got {type(result).__name__} at step {step}")
     return {(k if k.startswith("eval_") else f"eval_{k}"): float(v) for k, v in result.items()}
