@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lorakit.data import encode_prompt
 from lorakit.errors import ConfigError
@@ -74,6 +76,7 @@ def generate(
     decoding: Decoding | None = None,
     *,
     batch_size: int = 8,
+    progress: bool = False,
 ) -> list[str]:
     """Continue each prompt; return only the new text.
 
@@ -86,6 +89,8 @@ def generate(
         prompts: the prompt texts.
         decoding: how to decode (default: greedy, 64 new tokens).
         batch_size: prompts per batch.
+        progress: show a tqdm bar over the prompts (on stderr, gone when done), refreshed at every
+            decoded token, so a slow batch (beam search) still shows it is moving.
 
     Returns:
         One completion per prompt, special tokens removed, whitespace stripped.
@@ -99,7 +104,10 @@ def generate(
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(d.seed)
     outputs: list[str] = []
-    with evaluating(model):
+    bar = tqdm(
+        total=len(prompts), desc="generate", unit="prompt", disable=not progress, leave=False, dynamic_ncols=True
+    )
+    with evaluating(model), bar:
         try:
             for start in range(0, len(prompts), batch_size):
                 encoded = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
@@ -123,16 +131,34 @@ def generate(
                     kwargs.update(temperature=None, top_p=None, top_k=None)
                 if d.num_beams > 1:
                     kwargs.update(length_penalty=d.length_penalty, early_stopping=True)
+                processors: list[Any] = []
                 if d.no_repeat_ngram_size:
-                    kwargs["logits_processor"] = LogitsProcessorList(
-                        [_NoRepeatNGramInCompletion(d.no_repeat_ngram_size, prompt_width=width)]
-                    )
+                    processors.append(_NoRepeatNGramInCompletion(d.no_repeat_ngram_size, prompt_width=width))
+                if progress:
+                    processors.append(_Tick(bar, width))
+                if processors:
+                    kwargs["logits_processor"] = LogitsProcessorList(processors)
                 out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
                 for row in out[:, width:]:
                     outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+                bar.update(len(encoded))
         finally:
             torch.random.set_rng_state(generator_state)
     return outputs
+
+
+class _Tick:
+    """A logits processor that changes nothing and shows the decoded length on the progress bar,
+    redrawn at most once a second."""
+
+    def __init__(self, bar: Any, prompt_width: int) -> None:
+        self._bar, self._width, self._shown = bar, prompt_width, time.monotonic()
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if time.monotonic() - self._shown >= 1.0:
+            self._bar.set_postfix_str(f"token {input_ids.shape[1] - self._width + 1}")
+            self._shown = time.monotonic()
+        return scores
 
 
 class _NoRepeatNGramInCompletion:

@@ -148,11 +148,13 @@ def load_model(
     return model, tokenizer, name
 
 
-def load_tokenizer(spec: str | os.PathLike[str] | None = None) -> Any:
-    """Load only the tokenizer of a model `load_model` accepts (a GGUF file is cached first).
+def load_tokenizer(spec: str | os.PathLike[str] | None = None, *, task: str = "causal-lm") -> Any:
+    """Load only the tokenizer of a model `load_model` accepts (a GGUF file is cached first): the
+    one `load_model(spec, task=task)` returns, without the model's weights.
 
     Args:
         spec: As for `load_model`.
+        task: As for `load_model` (a causal LM's tokenizer gets a pad token).
 
     Returns:
         The tokenizer, with `pad_token` set (to EOS when missing and an EOS token exists).
@@ -161,8 +163,10 @@ def load_tokenizer(spec: str | os.PathLike[str] | None = None) -> Any:
         ModelLoadError: As for `load_model`.
     """
     require("transformers", "cli", "loading a tokenizer with lorakit.models")
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     local_dir, _, is_encoder_alias = _resolve(spec)
-    return _tokenizer_from_dir(local_dir, causal=not is_encoder_alias)
+    return _tokenizer_from_dir(local_dir, causal=task == "causal-lm" and not is_encoder_alias)
 
 
 def ensure_cached(alias: str | os.PathLike[str] = DEFAULT_MODEL) -> Path:

@@ -49,7 +49,7 @@ try:
 except ImportError:  # pragma: no cover
     np = None  # type: ignore[assignment]
 
-__all__ = ["ADAPTER_DIR", "METRICS_FILE", "MODEL_DIR", "FitResult", "fit"]
+__all__ = ["ADAPTER_DIR", "METRICS_FILE", "MODEL_DIR", "FitResult", "check_resume", "fit"]
 
 logger = logging.getLogger("lorakit.train")
 
@@ -144,6 +144,7 @@ def fit(
     on_step: StepHook | None = None,
     adapter_name: str = "default",
     progress: bool | None = None,
+    resume_hint: str = "call fit(..., resume=True)",
 ) -> FitResult:
     """Train the trainable parameters of `model` (its LoRA adapter, or all of them) and save the result.
 
@@ -206,6 +207,8 @@ def fit(
         adapter_name: the adapter to train and save (when the model carries lorakit adapters).
         progress: show a tqdm bar (step, loss, tokens/s, ETA); None: only on rank 0 when stderr
             is a terminal.
+        resume_hint: what the Ctrl-C message tells the user to do to continue (`lorakit train`
+            names its command line).
 
     Returns:
         Steps, final loss, eval history and paths.
@@ -353,12 +356,16 @@ def fit(
                     where = out / CHECKPOINTS_DIR / f"step-{position.step}"
                     bar.close()
                     logger.warning(
-                        "interrupted: saved checkpoint %s at step %d of %d; call fit(..., resume=True) to continue",
+                        "interrupted: saved checkpoint %s at step %d of %d; %s to continue",
                         where,
                         position.step,
                         total_steps,
+                        resume_hint,
                     )
-                    raise KeyboardInterrupt(f"training interrupted at step {position.step}; checkpoint {where}")
+                    raise KeyboardInterrupt(
+                        f"training interrupted at step {position.step} of {total_steps}; checkpoint {where}; "
+                        f"{resume_hint} to continue"
+                    )
             if eval_fn is not None and last_eval != position.step:
                 entry = _evaluate(model, eval_fn, device, position.step)
                 run.evals.append({"step": position.step, **entry})
@@ -448,6 +455,31 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_resume(checkpoint: Path, cfg: TrainConfig, *, batches_per_epoch: int | None = None) -> dict[str, Any]:
+    """Refuse to resume from `checkpoint` with settings that would not continue the same run.
+
+    Reads only the checkpoint's JSON, so a caller can check before loading a model or data
+    (`batches_per_epoch` None: not checked yet).
+
+    Returns:
+        The checkpoint's trainer state.
+
+    Raises:
+        TrainingError: an unreadable trainer state, or the settings that changed, each named with
+            its checkpoint and current value.
+    """
+    state = read_trainer_state(checkpoint)
+    problems = cfg.resume_differences(state.get("config", {}))
+    if batches_per_epoch is not None and state.get("batches_per_epoch") != batches_per_epoch:
+        problems.append(f"batches_per_epoch: checkpoint {state.get('batches_per_epoch')!r}, now {batches_per_epoch!r}")
+    if problems:
+        raise TrainingError(
+            f"cannot resume from {checkpoint}: the run's settings changed, so it would not continue the same run:\n"
+            "  - " + "\n  - ".join(problems)
+        )
+    return state
+
+
 def _resume(
     path: Path,
     model: nn.Module,
@@ -458,15 +490,7 @@ def _resume(
     total_steps: int,
     batches_per_epoch: int,
 ) -> tuple[_Position, _Run]:
-    state = read_trainer_state(path)
-    problems = cfg.resume_differences(state.get("config", {}))
-    if state.get("batches_per_epoch") != batches_per_epoch:
-        problems.append(f"batches_per_epoch: checkpoint {state.get('batches_per_epoch')!r}, now {batches_per_epoch!r}")
-    if problems:
-        raise TrainingError(
-            f"cannot resume from {path}: the run's settings changed, so it would not continue the same run:\n  - "
-            + "\n  - ".join(problems)
-        )
+    state = check_resume(path, cfg, batches_per_epoch=batches_per_epoch)
     if state.get("world_size") != info.world_size:
         logger.warning(
             "resuming a run of %s processes on %d: the data and loss are the same, dropout masks are not",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
+import shlex
 import shutil
 import time
 from collections.abc import Callable
@@ -39,8 +41,9 @@ class TrainRun:
     """What a training run reads and where it writes (the hyper-parameters are `TrainConfig`'s).
 
     Args:
-        model: base model: `smollm2-135m` (packaged default), `minilm-l6` (packaged encoder, for
-            classification), a local transformers model directory, or a `.gguf` file.
+        model: base model: a packaged alias (`smollm2-135m`, or the encoder `minilm-l6` for
+            classification), a local transformers model directory, or a `.gguf` file (default:
+            `smollm2-135m`).
         data: training data: a JSONL/JSON file (`text`, `prompt`/`completion` or chat `messages`),
             a CSV, an E2E file (official `mr,ref` CSV or the LoRA `.txt` format), a GLUE TSV for
             classification, or `e2e` (the bundled sample).
@@ -53,6 +56,10 @@ class TrainRun:
             0.13× the fp32 bytes; needs lorakit[quantize]) or `bf16`; `none` keeps full precision.
         seq_len: maximum tokens per example; longer rows are cut at the end (counted in the summary).
         samples: prompts from the eval data to generate from before and after training.
+        eval_max_rows: evaluate on at most this many rows of the eval data (a sample fixed by
+            the seed, in file order), before, during and after training; None: every row.
+        eval_batch_size: rows per evaluation forward (default: twice `batch_size`; no gradients
+            are kept, so it can be larger).
         out: output directory (adapter/, checkpoints/, metrics.jsonl, loss.png, run_config.json,
             summary.json).
         resume: continue from the latest checkpoint in `out`.
@@ -70,6 +77,8 @@ class TrainRun:
     quantize: Literal["none", "nf4", "bf16"] = "none"
     seq_len: int = 128
     samples: int = 2
+    eval_max_rows: int | None = 200
+    eval_batch_size: int | None = None
     out: str = "runs/lorakit-train"
     resume: bool = False
     overwrite: bool = False
@@ -95,11 +104,13 @@ def train_run(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer
         overwritten unless `overwrite`/`resume` says so.
     """
     from lorakit.evaluate import loss_on
-    from lorakit.models import load_model
+    from lorakit.models import load_model, load_tokenizer
     from lorakit.train import fit, init_distributed, is_sharded
+    from lorakit.train.loop import check_resume
     from lorakit.train.plot import plot_losses
 
     require_extra("cli", "lorakit train")
+    _check_sizes(run)
     if run.threads:
         torch.set_num_threads(run.threads)
     info = init_distributed()
@@ -110,24 +121,37 @@ def train_run(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer
             "use --strategy ddp with an NF4 base, or --quantize bf16 with FSDP"
         )
     say = echo if main else (lambda _msg: None)
-    out = _check_out(run)
+    # Everything is checked before anything slow runs or any file is written: the output folder,
+    # the resumed checkpoint's settings, then the data (read and tokenised), then the model.
+    out, checkpoint, note = _check_out(run)
+    if note:
+        say(note)
+    resume = checkpoint is not None
+    if checkpoint is not None:
+        check_resume(checkpoint, train)
     for source in (run.data, run.eval_data):
         if source and run.task != "classification":
-            D.resolve_source(source)  # a missing file is reported before the model loads
+            D.resolve_source(source)  # a missing file is reported before anything is read
     torch.manual_seed(train.seed)
     t0 = time.perf_counter()
+    tokenizer = load_tokenizer(run.model, task=run.task)
+    train_ds, eval_ds, eval_examples, eval_total = _load_data(run, tokenizer, train.seed)
+    truncated = train_ds.truncated
+    capped = f" (a sample of {eval_total}; --eval-max-rows)" if len(eval_ds) < eval_total else ""
+    say(
+        f"data: {len(train_ds)} training rows, {len(eval_ds)} eval rows{capped}"
+        + (f"; {truncated} rows truncated to seq_len={run.seq_len}" if truncated else "")
+    )
+    per_epoch = D.num_batches(train_ds, train.batch_size)
+    if checkpoint is not None:
+        check_resume(checkpoint, train, batches_per_epoch=per_epoch)
     scheme = None if run.quantize == "none" else run.quantize
+    t1 = time.perf_counter()
     model, tokenizer, name = load_model(run.model, task=run.task, num_labels=run.num_labels, quantize=scheme)
     stored = f"; linear weights stored as {scheme}" if scheme else ""
     say(
         f"model: {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-        f"loaded in {time.perf_counter() - t0:.1f}s{stored})"
-    )
-    train_ds, eval_ds, eval_examples = _load_data(run, tokenizer, train.seed)
-    truncated = train_ds.truncated
-    say(
-        f"data: {len(train_ds)} training rows, {len(eval_ds)} eval rows"
-        + (f"; {truncated} rows truncated to seq_len={run.seq_len}" if truncated else "")
+        f"loaded in {time.perf_counter() - t1:.1f}s{stored})"
     )
 
     if run.task == "classification" and lora.modules_to_save is None:
@@ -142,25 +166,25 @@ def train_run(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer
         f"parameters ({100 * trainable / total:.3f}%)"
     )
 
+    eval_batch = run.eval_batch_size or 2 * train.batch_size
     prompts = _distinct_prompts(eval_examples, run.samples) if run.task == "causal-lm" else []
-    before_loss = loss_on(model, eval_ds, train.batch_size)
-    before_samples = _samples(model, tokenizer, prompts)
+    before_loss = loss_on(model, eval_ds, eval_batch, progress=run.progress and main, desc="eval before")
+    before_samples = _samples(model, tokenizer, prompts, run.progress and main)
     say(f"eval loss before: {before_loss:.4f}")
     for ex, text in zip(prompts, before_samples, strict=True):
         say(f"  before | {ex.prompt.strip()}\n         -> {text}")
 
-    per_epoch = D.num_batches(train_ds, train.batch_size)
     steps = train.max_steps or math.ceil(per_epoch / train.grad_accum) * train.epochs
 
     def batches(epoch: int, start: int):
         return D.iterate_batches(train_ds, train.batch_size, seed=train.seed, epoch=epoch, start=start)
 
     def evaluate(m: nn.Module) -> dict[str, float]:
-        return {"eval_loss": loss_on(m, eval_ds, train.batch_size)}
+        return {"eval_loss": loss_on(m, eval_ds, eval_batch, progress=run.progress and main)}
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        if run.overwrite and not run.resume:
+        if run.overwrite and not resume:
             # Everything is validated by now. The earlier run's checkpoints would make fit() refuse
             # to start (after run_config.json was already replaced) or a later --resume pick them up.
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
@@ -175,16 +199,16 @@ def train_run(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer
         out,
         batches_per_epoch=per_epoch,
         eval_fn=evaluate,
-        resume=run.resume,
+        resume=resume,
         progress=run.progress,
+        resume_hint=f"run `lorakit train --out {shlex.quote(str(out))} --resume`",
     )
     sharded = is_sharded(model)
     if not main and not sharded:
         return {}
-    model.eval()
     # A sharded model's forward gathers each block from every rank: all ranks run these.
-    after_loss = loss_on(model, eval_ds, train.batch_size)
-    after_samples = _samples(model, tokenizer, prompts)
+    after_loss = loss_on(model, eval_ds, eval_batch, progress=run.progress and main, desc="eval after")
+    after_samples = _samples(model, tokenizer, prompts, run.progress and main)
     if not main:
         return {}
     say(f"eval loss after: {after_loss:.4f} (before {before_loss:.4f})")
@@ -219,21 +243,52 @@ def train_run(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _check_out(run: TrainRun) -> Path:
+def _check_sizes(run: TrainRun) -> None:
+    problems = [
+        f"{name} must be an integer >= 1 or None, got {value!r}"
+        for name in ("eval_max_rows", "eval_batch_size")
+        if (value := getattr(run, name)) is not None
+        and (isinstance(value, bool) or not isinstance(value, int) or value < 1)
+    ]
+    if problems:
+        raise ConfigError("invalid TrainRun:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _check_out(run: TrainRun) -> tuple[Path, Path | None, str | None]:
+    """(out, the checkpoint to resume from or None, a line to print) — or refuse, writing nothing."""
+    from lorakit.train.checkpoint import latest_checkpoint
+
     out = Path(run.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} exists and is not a directory")
     finished = (out / "adapter" / "adapter_config.json").is_file()
-    started = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step-*"))
-    if finished and not (run.resume or run.overwrite):
+    checkpoint = latest_checkpoint(out) if out.is_dir() else None
+    if run.resume:
+        if checkpoint is not None:
+            return out, checkpoint, f"resuming {out} from {checkpoint.name}"
+        if finished and not run.overwrite:
+            raise ConfigError(
+                f"--resume: {out} holds a finished run with no checkpoint to continue from; "
+                "pass --overwrite to train it again, or another --out"
+            )
+        others = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        if others and not (out / "run_config.json").is_file():
+            shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+            raise ConfigError(
+                f"--resume: {out} holds no lorakit run (no run_config.json, no checkpoints/; it has {shown}); "
+                "give the --out of the run to continue"
+            )
+        why = "the run stopped before its first checkpoint" if others else "nothing has run there yet"
+        return out, None, f"--resume: no checkpoint in {out} ({why}): starting the run from step 0"
+    if finished and not run.overwrite:
         raise ConfigError(f"{out} already holds a finished run; pass --overwrite, --resume, or another --out")
-    if started and not (run.resume or run.overwrite):
+    if checkpoint is not None and not run.overwrite:
         raise ConfigError(f"{out} holds checkpoints of an earlier run; pass --resume to continue it, or another --out")
-    return out
+    return out, None, None
 
 
 def _load_data(run: TrainRun, tokenizer: Any, seed: int):
-    """(train dataset, eval dataset, eval examples for samples)."""
+    """(train dataset, eval dataset, eval examples for samples, eval rows before `eval_max_rows`)."""
     if run.task == "classification":
         a, b, y = D.load_classification(run.data)
         if run.eval_data:
@@ -249,20 +304,33 @@ def _load_data(run: TrainRun, tokenizer: Any, seed: int):
 
             ea, eb, ey = pick(a, held), pick(b, held), pick(y, held)
             a, b, y = pick(a, kept), pick(b, kept), pick(y, kept)
+        total = len(ey)
+        chosen = _sample(list(range(total)), run.eval_max_rows, seed)
+        ea, eb, ey = ([v[i] for i in chosen] if v else v for v in (ea, eb, ey))
         train = D.tokenize_classification(a, b, y, tokenizer, run.seq_len)
         evald = D.tokenize_classification(ea, eb, ey, tokenizer, run.seq_len)
-        return train, evald, []
+        return train, evald, [], total
     examples = D.load_examples(run.data, tokenizer=tokenizer)
     if run.eval_data or run.data == "e2e":
         eval_examples = D.load_examples(run.eval_data or "e2e-dev", tokenizer=tokenizer)
         train_examples = examples
     else:
         train_examples, eval_examples = D.split_holdout(examples, run.eval_fraction, seed)
+    total = len(eval_examples)
+    eval_examples = _sample(eval_examples, run.eval_max_rows, seed)
     train = D.tokenize_examples(train_examples, tokenizer, run.seq_len)
     evald = D.tokenize_examples(eval_examples, tokenizer, run.seq_len)
     if len(train) == 0:
         raise DataError(f"{run.data}: no usable rows after tokenisation (seq_len={run.seq_len} too small?)")
-    return train, evald, eval_examples
+    return train, evald, eval_examples, total
+
+
+def _sample(rows: list, n: int | None, seed: int) -> list:
+    """At most n of `rows`: a sample fixed by `seed`, kept in file order."""
+    if n is None or len(rows) <= n:
+        return rows
+    chosen = sorted(random.Random(f"lorakit-eval:{seed}").sample(range(len(rows)), n))
+    return [rows[i] for i in chosen]
 
 
 def _distinct_prompts(examples: list[D.Example], n: int) -> list[D.Example]:
@@ -287,9 +355,9 @@ def _classifier_name(model: nn.Module) -> str:
     raise ConfigError("could not find the classification head (classifier/score); pass --modules-to-save")
 
 
-def _samples(model: nn.Module, tokenizer: Any, prompts: list[D.Example]) -> list[str]:
+def _samples(model: nn.Module, tokenizer: Any, prompts: list[D.Example], progress: bool) -> list[str]:
     if not prompts:
         return []
     from lorakit.generate import Decoding, generate
 
-    return generate(model, tokenizer, [p.prompt for p in prompts], Decoding(max_new_tokens=40))
+    return generate(model, tokenizer, [p.prompt for p in prompts], Decoding(max_new_tokens=40), progress=progress)
