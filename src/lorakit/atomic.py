@@ -11,8 +11,10 @@ model cache) goes through here:
 
 A crash at any moment leaves the old file (or no directory) or the new one, never a partial one,
 and no temporary file behind after an error. Files get the permissions a plain `open()` or
-`mkdir()` would give them (those of the file replaced, or 0o666/0o777 less the umask), not the
-private 0o600/0o700 of `tempfile`.
+`mkdir()` would give them (those of the file replaced, or `default_mode`: 0o666/0o777 less the
+umask), not the private 0o600/0o700 of `tempfile` — nor those of a writer that makes its files
+private, as safetensors' `save_file` (0o600, so transformers' `save_pretrained` too) does: every
+file and folder a `build_directory` callback leaves gets `default_mode` before the rename.
 """
 
 from __future__ import annotations
@@ -21,12 +23,22 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["build_directory", "fsync_path", "write_bytes", "write_file", "write_json", "write_path", "write_text"]
+__all__ = [
+    "build_directory",
+    "default_mode",
+    "fsync_path",
+    "write_bytes",
+    "write_file",
+    "write_json",
+    "write_path",
+    "write_text",
+]
 
 
 def write_file(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
@@ -92,7 +104,19 @@ def _mode_for(path: Path) -> int:
     try:
         return path.stat().st_mode & 0o7777
     except FileNotFoundError:
-        return 0o666 & ~_umask()
+        return default_mode()
+
+
+def default_mode(*, directory: bool = False) -> int:
+    """The mode a new file (0o666) or folder (0o777) gets from a plain `open()` or `mkdir()`: less the umask.
+
+    Args:
+        directory: the mode of a folder rather than of a file.
+
+    Returns:
+        The permission bits, e.g. 0o644 (a file) and 0o755 (a folder) under umask 022.
+    """
+    return (0o777 if directory else 0o666) & ~_umask()
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -122,7 +146,7 @@ def build_directory(
     Args:
         target: the directory to create; its parent is created if missing.
         build: fills the temporary directory it is given (write plain files: the whole tree is
-            fsynced before the rename).
+            given `default_mode` and fsynced before the rename).
         replace: if `target` already exists, replace it (it is moved aside, then deleted once the
             new one is in place). Otherwise an existing `target` is an error, unless...
         keep_existing: ...this returns True for it: then another writer finished first with a
@@ -139,8 +163,9 @@ def build_directory(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     aside: Path | None = None
     try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0o700 would make the result private
+        tmp.chmod(default_mode(directory=True))  # mkdtemp's 0o700 would make the result private
         build(tmp)
+        _give_default_modes(tmp)
         for path in sorted(tmp.rglob("*"), reverse=True):  # files, then their folders
             fsync_path(path)
         fsync_path(tmp)
@@ -166,6 +191,22 @@ def build_directory(
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
     return target
+
+
+def _give_default_modes(root: Path) -> None:
+    """chmod every regular file and folder under `root` to `default_mode`: the callback's writers
+    may have made them private (safetensors' `save_file` creates 0o600 files, `mkdtemp` 0o700
+    folders). Symbolic links are left alone: chmod would follow them."""
+    file_mode, folder_mode = default_mode(), default_mode(directory=True)
+    for folder, folders, files in os.walk(root):
+        for name in folders:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, folder_mode)
+        for name in files:
+            path = os.path.join(folder, name)
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                os.chmod(path, file_mode)
 
 
 def fsync_path(path: str | os.PathLike) -> None:

@@ -46,10 +46,25 @@ def test_export_writes_an_adapter_and_a_merged_model(adapters: Path, tmp_path: P
     assert len(reader.tensors) == 30 * 3 * 2
     assert {t.tensor_type.name for t in reader.tensors} == {"F32"}  # auto: f32 for an adapter
 
-    done = _export("--adapter", adapters / "plain", "--format", "gguf", "--outtype", "q8_0", "-o", tmp_path / "m.gguf")
+    # The merged model from the packaged Q4_1 GGUF: by default the base's tensors as stored, the
+    # adapted q/k/v matrices F16, and general.file_type saying what most matrices are (still Q4_1).
+    done = _export("--adapter", adapters / "plain", "--format", "gguf", "-o", tmp_path / "m.gguf")
     assert done.returncode == 0, done.stderr
-    merged = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
-    assert merged["blk.0.attn_q.weight"] == "Q8_0" and merged["blk.0.attn_output.weight"] == "Q4_1"
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    merged = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert merged["blk.0.attn_q.weight"] == "F16" and merged["blk.0.attn_output.weight"] == "Q4_1"
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_1
+    assert "general.file_type MOSTLY_Q4_1; tensors: 120 Q4_1, 90 F16, 61 F32, 1 Q8_0" in done.stdout
+
+    # --outtype f16: the whole file re-encoded (the Q4_1 and Q8_0 tensors dequantised), norms F32.
+    done = _export("--adapter", adapters / "plain", "--format", "gguf", "--outtype", "f16", "-o", tmp_path / "f.gguf")
+    assert done.returncode == 0, done.stderr
+    reader = gguf.GGUFReader(tmp_path / "f.gguf")
+    assert {t.name: t.tensor_type.name for t in reader.tensors} == {
+        name: "F32" if kind == "F32" else "F16" for name, kind in merged.items()
+    }
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_F16
+    assert "general.file_type MOSTLY_F16; tensors: 211 F16, 61 F32" in done.stdout
 
 
 def test_export_refusals_exit_2_with_one_line(adapters: Path, tmp_path: Path):

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from lorakit import atomic
 
@@ -77,15 +79,46 @@ def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatc
     assert _leftovers(tmp_path) == ["state.json"]
 
 
-def test_new_files_and_directories_get_the_umasks_permissions(tmp_path):
-    old = os.umask(0o027)
+def _private_writers(directory: Path) -> None:
+    """What a build callback may leave: safetensors' 0o600 file (as `save_pretrained` writes it), a
+    0o700 folder holding a 0o600 file, and a link to a file outside the directory."""
+    save_file({"w": torch.zeros(2)}, str(directory / "model.safetensors"))
+    (directory / "shards").mkdir(mode=0o700)
+    (directory / "shards" / "part.bin").write_bytes(b"x")
+    os.chmod(directory / "shards" / "part.bin", 0o600)
+    (directory / "outside").symlink_to(directory.parent / "outside.txt")
+
+
+@pytest.mark.parametrize(
+    ("umask", "file_mode", "folder_mode"),
+    [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)],
+    ids=["umask-022", "umask-077"],
+)
+def test_every_file_and_folder_gets_what_open_and_mkdir_give_under_the_umask(tmp_path, umask, file_mode, folder_mode):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not ours")
+    os.chmod(outside, 0o604)
+    old = os.umask(umask)
     try:
+        assert atomic._umask() == umask  # read from /proc without changing it
+        assert (atomic.default_mode(), atomic.default_mode(directory=True)) == (file_mode, folder_mode)
         atomic.write_text(tmp_path / "a.txt", "x")
-        atomic.build_directory(tmp_path / "d", lambda tmp: (tmp / "f").write_text("y"))
+        atomic.write_path(tmp_path / "b.gguf", lambda tmp: tmp.write_bytes(b"GGUF"))
+        atomic.build_directory(tmp_path / "d", _private_writers)
+        with open(tmp_path / "plain.txt", "w") as f:  # what lorakit's files must match
+            f.write("x")
+        os.mkdir(tmp_path / "plain")
     finally:
         os.umask(old)
-    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640
-    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o750
+    assert os.umask(old) == old and atomic._umask() == old  # the umask was restored
+    assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == file_mode
+    assert (tmp_path / "plain").stat().st_mode & 0o777 == folder_mode
+    d = tmp_path / "d"
+    for path in (tmp_path / "a.txt", tmp_path / "b.gguf", d / "model.safetensors", d / "shards" / "part.bin"):
+        assert path.stat().st_mode & 0o777 == file_mode, path
+    for path in (d, d / "shards"):
+        assert path.stat().st_mode & 0o777 == folder_mode, path
+    assert outside.stat().st_mode & 0o777 == 0o604  # a link's target is not ours to change
 
 
 def test_write_path_replaces_atomically_keeps_the_mode_and_cleans_up(tmp_path):

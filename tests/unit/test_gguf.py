@@ -135,8 +135,11 @@ def test_merged_gguf_loads_in_transformers_with_the_merged_logits(adapted, tmp_p
     reader, base = gguf.GGUFReader(path), gguf.GGUFReader(source)
     keys = {k for k in base.fields if not k.startswith("GGUF.")}
     assert {k for k in reader.fields if not k.startswith("GGUF.")} == keys
-    for key in keys - {"general.architecture"}:
+    for key in keys - {"general.architecture", "general.file_type"}:
         assert reader.fields[key].contents() == base.fields[key].contents(), key
+    # Every projection adapted: 210 of the 211 matrices are F16 now, so the file is "mostly F16".
+    assert base.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_1
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_F16
     adapted_names = {f"blk.{p.split('.')[2]}.{GGUF_NAMES[p.rsplit('.', 1)[-1]]}.weight" for p, _ in lora_layers(model)}
     stored = {t.name: t for t in base.tensors}
     assert [t.name for t in reader.tensors] == [t.name for t in base.tensors]
@@ -147,8 +150,12 @@ def test_merged_gguf_loads_in_transformers_with_the_merged_logits(adapted, tmp_p
             assert tensor.tensor_type == stored[tensor.name].tensor_type
             assert np.array_equal(tensor.data, stored[tensor.name].data), tensor.name
 
-    # The logits, from an f32 file (so only float rounding separates it from the merged model).
+    # The logits, from an f32 file (so only float rounding separates it from the merged model): every
+    # tensor, the base's Q4_1 and Q8_0 ones dequantised, is F32.
     exact = export_gguf(model, tmp_path / "merged-f32.gguf", format="gguf", outtype="f32")
+    f32 = gguf.GGUFReader(exact)
+    assert {t.tensor_type.name for t in f32.tensors} == {"F32"} and len(f32.tensors) == len(base.tensors)
+    assert f32.fields["general.file_type"].contents() == gguf.LlamaFileType.ALL_F32
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         want = model(ids).logits
@@ -162,6 +169,86 @@ def test_merged_gguf_loads_in_transformers_with_the_merged_logits(adapted, tmp_p
     assert not any(layer.merged for _, layer in lora_layers(model))
 
 
+def _logits_with_weights_in_f16(model, ids: torch.Tensor) -> torch.Tensor:
+    """The adapted model's logits with every matrix merged (W + ΔW) and rounded to f16, vectors kept
+    in f32: what a whole-file f16 GGUF holds. The model is not changed."""
+    layers = dict(lora_layers(model))
+    weights = {}
+    for name, param in model.named_parameters():
+        if ".adapters." in name or param.ndim < 2:
+            continue
+        value = param.detach().float()
+        owner = name.removesuffix(".base_layer.weight")
+        if owner in layers:
+            value = value + layers[owner].delta_weight("default").float()
+        weights[name] = value.half().float()
+    with torch.no_grad(), lorakit.disable_adapters(model):
+        return torch.func.functional_call(model, weights, (ids,)).logits
+
+
+def test_merged_gguf_keeps_the_base_types_or_re_encodes_the_whole_file(smollm, tmp_path: Path):
+    """The default keeps the Q4_1 base as stored (adapted matrices F16, general.file_type from what
+    the file holds); --outtype f16 / bf16 dequantise and re-encode every tensor, norms staying F32."""
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = smollm
+    base = gguf.GGUFReader(base_gguf_of(model))
+    stored = {t.name: t for t in base.tensors}
+    _adapted(model, lorakit.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]))
+    try:
+        reader = gguf.GGUFReader(export_gguf(model, tmp_path / "auto.gguf", format="gguf"))
+        assert [t.name for t in reader.tensors] == [t.name for t in base.tensors]
+        for tensor in reader.tensors:
+            if tensor.name.endswith(("attn_q.weight", "attn_v.weight")):
+                assert tensor.tensor_type.name == "F16", tensor.name
+            else:
+                assert tensor.tensor_type == stored[tensor.name].tensor_type, tensor.name
+                assert np.array_equal(tensor.data, stored[tensor.name].data), tensor.name
+        counts = {kind: sum(t.tensor_type.name == kind for t in reader.tensors) for kind in ("Q4_1", "F16")}
+        assert counts == {"Q4_1": 150, "F16": 60}
+        # 150 of the 211 matrices are still Q4_1: llama.cpp's "mostly Q4_1", computed, not copied.
+        assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_1
+
+        ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+        with torch.no_grad():
+            want = model(ids).logits
+        rounded = _logits_with_weights_in_f16(model, ids)
+        for outtype, kind, file_type in (
+            ("f16", "F16", gguf.LlamaFileType.MOSTLY_F16),
+            ("bf16", "BF16", gguf.LlamaFileType.MOSTLY_BF16),
+        ):
+            path = export_gguf(model, tmp_path / f"{outtype}.gguf", format="gguf", outtype=outtype)
+            reader = gguf.GGUFReader(path)
+            assert reader.fields["general.file_type"].contents() == file_type
+            for tensor in reader.tensors:
+                one_d = len(tensor.shape) == 1
+                assert tensor.tensor_type.name == ("F32" if one_d else kind), tensor.name
+        with torch.no_grad():
+            loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="f16.gguf", dtype=torch.float32).eval()
+            got = loaded(ids).logits
+    finally:
+        lorakit.unload(model)
+    # The f16 file holds the merged weights rounded to f16, and nothing else changes them.
+    assert float((got - rounded).abs().max()) < 2e-3
+    assert float((got - want).abs().max()) < 0.1  # f16 rounding of every matrix, on logits up to ~30
+
+
+def test_file_type_is_what_most_matrices_are_as_llama_cpp_names_it():
+    from lorakit.export.gguf import _file_type
+
+    T = gguf.GGMLQuantizationType
+    matrix, vector = np.zeros((2, 4), np.uint8), np.zeros(4, np.float32)
+    f16, f32 = np.zeros((2, 4), np.float16), np.zeros((2, 4), np.float32)
+    norms = [(f"blk.{i}.attn_norm.weight", vector, None) for i in range(9)]  # 1-D: never counted
+    assert _file_type([*norms, ("a", matrix, T.Q4_1), ("b", matrix, T.Q4_1), ("c", f16, None)]) == 3  # MOSTLY_Q4_1
+    assert _file_type([*norms, ("a", matrix, T.Q4_1), ("c", f16, None), ("d", f16, None)]) == 1  # MOSTLY_F16
+    assert _file_type([("c", f16, None), ("a", matrix, T.Q4_1)]) == 1  # a tie: the first in the file
+    assert _file_type([*norms, ("a", f32, None)]) == gguf.LlamaFileType.ALL_F32
+    assert _file_type([("a", matrix, T.Q4_K)]) == gguf.LlamaFileType.MOSTLY_Q4_K_M  # llama.cpp's loader table
+    assert _file_type([("a", matrix, T.Q8_K)]) is None  # no llama.cpp file type: the key is left out
+    assert _file_type(norms) is None
+
+
 def test_merged_gguf_in_q8_0(adapted, tmp_path: Path):
     model, _ = adapted
     path = export_gguf(model, tmp_path / "merged-q8.gguf", format="gguf", outtype="q8_0")
@@ -171,6 +258,9 @@ def test_merged_gguf_in_q8_0(adapted, tmp_path: Path):
     stored = _tensor(reader, "blk.0.attn_v.weight")
     assert next(t for t in reader.tensors if t.name == "blk.0.attn_v.weight").tensor_type.name == "Q8_0"
     assert float((stored - merged).abs().max()) <= float(merged.abs().max()) / 127  # one Q8_0 step
+    # Only the adapted matrices are quantised: the base's Q8_0 embedding and F32 norms are as stored.
+    types = {t.tensor_type.name for t in reader.tensors}
+    assert types == {"Q8_0", "F32"} and reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
 
 
 def _unchanged(path: Path, before: bytes) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 from lorakit.cli.command import Command
 from lorakit.cli.flags import FlagSpec
 from lorakit.errors import ConfigError
-from lorakit.export.gguf import GgufExport, export_gguf
+from lorakit.export.gguf import GgufExport, describe_gguf, export_gguf
 from lorakit.models import ModelSource, load_source
 
 
@@ -29,7 +29,7 @@ def _run(source: ModelSource, output: GgufExport, echo: Callable[[str], None]) -
         base = source.model  # the base was loaded from this file: the merged GGUF starts from it
     out = export_gguf(model, output.out, format=output.format, outtype=output.outtype, base_gguf=base)
     what = "llama.cpp LoRA adapter" if output.format == "gguf-lora" else "merged model"
-    echo(f"{what} written to {out} ({out.stat().st_size / 2**20:.2f} MiB)")
+    echo(f"{what} written to {out} ({out.stat().st_size / 2**20:.2f} MiB; {describe_gguf(out)})")
     return out
 
 

@@ -10,12 +10,22 @@ Written with the maintained `gguf` package (the extra `lorakit[cli]`), no llama.
   ΔW = B·A means to B only. llama.cpp scales each adapter by alpha / r (r read from the tensor),
   so any other scale — rsLoRA's alpha/√r, a per-module `alpha_pattern` or `rank_pattern` — is
   folded into B, and ΔW is the same.
-- `gguf`: one file with the merged model. When the base came from a GGUF file (the packaged default),
-  it starts from that file (its metadata, tokenizer and every tensor, copied as they are stored)
-  and replaces only the adapted weights by dequant(W) + ΔW in the chosen type, so what was not
-  adapted is bit-identical to the base file. When the base came from a transformers directory, the
-  whole file is written: the config's hyper-parameters, the directory's BPE vocabulary, merges,
-  special tokens and chat template (through the `gguf` package's readers), every merged tensor.
+- `gguf`: one file with the merged model. When the base came from a GGUF file (the packaged default,
+  a Q4_1 file), it starts from that file (its metadata, tokenizer and tensors) and replaces the
+  adapted weights by dequant(W) + ΔW. By default (`outtype="auto"`) every other tensor is copied
+  as it is stored, bit-identical to the base file, and an adapted one is written in the base
+  tensor's type if that is a float type, else in F16: lorakit never quantises a weight it was not
+  asked to. `f32`, `f16` or `bf16` re-encode the whole file: every tensor dequantised with the
+  `gguf` package and written in that type, except 1-D tensors (norms), which stay F32 as llama.cpp's
+  converter keeps them. `q8_0` quantises the adapted weights only; the base's tensors are never
+  re-quantised. When the base came from a transformers directory, the whole file is written: the
+  config's hyper-parameters, the directory's BPE vocabulary, merges, special tokens and chat
+  template (through the `gguf` package's readers), every merged tensor (`auto`: F16).
+
+  `general.file_type` says what the merged file holds, as llama.cpp labels a mixed file: the type
+  most of its matrices have ("mostly Q4_1", except 1-D tensors), llama.cpp's `LlamaFileType` for it.
+  A merge that adapts a few of the packaged base's projections stays mostly Q4_1; one that adapts
+  all of them is mostly F16.
 
 Both are written atomically (a temporary file beside the target, fsynced, renamed).
 """
@@ -23,7 +33,8 @@ Both are written atomically (a temporary file beside the target, fsynced, rename
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +45,7 @@ from torch import nn
 from lorakit.errors import ConfigError, ModelLoadError
 from lorakit.extras import require
 
-__all__ = ["ARCHITECTURES", "GgufExport", "export_gguf", "gguf_lora_tensors", "llama_permute"]
+__all__ = ["ARCHITECTURES", "GgufExport", "describe_gguf", "export_gguf", "gguf_lora_tensors", "llama_permute"]
 
 Format = Literal["gguf-lora", "gguf"]
 OutType = Literal["auto", "f32", "f16", "bf16", "q8_0"]
@@ -46,7 +57,8 @@ ARCHITECTURES: dict[str, tuple[str, bool]] = {
 """transformers class → (GGUF architecture, whether q/k rows are permuted as llama.cpp's LLaMA converter does)."""
 
 _LORA_OUTTYPES = ("f32", "f16", "bf16")
-_MERGED_OUTTYPES = ("f16", "bf16", "q8_0", "f32")
+_MERGED_OUTTYPES = ("auto", "f16", "bf16", "f32", "q8_0")
+_WHOLE_FILE_OUTTYPES = ("f32", "f16", "bf16")  # float types: re-encoding into them quantises nothing
 
 
 @dataclass
@@ -57,8 +69,12 @@ class GgufExport:
         format: `gguf-lora` (a llama.cpp LoRA adapter: load it beside the base GGUF with
             `--lora`) or `gguf` (the merged model as one GGUF file, from the base's own GGUF).
         out: the `.gguf` file to write (replaced atomically if it exists); required.
-        outtype: the adapted tensors' type: `f32`, `f16`, `bf16` (adapters and merged models) or
-            `q8_0` (merged models); `auto` is f32 for an adapter, f16 for a merged model.
+        outtype: an adapter's tensor type: `f32` (`auto`), `f16` or `bf16`. A merged model's: `auto`
+            keeps the base GGUF's tensors as stored and writes the adapted ones in the base's float
+            type, or F16 where the base is quantised (the packaged base is Q4_1); `f32`, `f16` or
+            `bf16` re-encode the whole file (base tensors dequantised; 1-D ones stay F32, as in
+            llama.cpp); `q8_0` quantises only the adapted tensors (the base's are never
+            re-quantised). From a transformers directory, `auto` is f16.
         base_gguf: the base model's GGUF file, for `gguf` (default: the packaged model's file, or
             the `.gguf` the model was loaded from).
     """
@@ -294,7 +310,8 @@ def _write_merged(model: nn.Module, path: Path, outtype: str, adapter_name: str,
                 "directory (--model DIR); or write the merged transformers directory (`lorakit merge`) and convert "
                 "it with llama.cpp's convert_hf_to_gguf.py"
             )
-        return _write_merged_from_directory(owner, path, outtype, adapter_name, tokenizer_dir)
+        whole = "f16" if outtype == "auto" else outtype
+        return _write_merged_from_directory(owner, path, whole, adapter_name, tokenizer_dir)
     try:
         reader = gguf.GGUFReader(source)
     except (OSError, ValueError) as err:
@@ -306,14 +323,12 @@ def _write_merged(model: nn.Module, path: Path, outtype: str, adapter_name: str,
     names = _name_map(arch, config)
     heads = _head_counts(config)
     by_name = {t.name: t for t in reader.tensors}
-    replaced: dict[str, tuple[Any, Any]] = {}
+    merged_weights: dict[str, torch.Tensor] = {}
     for module_path, layer in _merged_layers(owner, adapter_name).items():
         gguf_name = names.get_name(f"{module_path}.weight", try_suffixes=(".weight",))
         if gguf_name is None or gguf_name not in by_name:
             raise ConfigError(f"{module_path}: {source} has no tensor {gguf_name!r} for it")
-        stored = by_name[gguf_name]
-        base = torch.from_numpy(gguf.quants.dequantize(stored.data, stored.tensor_type).copy()).float()
-        base = base.reshape(tuple(int(d) for d in reversed(stored.shape.tolist())))
+        base = _dequantized(by_name[gguf_name], source)
         leaf = module_path.rsplit(".", 1)[-1]
         weight = dequantized_weight(layer.base_layer.weight.detach()).float().cpu()
         if base.shape != weight.shape:
@@ -334,20 +349,90 @@ def _write_merged(model: nn.Module, path: Path, outtype: str, adapter_name: str,
         merged = base + delta
         if not torch.isfinite(merged).all():
             raise ConfigError(f"{module_path}: the merged weight is not finite; nothing was written")
-        replaced[gguf_name] = _encoded(merged, outtype)
+        merged_weights[gguf_name] = merged
+
+    tensors = [(t.name, *_merged_encoding(t, merged_weights.get(t.name), outtype, source)) for t in reader.tensors]
+    file_type = _file_type(tensors)
 
     def metadata(writer: Any) -> None:
         for field in reader.fields.values():
             if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE:
                 continue
+            if field.name == gguf.Keys.General.FILE_TYPE:  # the base's: this file's instead, in its place
+                if file_type is not None:  # else llama.cpp guesses it from the tensors, as _file_type does
+                    writer.add_file_type(file_type)
+                continue
             value_type = field.types[0]
             sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
             writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
+        if file_type is not None and gguf.Keys.General.FILE_TYPE not in reader.fields:
+            writer.add_file_type(file_type)
 
-    tensors = [
-        (t.name, *replaced[t.name]) if t.name in replaced else (t.name, t.data, t.tensor_type) for t in reader.tensors
-    ]
     return _write_atomically(path, arch, metadata, tensors)
+
+
+def _dequantized(tensor: Any, source: Path) -> torch.Tensor:
+    """A GGUF tensor's values in float32, shaped as torch orders them (the file lists dims reversed)."""
+    import gguf
+
+    try:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError:
+        kind = tensor.tensor_type.name
+        raise ConfigError(
+            f"{source}: the gguf package cannot dequantise {tensor.name} ({kind}); nothing was written"
+        ) from None
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    return torch.from_numpy(values.copy()).float().reshape(shape)
+
+
+_FLOAT_OUTTYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16"}  # GGML float type -> outtype
+_INTEGER_TYPES = ("I8", "I16", "I32", "I64")  # not weights: copied as stored
+
+
+def _merged_encoding(stored: Any, merged: torch.Tensor | None, outtype: str, source: Path) -> tuple[Any, Any]:
+    """(data, raw GGML type or None) for one tensor of the base GGUF in a merged file; `merged` is its
+    merged weight if the adapter changes it (see the module docstring for what each outtype keeps)."""
+    kind = stored.tensor_type.name
+    if outtype in _WHOLE_FILE_OUTTYPES and kind not in _INTEGER_TYPES:
+        value = merged if merged is not None else _dequantized(stored, source)
+        # llama.cpp's converter keeps 1-D tensors and norms in F32 ("most of the codebase that takes
+        # in 1D tensors or norms only handles F32 tensors").
+        one_d = value.ndim <= 1 or stored.name.endswith("_norm.weight")
+        return _encoded(value, "f32" if one_d else outtype)
+    if merged is None:
+        return stored.data, stored.tensor_type  # as stored: the same type and bytes
+    if outtype == "auto":
+        return _encoded(merged, _FLOAT_OUTTYPES.get(kind, "f16"))
+    if merged.shape[-1] % 32:  # Q8_0 packs rows in blocks of 32
+        return _encoded(merged, "f16")
+    return _encoded(merged, outtype)
+
+
+# GGML type -> llama.cpp's LlamaFileType name where it is not MOSTLY_<type> (llama-model-loader.cpp
+# names a file by its most common tensor type with this table when general.file_type is missing).
+_FILE_TYPE_NAMES = {"F32": "ALL_F32", "Q3_K": "MOSTLY_Q3_K_M", "Q4_K": "MOSTLY_Q4_K_M", "Q5_K": "MOSTLY_Q5_K_M"}
+
+
+def _file_type(tensors: Sequence[tuple[str, Any, Any]]) -> int | None:
+    """llama.cpp's `general.file_type` for these (name, data, raw type) tensors: the type most of the
+    matrices have — its file types read "mostly X, except 1-D tensors" — or None if llama.cpp has no
+    file type for it. Ties go to the type that comes first in the file."""
+    import gguf
+
+    def ggml_type(data: Any, raw: Any) -> str:
+        if raw is not None:
+            return gguf.GGMLQuantizationType(raw).name
+        return {"float32": "F32", "float16": "F16"}.get(str(data.dtype), str(data.dtype))
+
+    counts = Counter(
+        ggml_type(data, raw) for name, data, raw in tensors if data.ndim >= 2 and not name.endswith("_norm.weight")
+    )
+    if not counts:
+        return None
+    most = counts.most_common(1)[0][0]
+    member = getattr(gguf.LlamaFileType, _FILE_TYPE_NAMES.get(most, f"MOSTLY_{most}"), None)
+    return int(member) if member is not None else None
 
 
 def _tokenizer_dir_of(model: nn.Module) -> Path | None:
@@ -357,9 +442,6 @@ def _tokenizer_dir_of(model: nn.Module) -> Path | None:
     if folder is not None and folder.is_dir() and (folder / "tokenizer.json").is_file():
         return folder
     return None
-
-
-_FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # llama.cpp's LlamaFileType
 
 
 def _merged_tensors(model: nn.Module, layers: dict[str, Any], adapter_name: str) -> dict[str, torch.Tensor]:
@@ -446,6 +528,7 @@ def _write_merged_from_directory(
         if kind == "q8_0" and value.shape[-1] % 32:
             kind = "f16"  # Q8_0 packs rows in blocks of 32
         tensors.append((gguf_name, *_encoded(value, kind)))
+    file_type = _file_type(tensors)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     special = gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=len(tokens))
 
@@ -461,7 +544,8 @@ def _write_merged_from_directory(
         writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or _rope_theta(config)))
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
         writer.add_rope_dimension_count(int(head_dim))
-        writer.add_file_type(_FILE_TYPES[outtype])
+        if file_type is not None:
+            writer.add_file_type(file_type)
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre("default")
         writer.add_token_list(tokens)
@@ -519,7 +603,32 @@ def export_gguf(
     out = Path(path)
     if format == "gguf-lora":
         return _write_lora(module, out, "f32" if outtype == "auto" else outtype, adapter_name)
-    chosen = "f16" if outtype == "auto" else outtype
     if base_gguf is None and model is not None and str(model).lower().endswith(".gguf"):
         base_gguf = model
-    return _write_merged(module, out, chosen, adapter_name, Path(base_gguf) if base_gguf else None)
+    return _write_merged(module, out, outtype, adapter_name, Path(base_gguf) if base_gguf else None)
+
+
+def describe_gguf(path: str | os.PathLike[str]) -> str:
+    """What a GGUF file holds, in one line: its `general.file_type` (if any) and its tensor types.
+
+    Args:
+        path: a GGUF file.
+
+    Returns:
+        E.g. `general.file_type MOSTLY_Q4_1; tensors: 150 Q4_1, 61 F32, 60 F16, 1 Q8_0` (most
+        common type first).
+    """
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    counts = Counter(t.tensor_type.name for t in reader.tensors)
+    tensors = "tensors: " + ", ".join(f"{n} {kind}" for kind, n in counts.most_common())
+    field = reader.fields.get(gguf.Keys.General.FILE_TYPE)
+    if field is None:
+        return tensors
+    value = int(field.contents())
+    try:
+        name = gguf.LlamaFileType(value).name
+    except ValueError:  # a file type this gguf package does not know
+        name = str(value)
+    return f"general.file_type {name}; {tensors}"
