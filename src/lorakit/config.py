@@ -66,21 +66,23 @@ class LoraConfig:
         target_modules: what to adapt. A list of module-name suffixes (`["q_proj", "v_proj"]`
             matches `model.layers.0.self_attn.q_proj`, by whole dotted segments), a regex string
             matched in full against each dotted module path, or `"all-linear"` (every linear
-            layer except the output head). `None` means the paper's default: the attention query
-            and value projections (`q_proj`/`v_proj`, `query`/`value`, or q and v inside GPT-2's
+            layer except the output head) (default: the paper's choice, the attention query and
+            value projections: `q_proj`/`v_proj`, `query`/`value`, or q and v inside GPT-2's
             fused `c_attn`).
         exclude_modules: suffix list or regex of modules never to adapt.
         layers_to_transform: only adapt modules whose layer index (the first numbered path
-            segment, e.g. the 3 in `model.layers.3.mlp.up_proj`) is in this list.
+            segment, e.g. the 3 in `model.layers.3.mlp.up_proj`) is in this list (default: every
+            layer).
         layers_pattern: the name of the layer list (e.g. `"layers"`, `"h"`) whose index
-            `layers_to_transform` refers to; by default the first numbered segment.
+            `layers_to_transform` refers to (default: the first numbered path segment).
         rank_pattern: `{pattern: r}` overriding r for modules whose path ends with the pattern
             (regex, whole segments), as PEFT.
         alpha_pattern: `{pattern: alpha}` overriding lora_alpha the same way.
         bias: which biases train with the adapter: `"none"`, `"all"` (every bias of the
             model) or `"lora_only"` (biases of adapted layers). Trained biases are saved with it.
         modules_to_save: module-name suffixes trained in full (e.g. a classification head);
-            each adapter keeps its own copy, saved in the adapter file.
+            each adapter keeps its own copy, saved in the adapter file (default: none; `lorakit
+            train --task classification` trains the classification head).
         use_rslora: scale by α/√r instead of α/r.
         init_lora_weights: `True`: A Kaiming-uniform (as the reference implementation), B = 0,
             so a fresh adapter is a no-op. `"gaussian"`: A ~ N(0, 1/r²), B = 0. `"pissa"`: A and
@@ -106,7 +108,8 @@ class LoraConfig:
             §4.3). Linear and Conv1D layers. With dropout in training, lorakit scales the base
             output of the input itself (PEFT recomputes the base product on the dropped-out input:
             one more product per layer); without dropout, and in inference, the two agree.
-        base_model_name_or_path: recorded in `adapter_config.json`.
+        base_model_name_or_path: recorded in `adapter_config.json` (default: the base model's
+            name, `config._name_or_path`, when the adapter is saved).
 
     Raises:
         ConfigError: listing every invalid field with its value, all at once.

@@ -25,7 +25,7 @@ from lorakit import atomic
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFormatError, ShapeMismatchError
 from lorakit.inject import apply, plan
-from lorakit.layers import Conv1D, LoraConv2d, LoraEmbedding, LoraLayer, SavedModule, wrapper_for
+from lorakit.layers import LoraConv2d, LoraEmbedding, LoraLayer, SavedModule, is_conv1d, wrapper_for
 from lorakit.quantization import quantization_of
 from lorakit.state import check_adapter_name, hosts, lora_layers, require_adapter, walk
 from lorakit.targeting import Target, resolve_modules_to_save
@@ -93,7 +93,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
             rank_pattern[re.escape(path)] = rank
         if alpha != config.lora_alpha:
             alpha_pattern[re.escape(path)] = alpha
-        fan_in_fan_out |= Conv1D is not None and isinstance(layer.base_layer, Conv1D)
+        fan_in_fan_out |= is_conv1d(layer.base_layer)
     for path, host in hosts(model):
         if isinstance(host, SavedModule) and adapter_name in host.adapters:
             for name, tensor in host.adapters[adapter_name].state_dict().items():
@@ -356,7 +356,7 @@ def _check_lora_module(
         want_a, want_b = (r, base.in_channels, *base.kernel_size), (base.out_channels, r, 1, 1)
     else:
         w = base.weight.shape
-        in_f, out_f = (w[0], w[1]) if Conv1D is not None and isinstance(base, Conv1D) else (w[1], w[0])
+        in_f, out_f = (w[0], w[1]) if is_conv1d(base) else (w[1], w[0])
         want_a, want_b = (r, in_f), (out_f, r)
     for key, got, want in ((keys["A"], shape_a, want_a), (keys["B"], shape_b, want_b)):
         if tuple(got) != tuple(want):

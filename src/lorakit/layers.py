@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,11 +26,6 @@ from lorakit.kernels import linear as linear_kernels
 from lorakit.kernels.dropout import Draw, MaskSharing, dropout_active, dropped
 from lorakit.quantization import dequantized_weight, is_quantized
 
-try:  # GPT-2 style layers store their weight as (in, out).
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # transformers is an extra: without it there is no Conv1D to adapt
-    Conv1D = None  # type: ignore[assignment,misc]
-
 __all__ = [
     "BASE",
     "AdapterHost",
@@ -40,6 +36,7 @@ __all__ = [
     "LoraLinear",
     "RowRouting",
     "SavedModule",
+    "is_conv1d",
     "supported_types",
     "wrapper_for",
 ]
@@ -398,7 +395,7 @@ class LoraLinear(LoraLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.is_conv1d = Conv1D is not None and isinstance(base_layer, Conv1D)
+        self.is_conv1d = is_conv1d(base_layer)
         w = base_layer.weight
         self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.is_conv1d else (w.shape[1], w.shape[0])
 
@@ -591,15 +588,32 @@ class SavedModule(AdapterHost):
         return out
 
 
+def _conv1d() -> type[nn.Module] | None:
+    """transformers' `Conv1D` (GPT-2 style layers, weight stored (in, out)), or None when it is not loaded.
+
+    Read from `sys.modules`, never imported: a model holding a Conv1D has imported the module that
+    defines it, and `import lorakit` stays free of transformers (an extra, slow to import).
+    """
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether `module` is a transformers `Conv1D` (a linear layer whose weight is (in, out))."""
+    conv1d = _conv1d()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
 def supported_types() -> tuple[type[nn.Module], ...]:
-    """The base layer types lorakit can wrap."""
+    """The base layer types lorakit can wrap (transformers' `Conv1D` once transformers is loaded)."""
     types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding, nn.Conv2d)
-    return (*types, Conv1D) if Conv1D is not None else types
+    conv1d = _conv1d()
+    return (*types, conv1d) if conv1d is not None else types
 
 
 def wrapper_for(module: nn.Module) -> type[LoraLayer] | None:
     """The LoRA wrapper class for a base module, or None when its type cannot be adapted."""
-    if isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D)):
+    if isinstance(module, nn.Linear) or is_conv1d(module):
         return LoraLinear
     if isinstance(module, nn.Embedding):
         return LoraEmbedding

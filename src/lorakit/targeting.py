@@ -11,7 +11,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, TargetNotFoundError, UnsupportedLayerError
-from lorakit.layers import Conv1D, LoraLayer, SavedModule, supported_types
+from lorakit.layers import LoraLayer, SavedModule, is_conv1d, supported_types
 from lorakit.state import walk
 
 __all__ = ["DEFAULT_TARGETS", "Target", "adaptable_modules", "resolve_modules_to_save", "resolve_targets"]
@@ -83,7 +83,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
             continue
         base = module.base_layer if isinstance(module, LoraLayer) else module
         if spec == "all-linear":
-            matched = isinstance(base, nn.Linear | Conv1D) and path != output_head
+            matched = (isinstance(base, nn.Linear) or is_conv1d(base)) and path != output_head
         elif isinstance(spec, str):
             matched = re.fullmatch(spec, path) is not None
         else:
@@ -222,10 +222,10 @@ def _check_fused(fused: dict[str, list[bool]], chosen: list[Target], config: Lor
         if t.slices is None:
             continue
         base = t.base
-        if not isinstance(base, nn.Linear | Conv1D):
+        if not (isinstance(base, nn.Linear) or is_conv1d(base)):
             problems.append(f"fused_slices applies to linear layers; {t.path!r} is a {type(base).__name__}")
             continue
-        out = base.weight.shape[1] if isinstance(base, Conv1D) else base.weight.shape[0]
+        out = base.weight.shape[1] if is_conv1d(base) else base.weight.shape[0]
         if out % len(t.slices):
             problems.append(
                 f"fused_slices for {t.path!r}: {out} output features do not split into {len(t.slices)} equal slices"

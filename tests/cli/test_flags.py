@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import re
 import typing
 
 import pytest
 
 import lorakit
 from lorakit.cli import build_parser, commands
-from lorakit.cli.flags import parse_value
+from lorakit.cli.flags import flag_help, parse_value
 from lorakit.errors import ConfigError
 from lorakit.evaluate import Evaluation
 from lorakit.generate import Decoding
@@ -226,3 +228,58 @@ def test_commands_without_an_adapter_take_no_positional_argument(capsys):
         with pytest.raises(SystemExit):
             build_parser().parse_args([command, "runs/x"])
         assert "unrecognized arguments: runs/x" in capsys.readouterr().err
+
+
+def _flag_helps() -> dict[tuple[str, str], str]:
+    """(command, field) -> the `--help` text of the field's flag, for every field of every command."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    out = {}
+    for name, command in commands().items():
+        actions = {a.dest: a for a in sub.choices[name]._actions}
+        for spec in command.specs:
+            for f in spec.fields():
+                out[name, f.name] = actions[f.name].help
+    return out
+
+
+@pytest.mark.parametrize(
+    ("command", "field", "shown"),
+    [
+        ("train", "model", "(default: `smollm2-135m`)"),  # issue 24: was "(default: none)"
+        ("train", "target_modules", "(default: the paper's choice, the attention query and value projections"),
+        ("train", "threads", "(default: torch's choice)"),
+        ("train", "eval_data", "(default: `e2e-dev` for `e2e`, else a held-out fraction of the training data)"),
+        ("train", "base_model_name_or_path", "(default: the base model's name"),
+        ("inspect", "layers_to_transform", "(default: every layer)"),
+        ("generate", "model", "(default: the one the adapter records, else `smollm2-135m`)"),
+        ("eval", "max_rows", "(default: every row)"),
+        ("export", "base_gguf", "(default: the packaged model's file, or the `.gguf` the model was loaded from)"),
+        ("serve", "max_model_len", "(default: the model's context length)"),
+        ("train", "r", "(default: 8)"),  # a plain dataclass default
+        ("train", "quantize", "(default: none)"),
+        ("serve", "adapter", "(default: {})"),
+    ],
+)
+def test_help_shows_the_effective_default(command, field, shown):
+    assert shown in _flag_helps()[command, field]
+
+
+def test_every_flag_states_one_default_in_one_form():
+    """Exactly one `(default: ...)` per flag (none for a required one), and no other wording of a
+    default: a docstring that says what a None resolves to says it in the form `--help` shows."""
+    for (command, field), text in _flag_helps().items():
+        where = f"lorakit {command} --{field.replace('_', '-')}: {text!r}"
+        required = re.search(r"\brequired\.?$", text) is not None
+        assert text.count("(default: ") == (0 if required else 1), where
+        assert "default" not in re.sub(r"\(default: [^)]*\)", "", text), where
+    helps = _flag_helps()
+    for command, field in [("merge", "out"), ("export", "out"), ("analyze", "adapter"), ("compress", "out")]:
+        assert "(default" not in helps[command, field] and helps[command, field].endswith("required.")
+
+
+def test_flag_help_appends_the_dataclass_default_unless_the_docstring_states_one():
+    assert flag_help("steps to run.", None) == "steps to run. (default: none)"
+    assert flag_help("targets.", ["q_proj"]) == 'targets. (default: ["q_proj"])'
+    assert flag_help("threads (default: torch's).", None) == "threads (default: torch's)."
+    assert flag_help("the output directory; required.", None) == "the output directory; required."

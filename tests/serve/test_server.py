@@ -26,7 +26,7 @@ def client(server, key: str = API_KEY) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=120)
 
 
-def post(server, path: str, body: dict | bytes, key: str | None = API_KEY) -> tuple[int, dict, dict]:
+def post(server, path: str, body: dict | list | bytes, key: str | None = API_KEY) -> tuple[int, dict, dict]:
     """A raw POST (status, JSON body, headers), for what the openai client does not send."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     headers = {"content-type": "application/json"}
@@ -283,6 +283,31 @@ def test_error_statuses_are_openai_error_json(server):
     assert status == 400 and "error" in reply
     assert server.get("/v1/nowhere")[0] in (401, 404)
     assert "Traceback" not in server.log.read_text()
+
+
+def test_a_body_that_is_not_json_names_its_position_in_the_message_not_as_param(server):
+    """Issue 24: a malformed body answered `"param": "50"`, the error position taken for a field."""
+    body = b'{"model": "qv", "prompt": "The capital of France is", "max_tokens": 4,}'
+    with pytest.raises(json.JSONDecodeError) as err:
+        json.loads(body)
+    status, reply, _ = post(server, "/v1/completions", body)
+    assert status == 400
+    assert reply == {
+        "error": {
+            "message": f"invalid JSON at position {err.value.pos}: {err.value.msg}",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        }
+    }
+    # The other validation errors: a list index is part of the path in the message, never the
+    # param; a body that is not an object concerns no field.
+    status, reply, _ = post(server, "/v1/chat/completions", {"model": "qv", "messages": [{"role": "robot"}]})
+    assert status == 400 and reply["error"]["param"] == "messages", reply
+    assert reply["error"]["message"].startswith("invalid request: messages[0].role: "), reply
+    status, reply, _ = post(server, "/v1/completions", [1, 2])
+    assert status == 400 and reply["error"]["param"] is None, reply
+    assert reply["error"]["message"].startswith("invalid request: body: "), reply
 
 
 def test_a_client_that_goes_away_frees_its_row(server):

@@ -66,13 +66,19 @@ def _quiet_transformers() -> None:
 
     Both would come before the one error line bad input ends with; the report also calls a new
     classification head "MISSING ... newly initialized" although lorakit trains it or loads it
-    from the adapter. transformers is already imported here, so its environment variables
-    (`TRANSFORMERS_VERBOSITY`, `HF_HUB_DISABLE_PROGRESS_BARS`) would come too late.
+    from the adapter. transformers is imported only by the commands that load a model, so its
+    environment variables (`TRANSFORMERS_VERBOSITY`, `HF_HUB_DISABLE_PROGRESS_BARS`) are set
+    for it to read then; a value the user set is kept. Where it is already imported (`main`
+    called inside a process that uses it), its own switches are set instead.
     """
     # torchao (imported by transformers when installed) logs each GPU kernel library it cannot load
     # on a CPU-only machine, and torch an Enum it registers: noise before any result.
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    if "transformers" not in sys.modules:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        return
     try:
         from transformers.utils import logging as hf_logging
     except ImportError:  # without the cli extra: the command reports it

@@ -21,6 +21,12 @@ How a value is written on the command line, by the field's type:
 
 TOML values take the file's own types; a string given for a field that is not plain text is read
 as the flag's value would be (`target_modules = "q_proj,v_proj"` is a list).
+
+`--help` shows each field's effective default. Most defaults are the dataclass value, shown as
+`(default: VALUE)` after the help text. Where the library resolves a value at run time (a None
+that means "the packaged model" or "torch's choice"), the field's docstring entry states what
+happens in the same form, `(default: ...)`, and that is shown instead; an entry that says the
+field is `required` shows no default.
 """
 
 from __future__ import annotations
@@ -39,11 +45,13 @@ from typing import Any, Literal
 
 from lorakit.errors import ConfigError
 
-__all__ = ["FlagSpec", "add_flags", "field_help", "flag_name", "parse_value", "read_toml", "resolve"]
+__all__ = ["FlagSpec", "add_flags", "field_help", "flag_help", "flag_name", "parse_value", "read_toml", "resolve"]
 
 _REGEX_CHARS = re.compile(r"[\\^$*+?()\[\]{}|]")
 _TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
 _NONE = ("none", "null")
+_STATED_DEFAULT = "(default: "
+_REQUIRED = re.compile(r"\brequired\.?$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +226,23 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def flag_help(text: str, default: Any) -> str:
+    """A flag's `--help` text: its docstring entry `text` and its effective default.
+
+    Args:
+        text: the field's entry in the class docstring.
+        default: the dataclass default.
+
+    Returns:
+        `text` as it is when it states its own default (`(default: ...)`: what the library
+        resolves a None to) or says the field is required; else `text (default: VALUE)`.
+    """
+    if _STATED_DEFAULT in text or _REQUIRED.search(text):
+        return text
+    shown = json.dumps(default) if isinstance(default, dict | list) else _show(default)
+    return f"{text} (default: {shown})"
+
+
 def add_flags(parser: argparse.ArgumentParser, specs: Sequence[FlagSpec]) -> None:
     """Add one flag per exposed field of each spec, in a group per spec.
 
@@ -230,7 +255,6 @@ def add_flags(parser: argparse.ArgumentParser, specs: Sequence[FlagSpec]) -> Non
         for f in spec.fields():
             annotation = hints[f.name]
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            text = helps.get(f.name, "")
             names = [flag_name(f.name), *spec.aliases.get(f.name, ())]
             if annotation is bool:
                 group.add_argument(
@@ -238,7 +262,7 @@ def add_flags(parser: argparse.ArgumentParser, specs: Sequence[FlagSpec]) -> Non
                     dest=f.name,
                     action=argparse.BooleanOptionalAction,
                     default=argparse.SUPPRESS,
-                    help=f"{text} (default: {_show(default)})",
+                    help=flag_help(helps.get(f.name, ""), default),
                 )
                 continue
 
@@ -249,7 +273,6 @@ def add_flags(parser: argparse.ArgumentParser, specs: Sequence[FlagSpec]) -> Non
                     raise argparse.ArgumentTypeError(str(err)) from None
 
             convert.__name__ = f.name  # argparse names the type in its error message
-            shown = json.dumps(default) if isinstance(default, dict | list) else _show(default)
             is_dict = typing.get_origin(annotation) is dict
             group.add_argument(
                 *names,
@@ -258,7 +281,7 @@ def add_flags(parser: argparse.ArgumentParser, specs: Sequence[FlagSpec]) -> Non
                 action=_MergeDicts if is_dict else "store",
                 default=argparse.SUPPRESS,
                 metavar=_metavar(annotation),
-                help=f"{text} (default: {shown})",
+                help=flag_help(helps.get(f.name, ""), default),
             )
 
 

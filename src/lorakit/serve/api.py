@@ -13,7 +13,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,13 +88,7 @@ def create_app(state: ServerState) -> Any:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-        problems = []
-        for e in err.errors()[:5]:
-            where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
-            problems.append(f"{where or 'body'}: {e.get('msg', 'invalid')}")
-        first = err.errors()[0].get("loc", ()) if err.errors() else ()
-        param = next((str(p) for p in first if p != "body"), None)
-        return error_response(BadRequest("invalid request: " + "; ".join(problems), param=param))
+        return error_response(_validation_error(err.errors()))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, err: HTTPException) -> JSONResponse:
@@ -193,6 +187,45 @@ def create_app(state: ServerState) -> Any:
 
 
 _START = time.time()
+
+_SOURCES = ("body", "query", "path", "header", "cookie")
+
+
+def _validation_error(errors: Sequence[Mapping[str, Any]]) -> BadRequest:
+    """OpenAI's 400 for FastAPI's validation errors (pydantic's `loc`, `msg`, `type`, `ctx` each).
+
+    A body that is not JSON at all has `loc` ("body", character position): the position goes into
+    the message (`invalid JSON at position 50: ...`) and `param` is None, as for any error not
+    about one field. Otherwise `param` is the top-level field the first error is about (never a
+    list index), and the message lists up to five problems as `messages[0].role: ...`.
+    """
+    for e in errors:
+        if e.get("type") == "json_invalid":
+            loc = e.get("loc", ())
+            position = next((p for p in loc if isinstance(p, int)), None)
+            where = f" at position {position}" if position is not None else ""
+            reason = (e.get("ctx") or {}).get("error")
+            return BadRequest(f"invalid JSON{where}" + (f": {reason}" if reason else ""))
+    problems = []
+    for e in errors[:5]:
+        problems.append(f"{_location(e.get('loc', ())) or 'body'}: {e.get('msg', 'invalid')}")
+    first = _field_path(errors[0].get("loc", ())) if errors else ()
+    param = first[0] if first and isinstance(first[0], str) else None
+    return BadRequest("invalid request: " + "; ".join(problems or ["invalid body"]), param=param)
+
+
+def _field_path(loc: Sequence[Any]) -> tuple[Any, ...]:
+    """`loc` without its leading source (`body`, `query`, ...): field names and list indices."""
+    loc = tuple(loc)
+    return loc[1:] if loc and loc[0] in _SOURCES else loc
+
+
+def _location(loc: Sequence[Any]) -> str:
+    """A field path as written in JSON terms: ("body", "messages", 0, "role") -> `messages[0].role`."""
+    text = ""
+    for part in _field_path(loc):
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
 
 
 # ---------------------------------------------------------------------- prompts

@@ -6,17 +6,19 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from lorakit.errors import ConfigError
 from lorakit.extras import require
 from lorakit.models import DEFAULT_MODEL, ModelSource, adapter_directory, load_model
-from lorakit.serve.api import ServerState, create_app
 from lorakit.serve.engine import Engine
 from lorakit.serve.metrics import ServeMetrics
 from lorakit.serve.registry import AdapterRegistry
+
+if TYPE_CHECKING:
+    from lorakit.serve.api import ServerState
 
 __all__ = ["ServeConfig", "build_server", "serve"]
 
@@ -95,6 +97,7 @@ def build_server(config: ServeConfig, source: ModelSource) -> tuple[Any, ServerS
     require("fastapi", "serve", "lorakit serve")
     require("uvicorn", "serve", "lorakit serve")
     from lorakit.io import adapter_base_quantization
+    from lorakit.serve.api import ServerState, create_app  # pydantic and FastAPI: only when serving
 
     if config.threads:
         torch.set_num_threads(config.threads)
