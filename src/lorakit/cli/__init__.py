@@ -116,10 +116,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LorakitError as err:
         if debug:
             traceback.print_exc()
-        print(f"lorakit {args.command}: error: {err}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(err).splitlines())  # a list of problems, on one line
+        print(f"lorakit {args.command}: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"lorakit {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        said = f": {err}" if str(err) else ""  # fit's says where it saved and how to continue
+        print(f"lorakit {args.command}: interrupted{said}", file=sys.stderr)
         return 130
     except Exception as err:  # an unexpected failure: one line unless --debug
         if debug:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,10 @@ class Command:
         run: called with one instance per spec (in order) and `echo`, the printer.
         positional: a field that may also be given as the one positional argument
             (`lorakit analyze runs/x` is `lorakit analyze --adapter runs/x`).
+        recorded: settings to start from instead of the defaults, beneath `--config` and the
+            flags: called with the values given so far (`--config` keys and flags), it returns
+            (values, the file they came from) or None (`lorakit train --resume` takes the run's
+            own `run_config.json`, so `lorakit train --out runs/x --resume` continues any run).
     """
 
     name: str
@@ -34,6 +38,7 @@ class Command:
     specs: Sequence[FlagSpec]
     run: Callable[..., Any]
     positional: str | None = None
+    recorded: Callable[[Mapping[str, Any]], tuple[Mapping[str, Any], str] | None] | None = None
 
     def add_to(self, sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         parser = sub.add_parser(self.name, help=self.summary, description=self.summary)
@@ -65,6 +70,13 @@ class Command:
         if args.config:
             path = config_path(args.config)
             toml, source = read_toml(path), str(path)
+        if self.recorded is not None:
+            found = self.recorded({**(toml or {}), **vars(args)})
+            if found is not None:
+                values, where = found
+                known = {f.name for spec in self.specs for f in spec.fields()}
+                toml = {**{k: v for k, v in values.items() if k in known}, **(toml or {})}
+                source = f"{source} over {where}" if source else where
         return resolve(self.specs, args, toml, source)
 
     def __call__(self, args: argparse.Namespace, echo: Callable[[str], None] = print) -> Any:

@@ -7,6 +7,7 @@ flags and TOML and calls `train_run`. Everything here is plain library code a sc
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import shlex
@@ -31,7 +32,7 @@ from lorakit.models import Task
 from lorakit.state import lora_layers
 from lorakit.train.config import TrainConfig
 
-__all__ = ["TrainRun", "train_run"]
+__all__ = ["TrainRun", "recorded_settings", "train_run"]
 
 Printer = Callable[[str], None]
 
@@ -124,11 +125,11 @@ def train_run(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer
     # Everything is checked before anything slow runs or any file is written: the output folder,
     # the resumed checkpoint's settings, then the data (read and tokenised), then the model.
     out, checkpoint, note = _check_out(run)
-    if note:
-        say(note)
     resume = checkpoint is not None
     if checkpoint is not None:
         check_resume(checkpoint, train)
+    if note:
+        say(note)
     for source in (run.data, run.eval_data):
         if source and run.task != "classification":
             D.resolve_source(source)  # a missing file is reported before anything is read
@@ -240,6 +241,33 @@ def train_run(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer
         f"curves: {out / 'loss.png'}{checkpoints}"
     )
     return summary
+
+
+_NOT_RECORDED = frozenset({"out", "resume", "overwrite", "threads", "progress"})
+"""TrainRun fields that say how this invocation runs, not what the run is: never taken from a record."""
+
+
+def recorded_settings(out: str | Path) -> dict[str, Any] | None:
+    """The settings a run in `out` was started with (its `run_config.json`), as one flat dict of
+    `TrainRun`, `LoraConfig` and `TrainConfig` fields (how this invocation runs — `out`, `resume`,
+    `overwrite`, `threads`, `progress` — left out); None when `out` holds no run_config.json.
+
+    Raises:
+        ConfigError: run_config.json is unreadable.
+    """
+    path = Path(out) / "run_config.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        sections = [data["run"], data["lora"], data["train"]]
+        if not all(isinstance(section, dict) for section in sections):
+            raise TypeError("a section is not an object")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ConfigError(
+            f"{path}: not a lorakit run configuration ({err}); pass the run's settings as flags"
+        ) from None
+    return {k: v for section in sections for k, v in section.items() if k not in _NOT_RECORDED}
 
 
 # ------------------------------------------------------------------------------------------ helpers
