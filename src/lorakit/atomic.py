@@ -10,11 +10,15 @@ model cache) goes through here:
   it fsynced, renamed to the target, the parent fsynced.
 
 A crash at any moment leaves the old file (or no directory) or the new one, never a partial one,
-and no temporary file behind after an error. Files get the permissions a plain `open()` or
-`mkdir()` would give them (those of the file replaced, or `default_mode`: 0o666/0o777 less the
-umask), not the private 0o600/0o700 of `tempfile` — nor those of a writer that makes its files
-private, as safetensors' `save_file` (0o600, so transformers' `save_pretrained` too) does: every
-file and folder a `build_directory` callback leaves gets `default_mode` before the rename.
+and no temporary file (nor a parent folder `build_directory` created) behind after an error. Files
+get the permissions a plain `open()` or `mkdir()` would give them (those of the file replaced, or
+`default_mode`: 0o666/0o777 less the umask), not the private 0o600/0o700 of `tempfile` — nor those
+of a writer that makes its files private, as safetensors' `save_file` (0o600, so transformers'
+`save_pretrained` too) does: every file and folder a `build_directory` callback leaves gets
+`default_mode` before the rename.
+
+`check_target` refuses an output path that a write would fail on or must not replace; commands
+call it before the slow part (loading a model), so a refused command writes nothing.
 """
 
 from __future__ import annotations
@@ -29,8 +33,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from lorakit.errors import ConfigError
+
 __all__ = [
     "build_directory",
+    "check_target",
     "default_mode",
     "fsync_path",
     "write_bytes",
@@ -39,6 +46,46 @@ __all__ = [
     "write_path",
     "write_text",
 ]
+
+
+def check_target(path: str | os.PathLike, *, directory: bool = False, empty: bool = False, flag: str = "--out") -> Path:
+    """Refuse an output path that a write would fail on or must not replace, before anything is written.
+
+    Commands call it before they load a model (the function that writes calls it again), so a
+    refused output costs nothing and changes nothing.
+
+    Args:
+        path: the file (replaced if it exists) or directory to write.
+        directory: `path` is a directory (files are written into it, created if missing).
+        empty: the directory is built whole (`build_directory`): it must not exist, or be empty.
+        flag: how the message names the path.
+
+    Returns:
+        `path`, as a Path.
+
+    Raises:
+        ConfigError: a directory where a file is written; a file where a directory is; a non-empty
+            directory with `empty`; a file among the folders above `path`; a folder the process may
+            not write in.
+    """
+    path = Path(path)
+    shown = f"{flag} {str(path)!r}"
+    if path.is_dir():
+        if not directory:
+            raise ConfigError(f"{shown} is a directory; give the file to write; nothing was written")
+        if empty and any(path.iterdir()):
+            raise ConfigError(f"{shown} exists and is not empty; nothing was written")
+    elif directory and (path.exists() or path.is_symlink()):
+        raise ConfigError(f"{shown} exists and is not a directory; nothing was written")
+    # The folder the write creates files in (a directory built whole is a sibling renamed into place).
+    folder = path if directory and not empty and path.is_dir() else path.parent
+    while not folder.exists():  # the nearest folder that exists: the missing ones are created
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"{shown}: {str(folder)!r} is a file, not a folder; nothing was written")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{shown}: no permission to write in {str(folder)!r}; nothing was written")
+    return path
 
 
 def write_file(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
@@ -144,7 +191,8 @@ def build_directory(
     """Create directory `target` atomically: `build(tmp)` fills a temporary sibling that is renamed.
 
     Args:
-        target: the directory to create; its parent is created if missing.
+        target: the directory to create; its parent is created if missing (and removed again if
+            nothing could be built).
         build: fills the temporary directory it is given (write plain files: the whole tree is
             given `default_mode` and fsynced before the rename).
         replace: if `target` already exists, replace it (it is moved aside, then deleted once the
@@ -159,7 +207,30 @@ def build_directory(
         FileExistsError: `target` exists and neither `replace` nor `keep_existing` allows it.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_folders(target.parent)
+    try:
+        return _build(target, build, replace, keep_existing)
+    except BaseException:
+        for folder in created:  # innermost first; a folder another writer filled meanwhile stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Create `folder` and its missing parents; return the ones created, innermost first."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)  # another writer may create it meanwhile
+    return missing
+
+
+def _build(
+    target: Path, build: Callable[[Path], Any], replace: bool, keep_existing: Callable[[Path], bool] | None
+) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     aside: Path | None = None
     try:

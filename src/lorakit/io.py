@@ -35,6 +35,7 @@ __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "adapter_base_quantization",
+    "check_adapter_files",
     "load_adapter",
     "read_adapter_config",
     "read_lora_tensors",
@@ -182,6 +183,23 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterFormatError(f"{path}: not valid JSON ({err})") from None
     return LoraConfig.from_peft_dict(data, source=str(path))
+
+
+def check_adapter_files(directory: str | os.PathLike) -> LoraConfig:
+    """Check an adapter directory as far as no model is needed, so a command refuses a bad adapter
+    before it loads one: `adapter_config.json`, the safetensors header (never a pickle), PEFT's keys
+    with every lora_A paired with its lora_B. `load_adapter` checks the same, then the shapes.
+
+    Returns:
+        The adapter's config.
+
+    Raises:
+        AdapterFormatError: as `load_adapter`, for everything but the model's modules and shapes.
+    """
+    config = read_adapter_config(directory)
+    path = Path(directory) / WEIGHTS_NAME
+    _split_keys(_read_header(path), path)
+    return config
 
 
 def load_adapter(

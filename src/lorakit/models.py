@@ -226,7 +226,8 @@ def load_source(source: ModelSource) -> tuple[nn.Module, Any, str]:
 
     Without `source.model`, the base model is the one the adapter records
     (`base_model_name_or_path`: a packaged model's upstream id maps back to its alias, a local path
-    is used if it exists), else the packaged default.
+    is used if it exists), else the packaged default. The adapter's files are checked before the
+    model loads (`io.check_adapter_files`); only its shapes need the model.
 
     Returns:
         `(model, tokenizer, name)` as `load_model` returns them.
@@ -235,9 +236,11 @@ def load_source(source: ModelSource) -> tuple[nn.Module, Any, str]:
         AdapterFormatError, ShapeMismatchError: the adapter is unreadable or made for another model.
         ModelLoadError: the base model cannot be loaded.
     """
-    from lorakit.io import adapter_base_quantization, load_adapter
+    from lorakit.io import adapter_base_quantization, check_adapter_files, load_adapter
 
     adapter = adapter_directory(source.adapter) if source.adapter else None
+    if adapter is not None:
+        check_adapter_files(adapter)
     spec = source.model
     if adapter is not None and spec is None:
         spec = recorded_base(adapter)

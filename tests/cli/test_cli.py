@@ -29,6 +29,7 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -36,7 +37,7 @@ import lorakit
 from lorakit.cli import commands
 from lorakit.cli.flags import field_help
 from lorakit.generate import Decoding, generate
-from lorakit.models import load_model
+from lorakit.models import ensure_cached, load_model
 
 REPO = Path(__file__).resolve().parents[2]
 GLUE = REPO.parent / "shared" / "data" / "glue"
@@ -117,7 +118,11 @@ def read_tsv(path: Path) -> tuple[list[str], list[str], list[int]]:
 # ------------------------------------------------------------------------------------- bad input
 # id -> (argv, words the one error line must contain). {work}, {out}, {run} (the E2E run) and
 # {cls} (the classification run) are filled in; each case gets its own {out} holding one file.
+# A refused command changes nothing, and refuses what it can before the slow part: a case that
+# passes `--model {work}/weightless` (the packaged model's config and tokenizer, no weights, so
+# loading it fails) shows that the command refused before it loaded the model.
 TRAIN_SMALL = ("--max-steps", "1", "--seq-len", "32", "--samples", "0", "--no-progress", "--out", "{out}")
+WEIGHTLESS = ("--model", "{work}/weightless")
 BAD_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "missing-data-file": (
         ("train", "--data", "{work}/no-such-file.jsonl", *TRAIN_SMALL),
@@ -146,8 +151,91 @@ BAD_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("merge", "--model", "smollm2-135m", "--adapter", "{cls}", "--out", "{out}/merged"),
         ("adapter_model.safetensors", "bert.encoder", "all-MiniLM-L6-v2"),
     ),
-    "merge-out-not-empty": (("merge", "--adapter", "{run}", "--out", "{out}"), ("not empty",)),
+    "merge-out-not-empty": (("merge", "--adapter", "{run}", *WEIGHTLESS, "--out", "{out}"), ("not empty",)),
+    # Refused before anything is written or loaded (issue 24: a test per command).
+    "train-resume-changed-max-steps": (("train", "--out", "{run}", "--resume", "--max-steps", "12"), ("max_steps",)),
+    "train-resume-not-a-run": (("train", "--resume", "--out", "{out}"), ("holds no lorakit run", "keep.txt")),
+    "train-out-under-a-file": (
+        ("train", *WEIGHTLESS, "--max-steps", "1", "--out", "{out}/keep.txt/run"),
+        ("keep.txt", "is a file, not a folder"),
+    ),
+    "train-jsonl-line-2-not-json": (
+        ("train", *WEIGHTLESS, "--data", "{work}/line2.jsonl", *TRAIN_SMALL),
+        ("line2.jsonl", "line 2", "invalid JSON"),
+    ),
+    "train-csv-wrong-columns": (
+        ("train", *WEIGHTLESS, "--data", "{work}/qa.csv", *TRAIN_SMALL),
+        ("qa.csv", "'question'", "columns"),
+    ),
+    "generate-adapter-keys-not-peft": (
+        ("generate", *WEIGHTLESS, "--adapter", "{work}/foreign-keys", "--max-new-tokens", "2"),
+        ("foreign-keys/adapter_model.safetensors", "does not start with"),
+    ),
+    "eval-adapter-config-not-json": (
+        ("eval", *WEIGHTLESS, "--adapter", "{work}/config-not-json", "--data", "{work}/dev16.jsonl"),
+        ("config-not-json/adapter_config.json", "not valid JSON"),
+    ),
+    "eval-jsonl-line-2-not-json": (("eval", *WEIGHTLESS, "--data", "{work}/line2.jsonl"), ("line2.jsonl", "line 2")),
+    "merge-out-under-a-file": (
+        ("merge", "{run}", *WEIGHTLESS, "--out", "{out}/keep.txt/merged"),
+        ("keep.txt", "is a file, not a folder"),
+    ),
+    "export-lora-outtype": (
+        ("export", "{run}", *WEIGHTLESS, "--outtype", "q8_0", "--out", "{out}/adapter.gguf"),
+        ("f32, f16 or bf16", "q8_0"),
+    ),
+    "export-lora-dora": (
+        ("export", "{work}/dora", *WEIGHTLESS, "--out", "{out}/adapter.gguf"),
+        ("DoRA", "--format gguf"),
+    ),
+    "export-lora-out-is-a-folder": (("export", "{run}", *WEIGHTLESS, "--out", "{out}"), ("is a directory",)),
+    "export-gguf-no-such-base": (
+        (
+            "export",
+            "{run}",
+            "--format",
+            "gguf",
+            *WEIGHTLESS,
+            "--base-gguf",
+            "{work}/no-such-base.gguf",
+            "-o",
+            "{out}/m.gguf",
+        ),
+        ("{work}/no-such-base.gguf",),
+    ),
+    "export-gguf-adapter-keys-not-peft": (
+        ("export", "{work}/foreign-keys", "--format", "gguf", *WEIGHTLESS, "--out", "{out}/m.gguf"),
+        ("foreign-keys/adapter_model.safetensors", "does not start with"),
+    ),
+    "analyze-out-is-a-file": (
+        ("analyze", "{run}", "--base", "{work}/weightless", "--out", "{out}/keep.txt"),
+        ("keep.txt", "not a directory"),
+    ),
+    "analyze-adapter-before-the-base": (
+        ("analyze", "{work}/foreign-keys", "--base", "{work}/weightless", "--out", "{out}/report"),
+        ("foreign-keys/adapter_model.safetensors", "does not start with"),
+    ),
+    "compress-out-not-empty": (("compress", "{run}", "--rank", "2", "--out", "{out}"), ("not empty",)),
+    "compress-out-under-a-file": (
+        ("compress", "{run}", "--rank", "2", "--out", "{out}/keep.txt/small"),
+        ("keep.txt", "is a file, not a folder"),
+    ),
+    "serve-no-such-adapter": (
+        ("serve", *WEIGHTLESS, "--quantize", "none", "--adapter", "a={work}/no-such-adapter", "--port", "0"),
+        ("{work}/no-such-adapter", "does not exist"),
+    ),
+    "serve-adapter-keys-not-peft": (
+        ("serve", *WEIGHTLESS, "--adapter", "a={work}/foreign-keys", "--port", "0"),
+        ("foreign-keys/adapter_model.safetensors", "does not start with"),
+    ),
+    "serve-adapter-dir-not-a-folder": (
+        ("serve", "--adapter-dir", "{out}/keep.txt", "--port", "0"),
+        ("adapter_dir", "keep.txt", "is not a folder"),
+    ),
+    "inspect-bad-rank": (("inspect", *WEIGHTLESS, "-r", "0"), ("r must be a positive integer",)),
 }
+# The cases whose error is about data: the model is never loaded (`lorakit train` prints `model: ...` once it is).
+BAD_DATA = ("train-jsonl-line-2-not-json", "train-csv-wrong-columns", "eval-jsonl-line-2-not-json")
 
 
 # ------------------------------------------------------------------------------------- fixtures
@@ -163,6 +251,26 @@ def work(tmp_path_factory) -> Path:
     (work / "qa.jsonl").write_text('{"question": "name : Aromi ||", "answer": " Aromi is a pub ."}\n')
     (work / "reviews.tsv").write_text("review\tlabel\ngreat food\t1\n")
     (work / "run.toml").write_text("max_steps = 1\nlearning_rate = 0.1\n")
+    (work / "line2.jsonl").write_text('{"prompt": "name : Aromi ||", "completion": " Aromi is a pub ."}\n{"prompt": \n')
+    (work / "qa.csv").write_text("question,answer\nname : Aromi ||, Aromi is a pub .\n")
+    # The packaged model without its weights: a command that loads it fails, naming it.
+    (work / "weightless").mkdir()
+    for path in ensure_cached("smollm2-135m").iterdir():
+        if path.suffix in (".json", ".jinja"):
+            shutil.copy(path, work / "weightless" / path.name)
+    # Adapters that are refused from their files alone.
+    key = "model.layers.0.self_attn.q_proj"
+    config = lorakit.LoraConfig(r=2, target_modules=["q_proj"]).to_peft_dict()
+    pair = {"lora_A.weight": torch.zeros(2, 576), "lora_B.weight": torch.zeros(576, 2)}
+    for name, peft_config, tensors in (
+        ("foreign-keys", config, {f"{key}.{k}": v for k, v in pair.items()}),  # no base_model.model. prefix
+        ("config-not-json", "{not json", {f"base_model.model.{key}.{k}": v for k, v in pair.items()}),
+        ("dora", {**config, "use_dora": True}, {f"base_model.model.{key}.{k}": v for k, v in pair.items()}),
+    ):
+        (work / name).mkdir()
+        text = peft_config if isinstance(peft_config, str) else json.dumps(peft_config)
+        (work / name / "adapter_config.json").write_text(text)
+        save_file(tensors, str(work / name / "adapter_model.safetensors"), metadata={"format": "pt"})
     return work
 
 
@@ -357,7 +465,7 @@ def test_eval_prints_loss_and_perplexity(results, trained):
     proc = results["eval"].proc
     assert proc.returncode == 0, proc.stderr[-4000:]
     values = printed(proc.stdout)
-    assert set(values) == {"loss", "perplexity"}
+    assert set(values) == {"loss", "perplexity", "rows"} and values["rows"] == 16  # every row of dev16.jsonl
     # The same rows and seq_len as the run's final eval, now read back from the adapter files.
     assert values["loss"] == pytest.approx(json.loads((out / "summary.json").read_text())["eval_loss_after"], abs=2e-4)
     assert values["perplexity"] == pytest.approx(math.exp(values["loss"]), rel=1e-3)
@@ -491,6 +599,14 @@ def test_bad_input_gives_one_error_line_and_touches_nothing(results, work, case)
     fill = {"work": work, "out": work / "bad" / case, "run": work / "run", "cls": work / "cls"}
     assert_one_error_line(result.proc, argv[0], *(word.format(**fill) for word in culprits))
     assert result.after == result.before  # the file already in --out, the inputs and run directories
+
+
+@pytest.mark.parametrize("case", BAD_DATA)
+def test_bad_data_is_reported_before_the_model_loads(results, case):
+    proc = results[case].proc
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert "model:" not in proc.stdout  # `lorakit train` prints it once the model is loaded
+    assert "cannot load" not in proc.stderr  # {work}/weightless has no weights: loading it fails
 
 
 @pytest.mark.parametrize("case", ["debug-after", "debug-before"])

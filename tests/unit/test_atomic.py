@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from lorakit import atomic
+from lorakit.errors import ConfigError
 
 
 def _leftovers(folder: Path) -> list[str]:
@@ -61,7 +62,54 @@ def test_build_directory_leaves_nothing_on_error(tmp_path):
 
     with pytest.raises(RuntimeError, match="disk full"):
         atomic.build_directory(target, build)
-    assert _leftovers(tmp_path / "cache") == []
+    assert _leftovers(tmp_path) == []  # nor the parent folder it created for the target
+
+
+def test_build_directory_keeps_the_parent_folders_that_were_there(tmp_path):
+    (tmp_path / "cache").mkdir()
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic.build_directory(tmp_path / "cache" / "new" / "model", _fail)
+    assert _leftovers(tmp_path) == ["cache"] and _leftovers(tmp_path / "cache") == []
+
+
+def _fail(tmp: Path) -> None:
+    raise RuntimeError("disk full")
+
+
+@pytest.mark.parametrize(
+    ("where", "kind", "message"),
+    [
+        ("full", {"directory": True, "empty": True}, "exists and is not empty"),
+        ("file.txt", {"directory": True}, "exists and is not a directory"),
+        ("full", {}, "is a directory; give the file to write"),
+        ("file.txt/out", {"directory": True}, "'{root}/file.txt' is a file, not a folder"),
+        ("file.txt/a/b.gguf", {}, "'{root}/file.txt' is a file, not a folder"),
+        ("locked/out", {"directory": True, "empty": True}, "no permission to write in '{root}/locked'"),
+    ],
+)
+def test_check_target_refuses_what_a_write_would_fail_on(tmp_path, where, kind, message):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "kept.txt").write_text("kept")
+    (tmp_path / "file.txt").write_text("kept")
+    (tmp_path / "locked").mkdir(mode=0o555)
+    if where.startswith("locked") and os.access(tmp_path / "locked", os.W_OK):
+        pytest.skip("this user may write in a read-only folder (root)")
+    with pytest.raises(ConfigError, match=r"^--out '") as err:
+        atomic.check_target(tmp_path / where, **kind)
+    assert message.format(root=tmp_path) in str(err.value) and "nothing was written" in str(err.value)
+    assert _leftovers(tmp_path) == ["file.txt", "full", "locked"]
+
+
+def test_check_target_takes_what_a_write_can_create(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "analysis.json").write_text("{}")
+    assert atomic.check_target(tmp_path / "empty", directory=True, empty=True) == tmp_path / "empty"
+    atomic.check_target(tmp_path / "new" / "deeper", directory=True, empty=True)
+    atomic.check_target(tmp_path / "full", directory=True)  # files are written into it
+    atomic.check_target(tmp_path / "full" / "analysis.json")  # a file is replaced
+    atomic.check_target(tmp_path / "new" / "model.gguf")
+    assert _leftovers(tmp_path) == ["empty", "full"]  # checking creates nothing
 
 
 def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):

@@ -59,8 +59,8 @@ def compress(
 
     Raises:
         ConfigError: neither or both of energy and rank, or out of range; `out` exists and is not
-            empty; a DoRA adapter (its magnitude was learned for the full direction). Nothing is
-            written then.
+            empty, or cannot be created (`lorakit.atomic.check_target`); a DoRA adapter (its
+            magnitude was learned for the full direction). Nothing is written then.
         AdapterFormatError: unreadable adapter files.
     """
     from lorakit.models import adapter_directory
@@ -71,9 +71,7 @@ def compress(
         raise ConfigError(f"energy must be in (0, 1], got {energy}")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ConfigError(f"rank must be an integer >= 1, got {rank!r}")
-    target = Path(out)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise ConfigError(f"--out {str(target)!r} exists and is not empty; nothing was written")
+    target = atomic.check_target(out, directory=True, empty=True)
     source = adapter_directory(adapter)
     config, modules = read_factors(source)
     if config.use_dora or any(m.dora for m in modules):

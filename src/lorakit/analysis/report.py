@@ -48,7 +48,7 @@ def analyze(
     adapter: str | os.PathLike[str],
     *,
     compare: str | os.PathLike[str] | None = None,
-    base: nn.Module | None = None,
+    base: nn.Module | str | None = None,
     energy: float = 0.99,
 ) -> dict[str, Any]:
     """Analyse an adapter's updates, module by module.
@@ -56,7 +56,9 @@ def analyze(
     Args:
         adapter: adapter directory (or a run directory holding `adapter/`).
         compare: a second adapter directory for φ.
-        base: the base model (its weights W) for the amplification factor.
+        base: the base model (its weights W) for the amplification factor: a model, or what
+            `lorakit.models.load_model` loads (`auto`: the one the adapter records), loaded once
+            both adapters are read, so a bad adapter is refused before a model loads.
         energy: for `suggested_rank_pattern`.
 
     Returns:
@@ -68,8 +70,9 @@ def analyze(
         ConfigError: `energy` outside (0, 1]; no module in common with `compare`; a base without a
             module the adapter adapts.
         AdapterFormatError: unreadable adapter files.
+        ModelLoadError: a base that cannot be loaded.
     """
-    from lorakit.models import adapter_directory
+    from lorakit.models import adapter_directory, load_model, recorded_base
 
     if not 0.0 < energy <= 1.0:
         raise ConfigError(f"energy must be in (0, 1], got {energy}")
@@ -81,6 +84,8 @@ def analyze(
         other = {m.path: m for m in found}
         if not set(other) & {m.path for m in modules}:
             raise ConfigError(f"{compare} adapts none of the modules {folder} adapts; nothing to compare")
+    if isinstance(base, str):
+        base, _, _ = load_model(recorded_base(folder) if base == "auto" else base)
     result: dict[str, Any] = {"adapter": str(folder), "energy": energy, "modules": {}}
     if compare is not None:
         result["compare"] = str(adapter_directory(compare))
@@ -204,8 +209,13 @@ def summary_table(result: dict[str, Any]) -> str:
 
 def write_analysis(result: dict[str, Any], out: str | os.PathLike[str]) -> list[Path]:
     """Write `analysis.json` and the plots (`spectrum.png`, and `phi_<layer type>.png` with a
-    comparison) into `out`, each file atomically. Returns the files written."""
-    folder = Path(out)
+    comparison) into `out` (created if missing), each file atomically. Returns the files written.
+
+    Raises:
+        ConfigError: `out` is not a folder, or cannot be one (`lorakit.atomic.check_target`, which
+            `lorakit analyze` calls before it reads anything). Nothing is written then.
+    """
+    folder = atomic.check_target(out, directory=True)
     folder.mkdir(parents=True, exist_ok=True)
     written = [atomic.write_json(folder / "analysis.json", result, indent=1)]
     try:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lorakit.analysis.report import Analysis, analyze, summary_table, write_analysis
+from lorakit.atomic import check_target
 from lorakit.cli.command import Command
 from lorakit.cli.flags import FlagSpec
 from lorakit.errors import ConfigError
@@ -14,13 +15,9 @@ from lorakit.errors import ConfigError
 def _run(options: Analysis, echo: Callable[[str], None]) -> dict[str, Any]:
     if not options.adapter:
         raise ConfigError("ADAPTER (or --adapter) is required: an adapter directory or a training run's output")
-    base = None
-    if options.base is not None:
-        from lorakit.models import load_model, recorded_base
-
-        spec = recorded_base(options.adapter) if options.base == "auto" else options.base
-        base, _, _ = load_model(spec)
-    result = analyze(options.adapter, compare=options.compare, base=base, energy=options.energy)
+    if options.out:
+        check_target(options.out, directory=True)  # before the adapters are read and the base loads
+    result = analyze(options.adapter, compare=options.compare, base=options.base, energy=options.energy)
     echo(summary_table(result))
     pattern = result["suggested_rank_pattern"]
     ranks = sorted(set(pattern.values()))

@@ -13,7 +13,7 @@ from lorakit.cli.command import Command
 from lorakit.cli.flags import FlagSpec
 from lorakit.errors import ConfigError
 from lorakit.export.gguf import GgufExport, describe_gguf, export_gguf
-from lorakit.models import ModelSource, load_source
+from lorakit.models import ModelSource
 
 
 def _run(source: ModelSource, output: GgufExport, echo: Callable[[str], None]) -> Path:
@@ -23,11 +23,15 @@ def _run(source: ModelSource, output: GgufExport, echo: Callable[[str], None]) -
         raise ConfigError("ADAPTER (or --adapter) is required: an adapter directory or a training run's output")
     if source.quantize not in ("auto", "none"):
         raise ConfigError(f"--quantize {source.quantize}: export reads the base in full precision; drop --quantize")
-    model, _, _ = load_source(ModelSource(adapter=source.adapter, model=source.model, quantize="none"))
-    base = output.base_gguf
-    if base is None and source.model and source.model.lower().endswith(".gguf"):
-        base = source.model  # the base was loaded from this file: the merged GGUF starts from it
-    out = export_gguf(model, output.out, format=output.format, outtype=output.outtype, base_gguf=base)
+    # export_gguf checks the request, --out, --base-gguf and the adapter's files before it loads the model.
+    out = export_gguf(
+        source.adapter,
+        output.out,
+        format=output.format,
+        outtype=output.outtype,
+        base_gguf=output.base_gguf,
+        model=source.model,
+    )
     what = "llama.cpp LoRA adapter" if output.format == "gguf-lora" else "merged model"
     echo(f"{what} written to {out} ({out.stat().st_size / 2**20:.2f} MiB; {describe_gguf(out)})")
     return out

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorakit.atomic import check_target
 from lorakit.cli.command import Command
 from lorakit.cli.flags import FlagSpec
 from lorakit.errors import ConfigError
@@ -29,6 +30,7 @@ def _run(source: ModelSource, output: MergeOutput, echo: Callable[[str], None]) 
         raise ConfigError("--out is required: the directory for the merged model")
     if not source.adapter:
         raise ConfigError("ADAPTER (or --adapter) is required: an adapter directory or a training run's output")
+    check_target(output.out, directory=True, empty=True)  # before the model loads
     model, tokenizer, _ = load_source(source)
     out = export_merged(model, tokenizer, output.out)
     echo(f"merged model written to {out}")

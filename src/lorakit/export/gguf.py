@@ -148,6 +148,26 @@ def _head_counts(config: Any) -> dict[str, int]:
     return {"q_proj": heads, "k_proj": int(getattr(config, "num_key_value_heads", None) or heads)}
 
 
+_MERGED_INSTEAD = "export the merged model instead (--format gguf), which carries any adapter"
+
+
+def _check_lora_config(config: Any) -> None:
+    """Refuse an adapter whose config (a `LoraConfig`) says it has no llama.cpp LoRA form."""
+    if config.use_dora:
+        raise ConfigError(
+            f"a DoRA adapter has no llama.cpp LoRA form (its magnitude vector rescales W); {_MERGED_INSTEAD}"
+        )
+    if config.modules_to_save:
+        raise ConfigError(
+            f"modules_to_save {list(config.modules_to_save)} are trained in full, which a llama.cpp LoRA adapter "
+            f"cannot carry; {_MERGED_INSTEAD}"
+        )
+    if config.bias != "none":
+        raise ConfigError(
+            f"bias={config.bias!r} trains biases, which a llama.cpp LoRA adapter cannot carry; {_MERGED_INSTEAD}"
+        )
+
+
 def gguf_lora_tensors(model: nn.Module, adapter_name: str = "default") -> tuple[float, dict[str, torch.Tensor]]:
     """The tensors of a llama.cpp LoRA adapter for `model`'s adapter `adapter_name`.
 
@@ -168,16 +188,7 @@ def gguf_lora_tensors(model: nn.Module, adapter_name: str = "default") -> tuple[
     owner = _owner(model, adapter_name)
     config = state_of(owner).configs[adapter_name]
     arch, permute, hf_config = _architecture(owner)
-    merged = "export the merged model instead (--format gguf), which carries any adapter"
-    if config.use_dora:
-        raise ConfigError(f"a DoRA adapter has no llama.cpp LoRA form (its magnitude vector rescales W); {merged}")
-    if config.modules_to_save:
-        raise ConfigError(
-            f"modules_to_save {list(config.modules_to_save)} are trained in full, which a llama.cpp LoRA adapter "
-            f"cannot carry; {merged}"
-        )
-    if config.bias != "none":
-        raise ConfigError(f"bias={config.bias!r} trains biases, which a llama.cpp LoRA adapter cannot carry; {merged}")
+    _check_lora_config(config)
     names = _name_map(arch, hf_config)
     heads = _head_counts(hf_config)
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
@@ -188,19 +199,21 @@ def gguf_lora_tensors(model: nn.Module, adapter_name: str = "default") -> tuple[
             continue
         if not isinstance(layer, LoraLinear) or layer.is_conv1d:
             kind = type(layer.base_layer).__name__
-            raise ConfigError(f"{path}: a {kind} adapter has no llama.cpp LoRA form; {merged}")
+            raise ConfigError(f"{path}: a {kind} adapter has no llama.cpp LoRA form; {_MERGED_INSTEAD}")
         record = layer.adapters[adapter_name]
         if record.slices is not None:
-            raise ConfigError(f"{path}: adapters on slices of a fused layer are not exported to GGUF; {merged}")
+            raise ConfigError(
+                f"{path}: adapters on slices of a fused layer are not exported to GGUF; {_MERGED_INSTEAD}"
+            )
         leaf = path.rsplit(".", 1)[-1]
         if leaf == "lm_head" and tied:
             raise ConfigError(
                 f"{path}: the output head is tied to the embeddings, and llama.cpp ignores an adapter on it; "
-                f"train without lm_head, or {merged}"
+                f"train without lm_head, or {_MERGED_INSTEAD}"
             )
         gguf_name = names.get_name(f"{path}.weight", try_suffixes=(".weight",))
         if gguf_name is None:
-            raise ConfigError(f"{path}: no GGUF tensor name for it in the {arch} architecture; {merged}")
+            raise ConfigError(f"{path}: no GGUF tensor name for it in the {arch} architecture; {_MERGED_INSTEAD}")
         A = record.lora_A.detach().float().cpu()
         B = record.lora_B.detach().float().cpu()
         r = A.shape[0]
@@ -261,8 +274,6 @@ def _write_atomically(
 def _write_lora(model: nn.Module, path: Path, outtype: str, adapter_name: str) -> Path:
     import gguf
 
-    if outtype not in _LORA_OUTTYPES:
-        raise ConfigError(f"a llama.cpp LoRA adapter is written as f32, f16 or bf16, not {outtype}")
     alpha, tensors = gguf_lora_tensors(model, adapter_name)
     arch, _, config = _architecture(model)
     encoded = [(name, *_encoded(t, outtype)) for name, t in tensors.items()]
@@ -296,8 +307,6 @@ def _write_merged(model: nn.Module, path: Path, outtype: str, adapter_name: str,
 
     from lorakit.quantization import dequantized_weight
 
-    if outtype not in _MERGED_OUTTYPES:
-        raise ConfigError(f"a merged GGUF model is written as {', '.join(_MERGED_OUTTYPES)}, not {outtype}")
     owner = _owner(model, adapter_name)
     arch, permute, config = _architecture(owner)
     source = Path(base_gguf) if base_gguf is not None else base_gguf_of(owner)
@@ -586,25 +595,44 @@ def export_gguf(
         The written file. The model is not changed.
 
     Raises:
-        ConfigError: see `gguf_lora_tensors`; an outtype the format does not take; a base GGUF
-            of another architecture or other weights; no base GGUF for a merged export. Nothing is
-            written then.
+        ConfigError: see `gguf_lora_tensors`; an outtype the format does not take; an `path` that
+            cannot be written (`lorakit.atomic.check_target`); a base GGUF of another architecture
+            or other weights; no base GGUF for a merged export. Nothing is written then; what the
+            files alone show (the request, `path`, `base_gguf`, the adapter's files and config) is
+            refused before an adapter directory's model is loaded.
+        AdapterFormatError: an unreadable adapter directory.
+        ModelLoadError: a `base_gguf` that is not a file.
         MissingExtraError: the `gguf` package is not installed.
     """
+    from lorakit import atomic
+
     require("gguf", "cli", "exporting GGUF files")
     if format not in ("gguf-lora", "gguf"):
         raise ConfigError(f"format must be 'gguf-lora' or 'gguf', got {format!r}")
+    if format == "gguf-lora":
+        outtype = "f32" if outtype == "auto" else outtype
+        if outtype not in _LORA_OUTTYPES:
+            raise ConfigError(f"a llama.cpp LoRA adapter is written as f32, f16 or bf16, not {outtype}")
+    elif outtype not in _MERGED_OUTTYPES:
+        raise ConfigError(f"a merged GGUF model is written as {', '.join(_MERGED_OUTTYPES)}, not {outtype}")
+    out = atomic.check_target(path)
+    if base_gguf is None and model is not None and str(model).lower().endswith(".gguf"):
+        base_gguf = model
+    if format == "gguf" and base_gguf is not None and not Path(base_gguf).is_file():
+        raise ModelLoadError(f"cannot read the base GGUF file {base_gguf}: no such file")
     if isinstance(model_or_adapter, nn.Module):
         module = model_or_adapter
     else:
-        from lorakit.models import ModelSource, load_source
+        from lorakit.io import check_adapter_files
+        from lorakit.models import ModelSource, adapter_directory, load_source
 
-        module, _, _ = load_source(ModelSource(adapter=os.fspath(model_or_adapter), model=model, quantize="none"))
-    out = Path(path)
+        adapter = os.fspath(model_or_adapter)
+        config = check_adapter_files(adapter_directory(adapter))
+        if format == "gguf-lora":
+            _check_lora_config(config)  # the rest needs the model
+        module, _, _ = load_source(ModelSource(adapter=adapter, model=model, quantize="none"))
     if format == "gguf-lora":
-        return _write_lora(module, out, "f32" if outtype == "auto" else outtype, adapter_name)
-    if base_gguf is None and model is not None and str(model).lower().endswith(".gguf"):
-        base_gguf = model
+        return _write_lora(module, out, outtype, adapter_name)
     return _write_merged(module, out, outtype, adapter_name, Path(base_gguf) if base_gguf else None)
 
 

@@ -9,7 +9,6 @@ from typing import Any
 from torch import nn
 
 from lorakit import atomic
-from lorakit.errors import ConfigError
 from lorakit.merge import merge_and_unload
 
 __all__ = ["export_merged"]
@@ -31,12 +30,12 @@ def export_merged(model: nn.Module, tokenizer: Any, out: str | os.PathLike[str])
         The directory.
 
     Raises:
-        ConfigError: `out` exists and is not an empty directory (nothing is written).
+        ConfigError: `out` exists and is not an empty directory, or cannot be created
+            (`lorakit.atomic.check_target`, which `lorakit merge` calls before it loads the model).
+            Nothing is written.
         LorakitError: merging gives non-finite weights (nothing is written).
     """
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"--out {str(out)!r} exists and is not empty; nothing was written")
+    out = atomic.check_target(out, directory=True, empty=True)
     plain = merge_and_unload(model, safe=True)
 
     def build(tmp: Path) -> None:

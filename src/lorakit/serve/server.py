@@ -12,6 +12,7 @@ import torch
 
 from lorakit.errors import ConfigError
 from lorakit.extras import require
+from lorakit.layers import BASE
 from lorakit.models import DEFAULT_MODEL, ModelSource, adapter_directory, load_model
 from lorakit.serve.engine import Engine
 from lorakit.serve.metrics import ServeMetrics
@@ -74,6 +75,9 @@ class ServeConfig:
                 problems.append(f"{name} must be an integer >= 1 or none, got {value!r}")
         if not 0 <= self.port <= 65535:
             problems.append(f"port must be in 0..65535, got {self.port}")
+        for name in self.adapter:
+            if not name or "." in name or name == BASE:
+                problems.append(f"adapter name {name!r}: a name is non-empty, without dots, not {BASE!r}")
         if len(self.adapter) > self.max_adapters:
             problems.append(f"{len(self.adapter)} adapters given but max_adapters is {self.max_adapters}")
         if self.adapter_dir is not None and not Path(self.adapter_dir).is_dir():
@@ -96,12 +100,14 @@ def build_server(config: ServeConfig, source: ModelSource) -> tuple[Any, ServerS
     """
     require("fastapi", "serve", "lorakit serve")
     require("uvicorn", "serve", "lorakit serve")
-    from lorakit.io import adapter_base_quantization
+    from lorakit.io import adapter_base_quantization, check_adapter_files
     from lorakit.serve.api import ServerState, create_app  # pydantic and FastAPI: only when serving
 
     if config.threads:
         torch.set_num_threads(config.threads)
     folders = {name: adapter_directory(path) for name, path in config.adapter.items()}
+    for folder in folders.values():
+        check_adapter_files(folder)  # a bad start-up adapter is refused before the model loads
     if source.quantize == "auto":
         recorded = {adapter_base_quantization(f) for f in folders.values()}
         scheme = recorded.pop() if len(recorded) == 1 else None

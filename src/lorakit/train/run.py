@@ -286,9 +286,7 @@ def _check_out(run: TrainRun) -> tuple[Path, Path | None, str | None]:
     """(out, the checkpoint to resume from or None, a line to print) — or refuse, writing nothing."""
     from lorakit.train.checkpoint import latest_checkpoint
 
-    out = Path(run.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} exists and is not a directory")
+    out = atomic.check_target(run.out, directory=True)  # a folder, or one that can be made
     finished = (out / "adapter" / "adapter_config.json").is_file()
     checkpoint = latest_checkpoint(out) if out.is_dir() else None
     if run.resume:
