@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -84,20 +86,59 @@ def _fail(tmp: Path) -> None:
         ("full", {}, "is a directory; give the file to write"),
         ("file.txt/out", {"directory": True}, "'{root}/file.txt' is a file, not a folder"),
         ("file.txt/a/b.gguf", {}, "'{root}/file.txt' is a file, not a folder"),
-        ("locked/out", {"directory": True, "empty": True}, "no permission to write in '{root}/locked'"),
     ],
 )
 def test_check_target_refuses_what_a_write_would_fail_on(tmp_path, where, kind, message):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "kept.txt").write_text("kept")
     (tmp_path / "file.txt").write_text("kept")
-    (tmp_path / "locked").mkdir(mode=0o555)
-    if where.startswith("locked") and os.access(tmp_path / "locked", os.W_OK):
-        pytest.skip("this user may write in a read-only folder (root)")
     with pytest.raises(ConfigError, match=r"^--out '") as err:
         atomic.check_target(tmp_path / where, **kind)
     assert message.format(root=tmp_path) in str(err.value) and "nothing was written" in str(err.value)
-    assert _leftovers(tmp_path) == ["file.txt", "full", "locked"]
+    assert _leftovers(tmp_path) == ["file.txt", "full"]
+
+
+def _as_unprivileged(call) -> str:
+    """What `call()` raises, as 'Type: message', run by a user without root's override of file
+    permissions: this process when it is not root, else a forked child switched to `nobody`."""
+
+    def outcome() -> str:
+        try:
+            call()
+        except Exception as err:  # reported to the parent
+            return f"{type(err).__name__}: {err}"
+        return "no error"
+
+    if os.geteuid() != 0:
+        return outcome()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop root, report, leave without running any of pytest's exit code
+        try:
+            os.close(read)
+            os.setgid(65534)
+            os.setuid(65534)
+            os.write(write, outcome().encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        said = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return said
+
+
+def test_check_target_refuses_a_folder_it_may_not_write_in():
+    root = Path(tempfile.mkdtemp())  # under /tmp, so that `nobody` can reach it when we are root
+    try:
+        root.chmod(0o755)
+        (root / "locked").mkdir(mode=0o555)
+        said = _as_unprivileged(lambda: atomic.check_target(root / "locked" / "out", directory=True, empty=True))
+        assert said.startswith("ConfigError: --out '"), said
+        assert f"no permission to write in '{root}/locked'" in said and "nothing was written" in said
+        assert _leftovers(root) == ["locked"] and _leftovers(root / "locked") == []
+    finally:
+        shutil.rmtree(root)
 
 
 def test_check_target_takes_what_a_write_can_create(tmp_path):

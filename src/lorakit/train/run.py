@@ -208,7 +208,11 @@ def train_run(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer
     if not main and not sharded:
         return {}
     # A sharded model's forward gathers each block from every rank: all ranks run these.
-    after_loss = loss_on(model, eval_ds, eval_batch, progress=run.progress and main, desc="eval after")
+    last = result.evals[-1] if result.evals else {}
+    if last.get("step") == result.steps and "eval_loss" in last:
+        after_loss = last["eval_loss"]  # fit's own evaluation of the final weights, not run twice
+    else:
+        after_loss = loss_on(model, eval_ds, eval_batch, progress=run.progress and main, desc="eval after")
     after_samples = _samples(model, tokenizer, prompts, run.progress and main)
     if not main:
         return {}
