@@ -31,11 +31,12 @@ ROWS = {
     # Before issue 24: every eval row (387), at the training batch size (8).
     "all-rows": ("--eval-max-rows", "none", "--eval-batch-size", "8"),
 }
+# A line may follow a progress bar's last carriage return rather than a newline.
 PHASES = {
-    "model loaded": re.compile(r"^model: ", re.M),
-    "eval before done": re.compile(r"^eval loss before", re.M),
-    "training done": re.compile(r"^eval loss after", re.M),
-    "finished": re.compile(r"^adapter: ", re.M),
+    "model loaded": re.compile(r"(?:^|\r)model: ", re.M),
+    "eval before done": re.compile(r"(?:^|\r)eval loss before", re.M),
+    "training done": re.compile(r"(?:^|\r)eval loss after", re.M),
+    "finished": re.compile(r"(?:^|\r)adapter: ", re.M),
 }
 
 

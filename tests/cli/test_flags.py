@@ -180,7 +180,9 @@ def test_the_quickstart_recipe_is_a_packaged_config():
     assert "quickstart" in RECIPES
     run, lora, train = _options("train", "--config", "quickstart", "--max-steps", "3")
     assert train.max_steps == 3 and train.lr == 1e-3 and lora.lora_alpha == 16 and run.seq_len == 96
-    assert dataclasses.replace(run, seq_len=TrainRun().seq_len) == TrainRun()  # the rest: defaults
+    assert run.eval_max_rows == 100
+    defaults = TrainRun()
+    assert dataclasses.replace(run, seq_len=defaults.seq_len, eval_max_rows=defaults.eval_max_rows) == defaults
     with pytest.raises(ConfigError, match=r"'quick': no such file, and not a packaged recipe \(quickstart"):
         config_path("quick")
 

@@ -147,6 +147,7 @@ def train_run(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer
     if checkpoint is not None:
         check_resume(checkpoint, train, batches_per_epoch=per_epoch)
     scheme = None if run.quantize == "none" else run.quantize
+    say(f"loading model {run.model or 'smollm2-135m'}" + (f" ({scheme} linear weights)" if scheme else "") + " ...")
     t1 = time.perf_counter()
     model, tokenizer, name = load_model(run.model, task=run.task, num_labels=run.num_labels, quantize=scheme)
     stored = f"; linear weights stored as {scheme}" if scheme else ""
