@@ -88,9 +88,14 @@ class Result:
     after: dict[str, object]
 
 
+# Every process runs under this umask: neither umask 022's 0o644 nor the private 0o600, so the
+# modes of the files it writes can only come from the umask (issue 24: merge wrote 0o600 files).
+UMASK, FILE_MODE, FOLDER_MODE = 0o027, 0o640, 0o750
+
+
 def run(argv: list[str], watch: Sequence[Path] = ()) -> Result:
     before = {k: v for path in watch for k, v in snapshot(path).items()}
-    proc = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=400, check=False)
+    proc = subprocess.run(argv, env=ENV, umask=UMASK, capture_output=True, text=True, timeout=400, check=False)
     return Result(proc, before, {k: v for path in watch for k, v in snapshot(path).items()})
 
 
@@ -435,6 +440,22 @@ def test_peft_loads_the_adapter_with_the_same_logits(trained, smol, adapted, e2e
     ours_logits = logits(adapted, e2e_batch)
     assert (ours_logits - logits(theirs, e2e_batch)).abs().max() <= 1e-5
     assert (ours_logits - logits(base, e2e_batch)).abs().max() > 1e-2  # the adapter is not a no-op
+
+
+def test_every_file_lorakit_writes_has_the_umasks_mode(results, trained, classified, work):
+    """Training (adapter, checkpoints, metrics, plot, JSON) and `merge` (transformers' save_pretrained,
+    whose safetensors writer makes 0o600 files) give what a plain open()/mkdir() would."""
+    assert results["merge"].proc.returncode == 0, results["merge"].proc.stderr[-2000:]
+    written = [p for d in (work / "run", work / "cls", work / "merged") for p in (d, *d.rglob("*"))]
+    names = {p.relative_to(work).as_posix() for p in written}
+    assert {"merged/model.safetensors", "run/adapter/adapter_model.safetensors", "run/loss.png"} <= names
+    assert any(name.startswith("run/checkpoints/step-") for name in names)
+    wrong = {
+        p.relative_to(work).as_posix(): oct(p.stat().st_mode & 0o777)
+        for p in written
+        if p.stat().st_mode & 0o777 != (FOLDER_MODE if p.is_dir() else FILE_MODE)
+    }
+    assert not wrong, f"not {oct(FILE_MODE)} (files) / {oct(FOLDER_MODE)} (folders) under umask {oct(UMASK)}"
 
 
 # ------------------------------------------------------------------------------------- merge, generate, eval

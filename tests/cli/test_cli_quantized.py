@@ -47,7 +47,8 @@ def results(work) -> dict[str, Result]:
         "eval-none": (cli("eval", "--adapter", run_dir, "--data", dev, "--seq-len", 48, "--quantize", "none"), ()),
         "merge": (cli("merge", "--adapter", run_dir, "--out", work / "merged"), ()),
         "merge-other-model": (
-            cli("merge", "--model", "minilm-l6", "--task", "classification", "--adapter", run_dir, "--out", bad),
+            # --out a new folder inside `bad`: the mismatch, found once the model loads, must leave no trace.
+            cli("merge", "--model", "minilm-l6", "--task", "classification", "--adapter", run_dir, "--out", bad / "m"),
             (bad, run_dir),
         ),
     }

@@ -33,7 +33,7 @@ def adapters(tmp_path_factory) -> Path:
 
 def _export(*args: object) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(LORAKIT), "export", *map(str, args)], capture_output=True, text=True, timeout=300, check=False
+        [str(LORAKIT), "export", *map(str, args)], umask=0o027, capture_output=True, text=True, timeout=300, check=False
     )
 
 
@@ -65,6 +65,10 @@ def test_export_writes_an_adapter_and_a_merged_model(adapters: Path, tmp_path: P
     }
     assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_F16
     assert "general.file_type MOSTLY_F16; tensors: 211 F16, 61 F32" in done.stdout
+    # Written under umask 027: the mode a plain open() gives (0o640), as every file lorakit writes.
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == dict.fromkeys(
+        ["a.gguf", "m.gguf", "f.gguf"], "0o640"
+    )
 
 
 def test_export_refusals_exit_2_with_one_line(adapters: Path, tmp_path: Path):

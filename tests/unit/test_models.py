@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,24 @@ def test_gguf_cache_is_reused_and_rebuilt_when_the_file_changes(tmp_path, monkey
     assert len(calls) == 2
     assert json.loads((first / "config.json").read_text())["size"] == source.stat().st_size
     assert _leftovers(tmp_path / "cache") == [first.name]  # the stale copy is gone, no temp dirs left
+
+
+def test_the_model_cache_gets_the_umasks_mode(tmp_path, monkeypatch):
+    # safetensors' writer makes 0o600 files; the cache must hold what a plain open() would give.
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "tiny.gguf"
+    source.write_bytes(b"GGUF" + b"\0" * 12)
+
+    def private_convert(gguf_path: Path, out: Path) -> str:
+        (out / "model.safetensors").write_bytes(b"{}")
+        (out / "model.safetensors").chmod(0o600)
+        return "org/tiny"
+
+    monkeypatch.setattr(models, "_convert_gguf", private_convert)
+    previous = os.umask(0o027)
+    try:
+        cached = models.ensure_cached(source)
+    finally:
+        os.umask(previous)
+    assert oct((cached / "model.safetensors").stat().st_mode & 0o777) == "0o640"
+    assert oct(cached.stat().st_mode & 0o777) == "0o750"
