@@ -17,7 +17,7 @@ tokenised Moses-style. For a non-GPT-2 tokenizer the separator and EOS are text:
 Classification data (GLUE TSVs) has its own loader, `load_classification`.
 
 Modules: `examples` (`Example`), `formats` (file readers), `tokenize` (causal-LM tokenisation),
-`batching` (holdout split, batches, padding), `classification` (GLUE).
+`batching` (holdout split, batches), `padding` (right-padded batch tensors), `classification` (GLUE).
 """
 
 from lorakit.data.batching import iterate_batches, num_batches, split_holdout

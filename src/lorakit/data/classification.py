@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from lorakit.data.batching import PaddedRows, padding_id, right_pad
+from lorakit.data.padding import PaddedRows, padding_id, right_pad
 from lorakit.errors import ConfigError, DataError
 
 __all__ = ["ClassificationDataset", "load_classification", "tokenize_classification"]

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from lorakit.data.batching import PaddedRows, padding_id, right_pad
 from lorakit.data.examples import Example
+from lorakit.data.padding import PaddedRows, padding_id, right_pad
 from lorakit.errors import ConfigError, DataError
 
 __all__ = ["IGNORE_INDEX", "TokenizedDataset", "encode_prompt", "tokenize_examples"]
