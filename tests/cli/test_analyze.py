@@ -41,6 +41,6 @@ def test_analyze_and_compress_from_the_command_line(tmp_path: Path):
     assert json.loads((tmp_path / "small" / "adapter_config.json").read_text())["r"] == 2
 
     done = _cli("compress", "--adapter", a, "--energy", 0.9)
-    assert done.returncode == 2 and "--out are required" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "--out is required" in done.stderr and "Traceback" not in done.stderr
     done = _cli("analyze", "--adapter", tmp_path / "nowhere")
     assert done.returncode == 2 and "nowhere" in done.stderr and "Traceback" not in done.stderr

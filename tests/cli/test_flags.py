@@ -225,6 +225,33 @@ def test_an_adapter_given_twice_differently_is_refused(command):
     assert _options(command, "runs/x", "--adapter", "runs/x") == _options(command, "--adapter", "runs/x")
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["merge", "-o", "m"],
+            r"^ADAPTER \(or --adapter\) is required: adapter directory \(PEFT format\), or a training run's output dir",
+        ),
+        (
+            ["export"],
+            r"^ADAPTER \(or --adapter\) and --out are required: adapter directory .*; the \.gguf file to write",
+        ),
+        (["export", "runs/x"], r"^--out is required: the \.gguf file to write \(replaced atomically if it exists\)$"),
+        (["analyze", "--adapter", ""], r"^ADAPTER \(or --adapter\) is required: the adapter directory"),
+        (["compress", "--adapter", "runs/x"], r"^--out is required: directory for the compressed adapter"),
+    ],
+    ids=["merge", "export-both", "export-out", "analyze-empty", "compress"],
+)
+def test_a_command_refuses_to_run_without_what_it_requires(argv, message):
+    """`Command.requires`: one check for every command, every missing field named, before anything runs."""
+    args = build_parser().parse_args(argv)
+    command = commands()[args.command]
+    ran = []
+    with pytest.raises(ConfigError, match=message):
+        dataclasses.replace(command, run=lambda *a, **k: ran.append(a))(args)
+    assert ran == []
+
+
 def test_commands_without_an_adapter_take_no_positional_argument(capsys):
     for command in ("train", "inspect", "serve"):
         with pytest.raises(SystemExit):

@@ -9,12 +9,9 @@ from lorakit.analysis.report import Analysis, analyze, summary_table, write_anal
 from lorakit.atomic import check_target
 from lorakit.cli.command import Command
 from lorakit.cli.flags import FlagSpec
-from lorakit.errors import ConfigError
 
 
 def _run(options: Analysis, echo: Callable[[str], None]) -> dict[str, Any]:
-    if not options.adapter:
-        raise ConfigError("ADAPTER (or --adapter) is required: an adapter directory or a training run's output")
     if options.out:
         check_target(options.out, directory=True)  # before the adapters are read and the base loads
     result = analyze(options.adapter, compare=options.compare, base=options.base, energy=options.energy)
@@ -34,4 +31,5 @@ COMMAND = Command(
     specs=(FlagSpec(Analysis, "analysis", aliases={"out": ("-o",)}),),
     run=_run,
     positional="adapter",
+    requires=("adapter",),
 )

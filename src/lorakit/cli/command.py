@@ -1,4 +1,5 @@
-"""What every subcommand shares: its flags from config dataclasses, `--config`, `--debug`, and its run."""
+"""What every subcommand shares: its flags from config dataclasses, `--config`, `--debug`, the fields
+it cannot run without, and its run."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lorakit.cli.flags import FlagSpec, add_flags, flag_name, read_toml, resolve
+from lorakit.cli.flags import FlagSpec, add_flags, field_help, flag_name, read_toml, resolve
 from lorakit.errors import ConfigError
 from lorakit.recipes import RECIPES, config_path
 
@@ -31,6 +32,9 @@ class Command:
             flags: called with the values given so far (`--config` keys and flags), it returns
             (values, the file they came from) or None (`lorakit train --resume` takes the run's
             own `run_config.json`, so `lorakit train --out runs/x --resume` continues any run).
+        requires: fields the command cannot run without (`adapter` for the commands that read one,
+            `out` for those that write a file): given none (or an empty value), it refuses before
+            running, naming every missing one with what it is (its help up to the first `;`).
     """
 
     name: str
@@ -39,6 +43,13 @@ class Command:
     run: Callable[..., Any]
     positional: str | None = None
     recorded: Callable[[Mapping[str, Any]], tuple[Mapping[str, Any], str] | None] | None = None
+    requires: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        known = {f.name for spec in self.specs for f in spec.fields()}
+        unknown = [name for name in (*self.requires, self.positional) if name is not None and name not in known]
+        if unknown:
+            raise ConfigError(f"lorakit {self.name}: {unknown} are not fields of its flags")
 
     def add_to(self, sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         parser = sub.add_parser(self.name, help=self.summary, description=self.summary)
@@ -79,5 +90,35 @@ class Command:
                 source = f"{source} over {where}" if source else where
         return resolve(self.specs, args, toml, source)
 
+    def check_required(self, options: Sequence[Any]) -> None:
+        """Refuse to run without the fields in `requires`, naming every one missing at once.
+
+        Args:
+            options: the config instances, one per spec (as `options` returns them).
+
+        Raises:
+            ConfigError: `ADAPTER (or --adapter) and --out are required: <what each is>`.
+        """
+        missing: list[tuple[str, str]] = []
+        for spec, values in zip(self.specs, options, strict=True):
+            helps = field_help(spec.cls)
+            for f in spec.fields():
+                if f.name in self.requires and getattr(values, f.name) in (None, ""):
+                    what = helps.get(f.name, "").split(";")[0].replace("`", "")
+                    missing.append((self._named(f.name), what))
+        if not missing:
+            return
+        names = [name for name, _ in missing]
+        listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+        verb = "is" if len(names) == 1 else "are"
+        raise ConfigError(f"{listed} {verb} required: {'; '.join(what for _, what in missing)}")
+
+    def _named(self, field: str) -> str:
+        """How the user gives `field`: `ADAPTER (or --adapter)` for the positional, else its flag."""
+        flag = flag_name(field)
+        return f"{field.upper()} (or {flag})" if field == self.positional else flag
+
     def __call__(self, args: argparse.Namespace, echo: Callable[[str], None] = print) -> Any:
-        return self.run(*self.options(args), echo=echo)
+        options = self.options(args)
+        self.check_required(options)
+        return self.run(*options, echo=echo)

@@ -8,12 +8,9 @@ from typing import Any
 from lorakit.analysis.compress import Compression, compress
 from lorakit.cli.command import Command
 from lorakit.cli.flags import FlagSpec
-from lorakit.errors import ConfigError
 
 
 def _run(options: Compression, echo: Callable[[str], None]) -> dict[str, Any]:
-    if not options.adapter or not options.out:
-        raise ConfigError("ADAPTER (or --adapter) and --out are required: the adapter and the directory to write")
     result = compress(options.adapter, options.out, energy=options.energy, rank=options.rank)
     (p0, p1), (b0, b1) = result["parameters"], result["bytes"]
     kept = [m["kept"] for m in result["modules"].values()]
@@ -32,4 +29,5 @@ COMMAND = Command(
     specs=(FlagSpec(Compression, "compression", aliases={"out": ("-o",)}),),
     run=_run,
     positional="adapter",
+    requires=("adapter", "out"),
 )

@@ -17,10 +17,6 @@ from lorakit.models import ModelSource
 
 
 def _run(source: ModelSource, output: GgufExport, echo: Callable[[str], None]) -> Path:
-    if not output.out:
-        raise ConfigError("--out is required: the .gguf file to write")
-    if not source.adapter:
-        raise ConfigError("ADAPTER (or --adapter) is required: an adapter directory or a training run's output")
     if source.quantize not in ("auto", "none"):
         raise ConfigError(f"--quantize {source.quantize}: export reads the base in full precision; drop --quantize")
     # export_gguf checks the request, --out, --base-gguf and the adapter's files before it loads the model.
@@ -43,4 +39,5 @@ COMMAND = Command(
     specs=(FlagSpec(ModelSource, "model and adapter"), FlagSpec(GgufExport, "output", aliases={"out": ("-o",)})),
     run=_run,
     positional="adapter",
+    requires=("adapter", "out"),
 )

@@ -9,7 +9,6 @@ from pathlib import Path
 from lorakit.atomic import check_target
 from lorakit.cli.command import Command
 from lorakit.cli.flags import FlagSpec
-from lorakit.errors import ConfigError
 from lorakit.export import export_merged
 from lorakit.models import ModelSource, load_source
 
@@ -26,10 +25,6 @@ class MergeOutput:
 
 
 def _run(source: ModelSource, output: MergeOutput, echo: Callable[[str], None]) -> Path:
-    if not output.out:
-        raise ConfigError("--out is required: the directory for the merged model")
-    if not source.adapter:
-        raise ConfigError("ADAPTER (or --adapter) is required: an adapter directory or a training run's output")
     check_target(output.out, directory=True, empty=True)  # before the model loads
     model, tokenizer, _ = load_source(source)
     out = export_merged(model, tokenizer, output.out)
@@ -43,4 +38,5 @@ COMMAND = Command(
     specs=(FlagSpec(ModelSource, "model and adapter"), FlagSpec(MergeOutput, "output", aliases={"out": ("-o",)})),
     run=_run,
     positional="adapter",
+    requires=("adapter", "out"),
 )
