@@ -28,7 +28,9 @@ import sys
 import time
 from pathlib import Path
 
-import _common as C
+import _fixtures
+import _flags
+import _report
 import torch
 from torch import nn
 
@@ -89,13 +91,13 @@ def build(kind: str, r: int):
     import lorakit
     from lorakit.models import load_model
 
-    model, tokenizer, _ = load_model(C.MODEL)
+    model, tokenizer, _ = load_model(_flags.MODEL)
     model.config.use_cache = False
     budget = lora_parameters(model, r) * model.config.num_hidden_layers
     extra = 0
     if kind in ("merged", "lora"):
         lorakit.inject(model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"]))
-        C.randomize_lora_B(model)
+        _fixtures.randomize_lora_B(model)
         extra = budget
         if kind == "merged":
             model = lorakit.merge_and_unload(model)
@@ -149,11 +151,11 @@ def main() -> int:
             paper = f"+{PAPER_BATCH1[k]}%" if batch == 1 and k in PAPER_BATCH1 else ""
             rows.append([batch, k, f"{built[k][2]:,}", f"{ms:.1f}", f"{overhead:+.1f}%", paper])
     title = (
-        f"Forward latency, {C.MODEL}, seq {args.seq}, {args.threads} threads, median of interleaved rounds "
+        f"Forward latency, {_flags.MODEL}, seq {args.seq}, {args.threads} threads, median of interleaved rounds "
         f"({time.perf_counter() - started:.0f} s); extra parameters matched to LoRA q,v r={args.r}"
     )
     headers = ["batch", "model", "extra parameters", "forward ms", "vs merged LoRA", "paper (GPT-2 M)"]
-    C.print_and_save(
+    _report.print_and_save(
         args.out,
         title,
         headers,

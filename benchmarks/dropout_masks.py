@@ -25,11 +25,12 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-import _common as C
+import _measure
+import _report
 
 
 def _median_ms(fn: Callable[[], object], calls: int) -> float:
-    return statistics.median(C.time_steps(fn, "cpu", 0, calls)) * 1e3
+    return statistics.median(_measure.time_steps(fn, "cpu", 0, calls)) * 1e3
 
 
 def _rows(shape: tuple[int, int], p: float):
@@ -84,8 +85,8 @@ def main() -> int:
         for p in (0.05, 0.1):
             rows = _rows(shape, p)
             for fwd, bwd, _ in rows.values():  # warm-up
-                C.time_steps(fwd, "cpu", 3, 0)
-                C.time_steps(bwd, "cpu", 3, 0)
+                _measure.time_steps(fwd, "cpu", 3, 0)
+                _measure.time_steps(bwd, "cpu", 3, 0)
             times = {label: ([], []) for label in rows}
             for i in range(args.rounds):
                 for label in list(rows) if i % 2 == 0 else reversed(list(rows)):
@@ -113,7 +114,7 @@ def main() -> int:
                 )
     title = f"one dropout mask, fp32, {args.threads} threads, median of {args.rounds} interleaved rounds"
     headers = ["input", "p", "row", "forward ms", "backward ms", "fwd+bwd vs torch", "kept KiB"]
-    C.report_in_process(args, title, headers, lines, results)
+    _report.report_in_process(args, title, headers, lines, results)
     return 0
 
 

@@ -54,8 +54,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import _common as C
 import _experiments as X
+import _report
 import torch
 
 import lorakit
@@ -326,7 +326,7 @@ def table(results: dict[str, Any]) -> str:
                 "-",
             ]
         )
-    return C.markdown_table(headers, rows)
+    return _report.markdown_table(headers, rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

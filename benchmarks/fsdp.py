@@ -46,7 +46,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import _common as C
+import _flags
+import _measure
+import _report
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_TEXT = REPO.parent / "shared" / "data" / "e2e" / "trainset.csv"
@@ -88,10 +90,10 @@ def worker(args: argparse.Namespace) -> None:
     if device == "cuda":
         device = f"cuda:{info.local_rank}"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model, tokenizer, _ = load_model(C.MODEL, dtype=dtype)
+    model, tokenizer, _ = load_model(_flags.MODEL, dtype=dtype)
     model.config.use_cache = False
     model.to(device)
-    r, alpha, targets = C.ADAPTER_SETS[args.adapters]
+    r, alpha, targets = _flags.ADAPTER_SETS[args.adapters]
     lorakit.inject(model, lorakit.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0))
     model.train()
     strategy = args.strategy
@@ -107,7 +109,7 @@ def worker(args: argparse.Namespace) -> None:
         train_model = model
     optimizer = build_optimizer(model, TrainConfig(lr=1e-5))
     batch = _batch(tokenizer, args.batch, args.seq, device)
-    load_peak = C.process_peak_mib() - base_rss
+    load_peak = _measure.process_peak_mib() - base_rss
     libc.malloc_trim(0)
 
     def step() -> None:
@@ -116,9 +118,9 @@ def worker(args: argparse.Namespace) -> None:
     first = time.perf_counter()
     step()
     first = time.perf_counter() - first
-    C.reset_peak(args.device)
-    times = C.time_steps(step, args.device, 0, args.steps)
-    peak = C.peak_mib(args.device) - (base_rss if args.device == "cpu" else 0)
+    _measure.reset_peak(args.device)
+    times = _measure.time_steps(step, args.device, 0, args.steps)
+    peak = _measure.peak_mib(args.device) - (base_rss if args.device == "cpu" else 0)
     params = sum(_local_bytes(p) for p in model.parameters())
     trainable = sum(_local_bytes(p) for p in model.parameters() if p.requires_grad)
     # train_step frees the gradients after the step; between backward and step each trainable
@@ -207,7 +209,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    p.add_argument("--adapters", choices=sorted(C.ADAPTER_SETS), default="qv8")
+    p.add_argument("--adapters", choices=sorted(_flags.ADAPTER_SETS), default="qv8")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--out", type=Path)
@@ -253,20 +255,21 @@ def main() -> int:
                 f"{s['params_mib']:.1f}",
                 f"{s['grads_mib']:.2f}",
                 f"{s['optimizer_mib']:.2f}",
-                C.fmt_ratio(C.ratio(held, one_held)),
+                _report.fmt_ratio(_report.ratio(held, one_held)),
                 f"{s['peak_mib']:.0f}",
-                C.fmt_ratio(C.ratio(s["peak_mib"], one["peak_mib"] if one else None)),
+                _report.fmt_ratio(_report.ratio(s["peak_mib"], one["peak_mib"] if one else None)),
                 f"{s['load_peak_mib']:.0f}",
                 f"{s['step_s'] * 1e3:.0f}",
-                C.fmt_ratio(C.ratio(s["step_s"], one["step_s"] if one else None)),
+                _report.fmt_ratio(_report.ratio(s["step_s"], one["step_s"] if one else None)),
             ]
         )
     title = (
-        f"FSDP vs DDP: {C.MODEL}, LoRA {C.ADAPTER_SET_LABELS[args.adapters]}, global batch {args.batch}×{args.seq}, "
-        f"{args.dtype}, {args.device}, {args.threads} thread(s) per rank, median of {args.steps} steps after 1 "
-        f"warm-up, median over {args.repeats} repeat(s); largest rank shown ({time.perf_counter() - started:.0f} s)"
+        f"FSDP vs DDP: {_flags.MODEL}, LoRA {_flags.ADAPTER_SET_LABELS[args.adapters]}, "
+        f"global batch {args.batch}×{args.seq}, {args.dtype}, {args.device}, {args.threads} thread(s) per rank, "
+        f"median of {args.steps} steps after 1 warm-up, median over {args.repeats} repeat(s); largest rank shown "
+        f"({time.perf_counter() - started:.0f} s)"
     )
-    C.print_and_save(
+    _report.print_and_save(
         args.out,
         title,
         headers,
@@ -274,7 +277,7 @@ def main() -> int:
         {
             "command": "python benchmarks/fsdp.py " + " ".join(sys.argv[1:]),
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "machine": C.machine_info(args),
+            "machine": _report.machine_info(args),
             "summary": summary,
             "raw": results,
         },

@@ -45,8 +45,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import _common as C
 import _experiments as X
+import _report
 import torch
 
 import lorakit
@@ -296,7 +296,7 @@ def table(results: dict[str, Any], task: str) -> str:
         )
     for label, (params, paper) in PAPER.items():
         rows.append([label, X.human_count(int(params)), "-", "-", "-", "-", "-", "-", "-", "-", f"{paper[task]:.1f}"])
-    return C.markdown_table(headers, rows)
+    return _report.markdown_table(headers, rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -37,7 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import _common as C
+import _flags
+import _report
 
 HERE = Path(__file__).resolve().parent
 
@@ -141,7 +142,7 @@ def table7(args: argparse.Namespace, t6: dict[str, Any]) -> dict[str, Any]:
     from lorakit.analysis import analyze
     from lorakit.models import load_model
 
-    base, _, _ = load_model(C.MODEL)
+    base, _, _ = load_model(_flags.MODEL)
     out = {}
     for r in ("4", "64"):
         result = analyze(t6[r]["adapter"], base=base)
@@ -159,13 +160,13 @@ def compression(args: argparse.Namespace, t6: dict[str, Any]) -> dict[str, Any]:
     small = Path(args.out) / "t6-qv-r64-compressed-99"
     report_path = small.with_name(small.name + ".report.json")
     if not small.is_dir():
-        C.write_json(report_path, compress(t6["64"]["adapter"], small, energy=0.99))
+        _report.write_json(report_path, compress(t6["64"]["adapter"], small, energy=0.99))
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     scored = Path(args.out) / "t6-qv-r64-compressed-99.scores.json"
     if not scored.is_file():
         e_args = E.parse_args(["--eval-size", str(args.eval_size), "--threads", str(args.threads)])
         _, prompts, refs = E.load_eval(e_args)
-        model, tokenizer, _ = load_model(C.MODEL)
+        model, tokenizer, _ = load_model(_flags.MODEL)
         lorakit.load_adapter(model, small)
         predictions = E.decode(model.eval(), tokenizer, prompts, e_args)
         scores = E.e2e.e2e_metrics(predictions, refs)
@@ -197,7 +198,8 @@ def report(results: dict[str, Any]) -> str:
         for name, row in results["table5"].items():
             rows.append([name, f"{row['trainable']:,}", *_over_seeds(row["bleu"])])
         parts.append(
-            "Table 5 analogue (one budget)\n\n" + C.markdown_table(["adapted", "trainable", "BLEU", "per seed"], rows)
+            "Table 5 analogue (one budget)\n\n"
+            + _report.markdown_table(["adapted", "trainable", "BLEU", "per seed"], rows)
         )
     if "table6" in results:
         rows = []
@@ -206,12 +208,12 @@ def report(results: dict[str, Any]) -> str:
             rows.append([r, f"{v['trainable']:,}", *_over_seeds(bleu), f"{v['scores']['ROUGE_L']:.1f}"])
         parts.append(
             "Table 6 analogue (q,v)\n\n"
-            + C.markdown_table(["r", "trainable", "BLEU", "per seed", "ROUGE-L (first seed)"], rows)
+            + _report.markdown_table(["r", "trainable", "BLEU", "per seed", "ROUGE-L (first seed)"], rows)
         )
     if "fig3" in results:
         rows = [[leaf, *(f"{v:.2f}" for v in d.values())] for leaf, d in results["fig3"].items()]
         keys = list(next(iter(results["fig3"].values())))
-        parts.append("Figure 3/4 analogue (mean over layers)\n\n" + C.markdown_table(["module", *keys], rows))
+        parts.append("Figure 3/4 analogue (mean over layers)\n\n" + _report.markdown_table(["module", *keys], rows))
     if "table7" in results:
         rows = []
         for r, types in results["table7"].items():
@@ -229,7 +231,9 @@ def report(results: dict[str, Any]) -> str:
                 )
         parts.append(
             "Table 7 analogue (mean over layers)\n\n"
-            + C.markdown_table(["r", "module", "‖ΔW‖_F", "‖UᵀWV‖ ΔW's", "W's top-r", "random", "amplification"], rows)
+            + _report.markdown_table(
+                ["r", "module", "‖ΔW‖_F", "‖UᵀWV‖ ΔW's", "W's top-r", "random", "amplification"], rows
+            )
         )
     if "compress" in results:
         c = results["compress"]
@@ -241,7 +245,7 @@ def report(results: dict[str, Any]) -> str:
                 f"{c['compressed']['scores']['BLEU']:.1f}",
             ],
         ]
-        parts.append("Compression\n\n" + C.markdown_table(["adapter", "file", "BLEU"], rows))
+        parts.append("Compression\n\n" + _report.markdown_table(["adapter", "file", "BLEU"], rows))
     return "\n\n".join(parts)
 
 
@@ -278,9 +282,9 @@ def main() -> int:
         if "compress" in wanted:
             results["compress"] = compression(args, t6)
     results["seconds"] = time.perf_counter() - started
-    C.write_json(path, results)
+    _report.write_json(path, results)
     if args.results:
-        C.write_json(args.results, results)
+        _report.write_json(args.results, results)
     print(report(results))
     return 0
 

@@ -17,35 +17,41 @@ import sys
 import time
 from typing import Any
 
-import _common as C
+import _children
+import _fixtures
+import _flags
+import _measure
+import _report
 
 # batch/seq are unused here (no forward); layers: merging all 30 is cheap, so --quick keeps them.
-FULL = C.Sizes(batch=1, seq=1, layers=None, warmup=2, steps=20, repeats=3)
-QUICK = C.Sizes(batch=1, seq=1, layers=None, warmup=1, steps=5, repeats=1)
+FULL = _flags.Sizes(batch=1, seq=1, layers=None, warmup=2, steps=20, repeats=3)
+QUICK = _flags.Sizes(batch=1, seq=1, layers=None, warmup=1, steps=5, repeats=1)
 
 
-def rows_for(args: argparse.Namespace) -> list[C.Row]:
+def rows_for(args: argparse.Namespace) -> list[_flags.Row]:
     rows = []
     for aset in args.adapter_sets:
         for lib, name in (("peft", "PEFT"), ("lorakit", "lorakit")):
             rows.append(
-                C.Row(f"{lib}-{aset}", f"{name}, {C.ADAPTER_SET_LABELS[aset]}", {"kind": lib, "adapters": aset})
+                _flags.Row(
+                    f"{lib}-{aset}", f"{name}, {_flags.ADAPTER_SET_LABELS[aset]}", {"kind": lib, "adapters": aset}
+                )
             )
     return rows
 
 
-def run_row(args: argparse.Namespace, row: C.Row) -> dict[str, Any]:
-    model = C.load_base(args)
+def run_row(args: argparse.Namespace, row: _flags.Row) -> dict[str, Any]:
+    model = _fixtures.load_base(args)
     aset = row.params["adapters"]
     if row.params["kind"] == "peft":
         import peft
 
-        model = peft.get_peft_model(model, C.lora_configs("peft", aset, 0.0))
+        model = peft.get_peft_model(model, _fixtures.lora_configs("peft", aset, 0.0))
         merge, unmerge = model.base_model.merge_adapter, model.base_model.unmerge_adapter
     else:
         import lorakit
 
-        lorakit.inject(model, C.lora_configs("lorakit", aset, 0.0))
+        lorakit.inject(model, _fixtures.lora_configs("lorakit", aset, 0.0))
 
         def merge() -> None:
             lorakit.merge(model)
@@ -53,19 +59,19 @@ def run_row(args: argparse.Namespace, row: C.Row) -> dict[str, Any]:
         def unmerge() -> None:
             lorakit.unmerge(model)
 
-    n_b = C.randomize_lora_B(model)
+    n_b = _fixtures.randomize_lora_B(model)
     model.eval()
     probe = _probe_weight(model)
     before = probe.detach().clone()
 
     def timed(fn) -> float:
-        C.sync(args.device)
+        _measure.sync(args.device)
         t0 = time.perf_counter()
         fn()
-        C.sync(args.device)
+        _measure.sync(args.device)
         return time.perf_counter() - t0
 
-    result: dict[str, Any] = {"peak_since_setup": C.reset_peak(args.device)}
+    result: dict[str, Any] = {"peak_since_setup": _measure.reset_peak(args.device)}
     for _ in range(args.warmup):
         merge()
         unmerge()
@@ -76,8 +82,8 @@ def run_row(args: argparse.Namespace, row: C.Row) -> dict[str, Any]:
         unmerges.append(timed(unmerge))
     result.update(
         timings={"merge": merges, "unmerge": unmerges},
-        peak_mib=C.peak_mib(args.device),
-        process_peak_mib=C.process_peak_mib(),
+        peak_mib=_measure.peak_mib(args.device),
+        process_peak_mib=_measure.process_peak_mib(),
         lora_B_tensors=n_b,
         merge_changed_weight=changed,
         unmerge_max_abs_drift=float((probe.detach().float() - before.float()).abs().max()),
@@ -99,7 +105,7 @@ def _same(a, b) -> bool:
     return bool(torch.equal(a.detach(), b))
 
 
-def report(args: argparse.Namespace, rows: list[C.Row], s: dict[str, dict]) -> str:
+def report(args: argparse.Namespace, rows: list[_flags.Row], s: dict[str, dict]) -> str:
     headers = [
         "configuration",
         "merge ms",
@@ -110,32 +116,32 @@ def report(args: argparse.Namespace, rows: list[C.Row], s: dict[str, dict]) -> s
     ]
     notes: list[str] = []
 
-    def line(row: C.Row, r: dict) -> list:
+    def line(row: _flags.Row, r: dict) -> list:
         m, u = r["ms"]["merge"], r["ms"]["unmerge"]
         vs_m = vs_u = "–"
         if row.params["kind"] == "lorakit":
             peft = row.name.replace("lorakit-", "peft-", 1)
-            vs_m = C.fmt_ratio(C.ratio(m, C.ms_of(s, peft, "merge")))
-            vs_u = C.fmt_ratio(C.ratio(u, C.ms_of(s, peft, "unmerge")))
+            vs_m = _report.fmt_ratio(_report.ratio(m, _report.ms_of(s, peft, "merge")))
+            vs_u = _report.fmt_ratio(_report.ratio(u, _report.ms_of(s, peft, "unmerge")))
         if r.get("merge_changed_weight") is False:
             notes.append(f"`{row.name}`: merge did not change the probed weight (is B zero?)")
         notes.append(f"`{row.name}`: max |W after unmerge − W0| = {r.get('unmerge_max_abs_drift', float('nan')):.2e}")
-        return [row.label, C.fmt_ms(m), C.fmt_ms(u), vs_m, vs_u, C.fmt_spread(r, "merge", "unmerge")]
+        return [row.label, _report.fmt_ms(m), _report.fmt_ms(u), vs_m, vs_u, _report.fmt_spread(r, "merge", "unmerge")]
 
-    lines = C.table_lines(rows, s, len(headers), line)
+    lines = _report.table_lines(rows, s, len(headers), line)
     layers = args.layers if args.layers is not None else 30
     settings = (
         f"smollm2-135m ({layers} of 30 layers), {args.dtype}, {args.device}, {args.threads} threads, "
         f"median of {args.steps} merge/unmerge pairs after {args.warmup} warm-up, "
         f"median over {args.repeats} repeat(s), each row in a fresh process"
     )
-    return settings + "\n\n" + C.markdown_table(headers, lines) + "\n\n" + "\n".join(notes)
+    return settings + "\n\n" + _report.markdown_table(headers, lines) + "\n\n" + "\n".join(notes)
 
 
 def main() -> int:
-    parser = C.make_parser(__doc__, FULL, QUICK)
-    C.add_adapter_set_flag(parser)
-    return C.main(__file__, parser, rows_for, run_row, report)
+    parser = _flags.make_parser(__doc__, FULL, QUICK)
+    _flags.add_adapter_set_flag(parser)
+    return _children.main(__file__, parser, rows_for, run_row, report)
 
 
 if __name__ == "__main__":

@@ -24,23 +24,27 @@ import contextlib
 import sys
 from typing import Any
 
-import _common as C
+import _children
+import _fixtures
+import _flags
+import _measure
+import _report
 
 N_ADAPTERS = 16
 DROPOUT = 0.05  # as trained; a no-op in eval mode
 MIXES = (1, 4, 16)
 
-FULL = C.Sizes(batch=16, seq=64, layers=None, warmup=2, steps=10, repeats=3)
-QUICK = C.Sizes(batch=16, seq=32, layers=2, warmup=1, steps=3, repeats=1)
+FULL = _flags.Sizes(batch=16, seq=64, layers=None, warmup=2, steps=10, repeats=3)
+QUICK = _flags.Sizes(batch=16, seq=32, layers=2, warmup=1, steps=3, repeats=1)
 
 
-def rows_for(args: argparse.Namespace) -> list[C.Row]:
-    rows = [C.Row("base", "base model (no adapters)", {"kind": "base"})]
+def rows_for(args: argparse.Namespace) -> list[_flags.Row]:
+    rows = [_flags.Row("base", "base model (no adapters)", {"kind": "base"})]
     for aset in args.adapter_sets:
-        label = C.ADAPTER_SET_LABELS[aset]
+        label = _flags.ADAPTER_SET_LABELS[aset]
         for lib, name in (("peft", "PEFT"), ("lorakit", "lorakit")):
             rows.append(
-                C.Row(
+                _flags.Row(
                     f"{lib}-{aset}-single",
                     f"{name}, {label}: single adapter",
                     {"kind": lib, "adapters": aset, "mix": 0},
@@ -49,7 +53,7 @@ def rows_for(args: argparse.Namespace) -> list[C.Row]:
             for k in MIXES:
                 what = "1 adapter" if k == 1 else f"{k} adapters"
                 rows.append(
-                    C.Row(
+                    _flags.Row(
                         f"{lib}-{aset}-mix{k}",
                         f"{name}, {label}: per-row, {what}",
                         {"kind": lib, "adapters": aset, "mix": k},
@@ -58,10 +62,10 @@ def rows_for(args: argparse.Namespace) -> list[C.Row]:
     return rows
 
 
-def run_row(args: argparse.Namespace, row: C.Row) -> dict[str, Any]:
+def run_row(args: argparse.Namespace, row: _flags.Row) -> dict[str, Any]:
     import torch
 
-    model = C.load_base(args)
+    model = _fixtures.load_base(args)
     kind = row.params["kind"]
     mix = row.params.get("mix", 0)
     names = [f"a{i}" for i in range(N_ADAPTERS)]
@@ -75,9 +79,9 @@ def run_row(args: argparse.Namespace, row: C.Row) -> dict[str, Any]:
         import peft
 
         aset = row.params["adapters"]
-        model = peft.get_peft_model(model, C.lora_configs("peft", aset, DROPOUT), adapter_name=names[0])
+        model = peft.get_peft_model(model, _fixtures.lora_configs("peft", aset, DROPOUT), adapter_name=names[0])
         for name in names[1:]:
-            model.add_adapter(name, C.lora_configs("peft", aset, DROPOUT))
+            model.add_adapter(name, _fixtures.lora_configs("peft", aset, DROPOUT))
         model.set_adapter(names[0])
         if per_row:
             kwargs["adapter_names"] = per_row
@@ -86,7 +90,7 @@ def run_row(args: argparse.Namespace, row: C.Row) -> dict[str, Any]:
 
         aset = row.params["adapters"]
         for name in names:
-            lorakit.inject(model, C.lora_configs("lorakit", aset, DROPOUT), adapter_name=name)
+            lorakit.inject(model, _fixtures.lora_configs("lorakit", aset, DROPOUT), adapter_name=name)
         lorakit.set_adapter(model, names[0])
         if per_row:
 
@@ -94,42 +98,51 @@ def run_row(args: argparse.Namespace, row: C.Row) -> dict[str, Any]:
                 return lorakit.adapter_per_row(model, per_row)
 
     if kind != "base":
-        extra["lora_B_tensors"] = C.randomize_lora_B(model)
+        extra["lora_B_tensors"] = _fixtures.randomize_lora_B(model)
     model.eval()
-    ids = C.random_ids(args, model.config.vocab_size)
+    ids = _fixtures.random_ids(args, model.config.vocab_size)
 
     def step() -> None:
         with torch.no_grad(), context():
             model(input_ids=ids, use_cache=False, **kwargs)
 
-    return {**C.measure_row(step, args, row), **extra}
+    return {**_measure.measure_row(step, args, row), **extra}
 
 
-def report(args: argparse.Namespace, rows: list[C.Row], s: dict[str, dict]) -> str:
-    base_ms = C.ms_of(s, "base")
+def report(args: argparse.Namespace, rows: list[_flags.Row], s: dict[str, dict]) -> str:
+    base_ms = _report.ms_of(s, "base")
     headers = ["configuration", "forward ms", "vs single adapter", "vs base", "lorakit / PEFT", "spread"]
     notes: list[str] = []
 
-    def line(row: C.Row, r: dict) -> list:
+    def line(row: _flags.Row, r: dict) -> list:
         ms = r["ms"]["step"]
         vs_single = vs_peft = "–"
         if row.params["kind"] != "base":
             lib, aset = row.params["kind"], row.params["adapters"]
-            vs_single = C.fmt_ratio(C.ratio(ms, C.ms_of(s, f"{lib}-{aset}-single")))
+            vs_single = _report.fmt_ratio(_report.ratio(ms, _report.ms_of(s, f"{lib}-{aset}-single")))
             if lib == "lorakit":
-                vs_peft = C.fmt_ratio(C.ratio(ms, C.ms_of(s, row.name.replace("lorakit-", "peft-", 1))))
-        ratio_base = C.fmt_ratio(C.ratio(ms, base_ms))
-        return [C.row_label(row, r, notes), C.fmt_ms(ms), vs_single, ratio_base, vs_peft, C.fmt_spread(r)]
+                vs_peft = _report.fmt_ratio(
+                    _report.ratio(ms, _report.ms_of(s, row.name.replace("lorakit-", "peft-", 1)))
+                )
+        ratio_base = _report.fmt_ratio(_report.ratio(ms, base_ms))
+        return [
+            _report.row_label(row, r, notes),
+            _report.fmt_ms(ms),
+            vs_single,
+            ratio_base,
+            vs_peft,
+            _report.fmt_spread(r),
+        ]
 
-    lines = C.table_lines(rows, s, len(headers), line)
+    lines = _report.table_lines(rows, s, len(headers), line)
     extra = f"; torch.no_grad, eval mode; {N_ADAPTERS} adapters loaded in every adapter row"
-    return C.describe_settings(args, extra) + "\n\n" + C.markdown_table(headers, lines)
+    return _report.describe_settings(args, extra) + "\n\n" + _report.markdown_table(headers, lines)
 
 
 def main() -> int:
-    parser = C.make_parser(__doc__, FULL, QUICK)
-    C.add_adapter_set_flag(parser, full="qv8,all16", quick="qv8")
-    return C.main(__file__, parser, rows_for, run_row, report)
+    parser = _flags.make_parser(__doc__, FULL, QUICK)
+    _flags.add_adapter_set_flag(parser, full="qv8,all16", quick="qv8")
+    return _children.main(__file__, parser, rows_for, run_row, report)
 
 
 if __name__ == "__main__":

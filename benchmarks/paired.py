@@ -38,7 +38,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import _baseline
-import _common as C
+import _fixtures
+import _flags
+import _report
 
 
 def _train_rows(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
@@ -61,17 +63,17 @@ def _train_rows(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
         specs[f"lorakit@{args.baseline}"] = ("baseline", 0.05, None)
     specs["PEFT"] = ("peft", 0.05, None)
     for label, (kind, dropout, off) in specs.items():
-        model = C.load_base(args)
-        ids = ids if ids is not None else C.random_ids(args, model.config.vocab_size)
+        model = _fixtures.load_base(args)
+        ids = ids if ids is not None else _fixtures.random_ids(args, model.config.vocab_size)
         if kind == "floor":
-            C.make_floor(model)
+            _fixtures.make_floor(model)
         elif kind == "baseline":
-            old.inject(model, C.lora_configs(old, args.adapter_set, dropout))
-            C.randomize_lora_B(model)
+            old.inject(model, _fixtures.lora_configs(old, args.adapter_set, dropout))
+            _fixtures.randomize_lora_B(model)
         else:
-            model, _ = C.add_lora(model, kind, args.adapter_set, dropout)
+            model, _ = _fixtures.add_lora(model, kind, args.adapter_set, dropout)
         model.train()
-        train = C.training_step(model, ids)
+        train = _fixtures.training_step(model, ids)
 
         def step(train=train, off=off) -> None:
             with lorakit.kernels.disabled(*off) if off is not None else contextlib.nullcontext():
@@ -98,14 +100,14 @@ def _dora_rows(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
         "floor": ("floor", False, False),
     }
     for label, (lib, dora, off) in specs.items():
-        model = C.load_base(args)
-        ids = ids if ids is not None else C.random_ids(args, model.config.vocab_size)
+        model = _fixtures.load_base(args)
+        ids = ids if ids is not None else _fixtures.random_ids(args, model.config.vocab_size)
         if lib == "floor":
-            C.make_floor(model)
+            _fixtures.make_floor(model)
         else:
-            model, _ = C.add_lora(model, lib, args.adapter_set, 0.05, use_dora=dora)
+            model, _ = _fixtures.add_lora(model, lib, args.adapter_set, 0.05, use_dora=dora)
         model.train()
-        train = C.training_step(model, ids)
+        train = _fixtures.training_step(model, ids)
 
         def step(train=train, off=off) -> None:
             with lorakit.kernels.disabled() if off else contextlib.nullcontext():
@@ -123,10 +125,12 @@ def _inference_rows(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
     ids = None
     rows: dict[str, Callable[[], None]] = {}
     for label in ("base", "lorakit unmerged", "PEFT unmerged", "lorakit merged"):
-        model = C.load_base(args)
-        ids = ids if ids is not None else C.random_ids(args, model.config.vocab_size)
+        model = _fixtures.load_base(args)
+        ids = ids if ids is not None else _fixtures.random_ids(args, model.config.vocab_size)
         if label != "base":
-            model, _ = C.add_lora(model, "peft" if label.startswith("PEFT") else "lorakit", args.adapter_set, 0.0)
+            model, _ = _fixtures.add_lora(
+                model, "peft" if label.startswith("PEFT") else "lorakit", args.adapter_set, 0.0
+            )
         if label == "lorakit merged":
             lorakit.merge(model)
         model.eval()
@@ -142,7 +146,7 @@ def _inference_rows(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=["train", "dora", "inference"], required=True)
-    parser.add_argument("--adapter-set", choices=sorted(C.ADAPTER_SETS), default="all16")
+    parser.add_argument("--adapter-set", choices=sorted(_flags.ADAPTER_SETS), default="all16")
     parser.add_argument("--pairs", type=int, default=6, help="rounds of one step per configuration")
     parser.add_argument("--batch", type=int, default=None, help="default: 4 (train), 8 (inference)")
     parser.add_argument("--seq", type=int, default=128)
@@ -194,7 +198,7 @@ def main() -> int:
         )
     what = "no-grad forward" if args.mode == "inference" else "training step"
     title = (
-        f"{C.MODEL}, {what}, batch {args.batch}×{args.seq}, {C.ADAPTER_SET_LABELS[args.adapter_set]}, "
+        f"{_flags.MODEL}, {what}, batch {args.batch}×{args.seq}, {_flags.ADAPTER_SET_LABELS[args.adapter_set]}, "
         f"{args.threads} threads, {args.pairs} rounds, all configurations in one process"
     )
     headers = [
@@ -205,7 +209,7 @@ def main() -> int:
         "range",
         f"vs {reference} (fastest / fastest)",
     ]
-    C.report_in_process(args, title, headers, lines, summary)
+    _report.report_in_process(args, title, headers, lines, summary)
     return 0
 
 

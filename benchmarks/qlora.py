@@ -48,28 +48,32 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import _common as C
+import _children
+import _fixtures
+import _flags
+import _measure
+import _report
 
 DROPOUT = 0.05
-FULL = C.Sizes(batch=1, seq=128, layers=None, warmup=2, steps=5, repeats=3)
-QUICK = C.Sizes(batch=1, seq=64, layers=2, warmup=1, steps=2, repeats=1)
+FULL = _flags.Sizes(batch=1, seq=128, layers=None, warmup=2, steps=5, repeats=3)
+QUICK = _flags.Sizes(batch=1, seq=64, layers=2, warmup=1, steps=2, repeats=1)
 BASES = {"fp32": "fp32 base", "bf16": "bf16 base", "nf4": "NF4 base (QLoRA)"}
 HEAD_ROW = ("nf4head", "NF4 base and output head")  # with --quantize-head
 
 
-def rows_for(args: argparse.Namespace) -> list[C.Row]:
-    rows = [C.Row("full", "full fine-tuning, fp32 base", {"kind": "full"})]
+def rows_for(args: argparse.Namespace) -> list[_flags.Row]:
+    rows = [_flags.Row("full", "full fine-tuning, fp32 base", {"kind": "full"})]
     for aset in args.adapter_sets:
-        label = C.ADAPTER_SET_LABELS[aset]
+        label = _flags.ADAPTER_SET_LABELS[aset]
         for base, what in BASES.items():
             if base == "fp32" and args.dtype != "fp32":
                 what = f"{args.dtype} base as loaded"  # the row names stay, the label says what ran
-            rows.append(C.Row(f"{base}-{aset}", f"lorakit LoRA {label}, {what}", {"kind": base, "adapters": aset}))
+            rows.append(_flags.Row(f"{base}-{aset}", f"lorakit LoRA {label}, {what}", {"kind": base, "adapters": aset}))
         if args.quantize_head:
             kind, what = HEAD_ROW
-            rows.append(C.Row(f"{kind}-{aset}", f"lorakit LoRA {label}, {what}", {"kind": kind, "adapters": aset}))
+            rows.append(_flags.Row(f"{kind}-{aset}", f"lorakit LoRA {label}, {what}", {"kind": kind, "adapters": aset}))
         bnb = {"kind": "bnb4", "adapters": aset}
-        rows.append(C.Row(f"bnb4-{aset}", f"PEFT LoRA {label}, bitsandbytes 4-bit base", bnb))
+        rows.append(_flags.Row(f"bnb4-{aset}", f"PEFT LoRA {label}, bitsandbytes 4-bit base", bnb))
     return rows
 
 
@@ -94,13 +98,13 @@ def _bnb_model(args: argparse.Namespace):
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=C.torch_dtype(args),
+        bnb_4bit_compute_dtype=_fixtures.torch_dtype(args),
     )
     model = AutoModelForCausalLM.from_pretrained(
-        str(ensure_cached(C.model_spec(args))),
+        str(ensure_cached(_fixtures.model_spec(args))),
         quantization_config=config,
         device_map=args.device,
-        dtype=C.torch_dtype(args),
+        dtype=_fixtures.torch_dtype(args),
     )
     if args.layers is not None and args.layers < model.config.num_hidden_layers:
         model.model.layers = model.model.layers[: args.layers]
@@ -120,7 +124,7 @@ def _linear_weights(model: Any) -> tuple[int, int]:
     return sum(stored_bytes(m.weight) for m in linears), sum(m.weight.numel() * 4 for m in linears)
 
 
-def run_row(args: argparse.Namespace, row: C.Row) -> dict[str, Any]:
+def run_row(args: argparse.Namespace, row: _flags.Row) -> dict[str, Any]:
     import peft  # noqa: F401 - imported before the baseline, as every row's libraries are
     import transformers  # noqa: F401
 
@@ -137,15 +141,15 @@ def run_row(args: argparse.Namespace, row: C.Row) -> dict[str, Any]:
     after_imports = _rss_mib()
     extra: dict[str, Any] = {"rss_after_imports_mib": after_imports}
     if kind == "bnb4":
-        model, extra["lora_B_tensors"] = C.add_lora(_bnb_model(args), "peft", row.params["adapters"], DROPOUT)
+        model, extra["lora_B_tensors"] = _fixtures.add_lora(_bnb_model(args), "peft", row.params["adapters"], DROPOUT)
     elif kind == "full":
-        model = C.load_base(args).requires_grad_(True)
+        model = _fixtures.load_base(args).requires_grad_(True)
         extra["linear_stored_bytes"], extra["linear_fp32_bytes"] = _linear_weights(model)
     else:
-        model = C.load_base(args)
+        model = _fixtures.load_base(args)
         if kind != "fp32":
             Q.quantize(model, kind.removesuffix("head"), include_head=kind.endswith("head"))
-        model, extra["lora_B_tensors"] = C.add_lora(model, "lorakit", row.params["adapters"], DROPOUT)
+        model, extra["lora_B_tensors"] = _fixtures.add_lora(model, "lorakit", row.params["adapters"], DROPOUT)
         extra["linear_stored_bytes"], extra["linear_fp32_bytes"] = _linear_weights(model)
         if Q.quantization_of(model) != (None if kind == "fp32" else kind.removesuffix("head")):
             raise RuntimeError(f"expected a {kind} base")
@@ -153,21 +157,21 @@ def run_row(args: argparse.Namespace, row: C.Row) -> dict[str, Any]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         extra["grad_checkpointing"] = True
     model.train()
-    ids = C.random_ids(args, model.config.vocab_size)
-    step = C.training_step(model, ids)
+    ids = _fixtures.random_ids(args, model.config.vocab_size)
+    step = _fixtures.training_step(model, ids)
     _trim()
-    result = C.measure_row(step, args, row)
+    result = _measure.measure_row(step, args, row)
     # On CUDA the peak is the device's allocated memory, which holds nothing of the imports.
     result["above_imports_mib"] = result["peak_mib"] - (after_imports if args.device == "cpu" else 0.0)
     return {**result, **extra}
 
 
-def report(args: argparse.Namespace, rows: list[C.Row], s: dict[str, dict]) -> str:
+def report(args: argparse.Namespace, rows: list[_flags.Row], s: dict[str, dict]) -> str:
     headers = ["configuration", "step ms", "vs fp32 base", "peak above imports MiB", "vs fp32 base"]
     headers += ["linear weights vs fp32", "spread"]
     notes: list[str] = []
 
-    def line(row: C.Row, r: dict) -> list:
+    def line(row: _flags.Row, r: dict) -> list:
         ms, mem = r["ms"]["step"], r["above_imports_mib"]
         fp32 = f"fp32-{row.params.get('adapters', args.adapter_sets[0])}"  # full FT: the first set's
         ref_mem = s.get(fp32, {}).get("above_imports_mib")
@@ -176,25 +180,27 @@ def report(args: argparse.Namespace, rows: list[C.Row], s: dict[str, dict]) -> s
             stored = r["linear_stored_bytes"]
             weights = f"{stored / 2**20:.0f} MiB ({stored / r['linear_fp32_bytes']:.3f}×)"
         return [
-            C.row_label(row, r, notes),
-            C.fmt_ms(ms),
-            C.fmt_ratio(C.ratio(ms, C.ms_of(s, fp32))),
-            C.fmt_mib(mem),
-            C.fmt_ratio(C.ratio(mem, ref_mem)),
+            _report.row_label(row, r, notes),
+            _report.fmt_ms(ms),
+            _report.fmt_ratio(_report.ratio(ms, _report.ms_of(s, fp32))),
+            _report.fmt_mib(mem),
+            _report.fmt_ratio(_report.ratio(mem, ref_mem)),
             weights,
-            C.fmt_spread(r),
+            _report.fmt_spread(r),
         ]
 
-    lines = C.table_lines(rows, s, len(headers), line)
+    lines = _report.table_lines(rows, s, len(headers), line)
     checkpointing = ", gradient checkpointing" if args.grad_checkpointing else ""
-    text = C.describe_settings(args, f"; LoRA dropout {DROPOUT}, each step lorakit.train.train_step{checkpointing}")
+    text = _report.describe_settings(
+        args, f"; LoRA dropout {DROPOUT}, each step lorakit.train.train_step{checkpointing}"
+    )
     text += "\n\n"
-    return text + C.markdown_table(headers, lines)
+    return text + _report.markdown_table(headers, lines)
 
 
 def main() -> int:
-    parser = C.make_parser(__doc__, FULL, QUICK)
-    C.add_adapter_set_flag(parser)
+    parser = _flags.make_parser(__doc__, FULL, QUICK)
+    _flags.add_adapter_set_flag(parser)
     parser.add_argument(
         "--live-memory",
         action="store_true",
@@ -215,7 +221,7 @@ def main() -> int:
     )
     if "--live-memory" in sys.argv:  # set before the children start; they inherit it
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    return C.main(__file__, parser, rows_for, run_row, report)
+    return _children.main(__file__, parser, rows_for, run_row, report)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C
+import _report
 
 import lorakit
 from lorakit.models import load_model
@@ -231,8 +231,8 @@ def main() -> None:
             [
                 name,
                 f"{tps:.1f}",
-                C.fmt_ratio(C.ratio(tps, med("base", "tokens_per_s"))),
-                C.fmt_ratio(C.ratio(tps, med(one, "tokens_per_s"))),
+                _report.fmt_ratio(_report.ratio(tps, med("base", "tokens_per_s"))),
+                _report.fmt_ratio(_report.ratio(tps, med(one, "tokens_per_s"))),
                 f"{med(name, 'ttft_p50'):.2f} / {med(name, 'ttft_p99'):.2f}",
                 f"{med(name, 'latency_p50'):.2f} / {med(name, 'latency_p99'):.2f}",
                 sum(x["failed"] for x in results[name]),
@@ -244,7 +244,7 @@ def main() -> None:
     )
     print(title + "\n")
     print(
-        C.markdown_table(
+        _report.markdown_table(
             ["row", "tokens/s", "vs base", f"vs {one}", "TTFT p50 / p99 s", "latency p50 / p99 s", "failed"], table
         )
     )
@@ -252,14 +252,14 @@ def main() -> None:
     if args.switch and mixed:
         print(
             f"\nmixed K={max(ks)} / switch K={args.switch}: "
-            f"{C.fmt_ratio(C.ratio(mixed, med(f'switch K={args.switch}', 'tokens_per_s')))}"
+            f"{_report.fmt_ratio(_report.ratio(mixed, med(f'switch K={args.switch}', 'tokens_per_s')))}"
         )
-    C.write_json(
+    _report.write_json(
         args.out,
         {
             "title": title,
             "args": {k: str(v) for k, v in vars(args).items()},
-            "machine": C.machine_info(args),
+            "machine": _report.machine_info(args),
             "rows": results,
         },
     )

@@ -27,54 +27,60 @@ import argparse
 import sys
 from typing import Any
 
-import _common as C
+import _children
+import _fixtures
+import _flags
+import _measure
+import _report
 
 DROPOUT = 0.05
 LR = 1e-5
 
-FULL = C.Sizes(batch=4, seq=128, layers=None, warmup=2, steps=5, repeats=3)
-QUICK = C.Sizes(batch=4, seq=64, layers=2, warmup=1, steps=3, repeats=1)
+FULL = _flags.Sizes(batch=4, seq=128, layers=None, warmup=2, steps=5, repeats=3)
+QUICK = _flags.Sizes(batch=4, seq=64, layers=2, warmup=1, steps=3, repeats=1)
 
 
-def rows_for(args: argparse.Namespace) -> list[C.Row]:
+def rows_for(args: argparse.Namespace) -> list[_flags.Row]:
     rows = [
-        C.Row("full", "full fine-tuning", {"kind": "full"}),
-        C.Row("floor", "floor: frozen, input-gradient backward, no optimiser", {"kind": "floor"}),
+        _flags.Row("full", "full fine-tuning", {"kind": "full"}),
+        _flags.Row("floor", "floor: frozen, input-gradient backward, no optimiser", {"kind": "floor"}),
     ]
     for aset in args.adapter_sets:
         for lib in ("peft", "lorakit"):
-            label = f"{'PEFT' if lib == 'peft' else 'lorakit'} LoRA {C.ADAPTER_SET_LABELS[aset]}, dropout {DROPOUT}"
-            rows.append(C.Row(f"{lib}-{aset}", label, {"kind": lib, "adapters": aset}))
+            label = (
+                f"{'PEFT' if lib == 'peft' else 'lorakit'} LoRA {_flags.ADAPTER_SET_LABELS[aset]}, dropout {DROPOUT}"
+            )
+            rows.append(_flags.Row(f"{lib}-{aset}", label, {"kind": lib, "adapters": aset}))
     if args.compile:
         aset = args.adapter_sets[0]
-        rows.append(C.compile_row(aset, f"lorakit LoRA {C.ADAPTER_SET_LABELS[aset]}, dropout {DROPOUT}"))
-    return rows + C.baseline_rows(args, rows)
+        rows.append(_flags.compile_row(aset, f"lorakit LoRA {_flags.ADAPTER_SET_LABELS[aset]}, dropout {DROPOUT}"))
+    return rows + _flags.baseline_rows(args, rows)
 
 
-def run_row(args: argparse.Namespace, row: C.Row) -> dict[str, Any]:
+def run_row(args: argparse.Namespace, row: _flags.Row) -> dict[str, Any]:
 
-    model = C.load_base(args)
+    model = _fixtures.load_base(args)
     kind = row.params["kind"]
     extra: dict[str, Any] = {}
     if kind == "full":
         for p in model.parameters():
             p.requires_grad_(True)
     elif kind == "floor":
-        C.make_floor(model)  # the frozen model's own backward: input gradients only, every layer
+        _fixtures.make_floor(model)  # the frozen model's own backward: input gradients only, every layer
     elif kind in ("peft", "lorakit"):
-        model, extra["lora_B_tensors"] = C.add_lora(model, kind, row.params["adapters"], DROPOUT)
+        model, extra["lora_B_tensors"] = _fixtures.add_lora(model, kind, row.params["adapters"], DROPOUT)
     else:
         raise ValueError(kind)
 
     model.train()
     extra["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    ids = C.random_ids(args, model.config.vocab_size)
-    compiled = C.maybe_compile(model, row, args)
-    step = C.training_step(compiled, ids, LR)
-    return {**C.measure_row(step, args, row), **extra}
+    ids = _fixtures.random_ids(args, model.config.vocab_size)
+    compiled = _measure.maybe_compile(model, row, args)
+    step = _fixtures.training_step(compiled, ids, LR)
+    return {**_measure.measure_row(step, args, row), **extra}
 
 
-def report(args: argparse.Namespace, rows: list[C.Row], s: dict[str, dict]) -> str:
+def report(args: argparse.Namespace, rows: list[_flags.Row], s: dict[str, dict]) -> str:
     floor = s.get("floor", {})
     floor_ms = floor.get("ms", {}).get("step")
     floor_mib = floor.get("peak_mib")
@@ -82,36 +88,36 @@ def report(args: argparse.Namespace, rows: list[C.Row], s: dict[str, dict]) -> s
     headers = ["configuration", "step ms", "vs floor", "lorakit / PEFT", mem, "mem vs floor", "trainable", "spread"]
     notes: list[str] = []
 
-    def line(row: C.Row, r: dict) -> list:
+    def line(row: _flags.Row, r: dict) -> list:
         ms = r["ms"]["step"]
         vs_peft = "–"
         if row.params.get("kind") == "lorakit":
-            vs_peft = C.fmt_ratio(C.ratio(ms, C.ms_of(s, f"peft-{row.params['adapters']}")))
+            vs_peft = _report.fmt_ratio(_report.ratio(ms, _report.ms_of(s, f"peft-{row.params['adapters']}")))
         return [
-            C.row_label(row, r, notes),
-            C.fmt_ms(ms),
-            C.fmt_ratio(C.ratio(ms, floor_ms)),
+            _report.row_label(row, r, notes),
+            _report.fmt_ms(ms),
+            _report.fmt_ratio(_report.ratio(ms, floor_ms)),
             vs_peft,
-            C.fmt_mib(r["peak_mib"]),
-            C.fmt_ratio(C.ratio(r["peak_mib"], floor_mib)),
+            _report.fmt_mib(r["peak_mib"]),
+            _report.fmt_ratio(_report.ratio(r["peak_mib"], floor_mib)),
             f"{r.get('trainable_params', 0):,}",
-            C.fmt_spread(r),
+            _report.fmt_spread(r),
         ]
 
-    lines = C.table_lines(rows, s, len(headers), line)
-    text = C.describe_settings(args, f"; fused AdamW lr {LR} on the trainable parameters") + "\n\n"
-    text += C.markdown_table(headers, lines)
+    lines = _report.table_lines(rows, s, len(headers), line)
+    text = _report.describe_settings(args, f"; fused AdamW lr {LR} on the trainable parameters") + "\n\n"
+    text += _report.markdown_table(headers, lines)
     if notes:
         text += "\n\n" + "\n".join(notes)
     return text
 
 
 def main() -> int:
-    parser = C.make_parser(__doc__, FULL, QUICK)
-    C.add_adapter_set_flag(parser)
-    C.add_compile_flag(parser)
-    C.add_baseline_flag(parser)
-    return C.main(__file__, parser, rows_for, run_row, report)
+    parser = _flags.make_parser(__doc__, FULL, QUICK)
+    _flags.add_adapter_set_flag(parser)
+    _flags.add_compile_flag(parser)
+    _flags.add_baseline_flag(parser)
+    return _children.main(__file__, parser, rows_for, run_row, report)
 
 
 if __name__ == "__main__":
