@@ -151,10 +151,12 @@ def test_sigkill_of_a_rank_stops_the_job_and_resume_matches(runs):
     workers = _children(job.pid)
     assert len(workers) == 2
     os.kill(workers[1], signal.SIGKILL)
-    started = time.monotonic()
-    _, err = job.communicate(timeout=120)  # the other rank must not hang
+    try:
+        _, err = job.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        pytest.fail("the surviving rank did not stop within 120 s of its peer's SIGKILL")
     assert job.returncode != 0
-    assert time.monotonic() - started < 120
     assert "SIGKILL" in err or "exitcode  : -9" in err, err[-3000:]
     assert not (out / "adapter").exists()
     copy = runs / "killed-copy"

@@ -9,7 +9,7 @@ import torch
 import lorakit
 from lorakit import kernels
 from lorakit.kernels import rows
-from lorakit.layers import BASE
+from lorakit.layers import BASE, LoraLayer
 from tests.conftest import randomize_adapters, tiny_llama
 
 
@@ -31,13 +31,13 @@ def test_each_form_equals_the_reference(tokens):
         with kernels.disabled():
             reference = model(ids).logits
     assert torch.allclose(fast, reference, atol=1e-5, rtol=1e-5)
-    used = [m.rows is None for m in model.modules() if hasattr(m, "rows")]
-    assert all(used)  # the routing is gone after the block
+    routed = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert routed and all(m.rows is None for m in routed)  # the routing is gone after the block
     form = "dense" if len(names) * tokens <= rows.DENSE_TOKENS else "gathered"
     layer = model.model.layers[0].self_attn.q_proj
     with torch.no_grad(), lorakit.adapter_per_row(model, names):
         x = torch.randn(len(names), tokens, layer.in_features)
-        assert rows.stacks(layer, x)[0] == form
+        assert rows.stacks(x, layer.adapters, layer.rows, layer.kernel_cache, owner=layer.base_layer)[0] == form
 
 
 def test_the_stacked_copy_is_kept_across_blocks_and_rebuilt_when_an_adapter_changes():

@@ -58,7 +58,6 @@ def _build(c, init=True):
         init_lora_weights=init,
     )
     lora = lorakit.inject(MLP(c["d_in"], c["d_hidden"], c["d_out"]).to(c["dtype"]), cfg)
-    lora.load_state_dict({k.replace("base_layer.", ""): v for k, v in lora.state_dict().items()}, strict=False)
     with torch.no_grad():
         lora.up.base_layer.load_state_dict(model.up.state_dict())
         lora.down.base_layer.load_state_dict(model.down.state_dict())

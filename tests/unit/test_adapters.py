@@ -51,7 +51,14 @@ def test_active_adapters_add_up(ids):
     with torch.no_grad():
         expected = v.base_layer(x) + v.branch(v.adapters["a"], x) + v.branch(v.adapters["b"], x)
         torch.testing.assert_close(v(x), expected, atol=ATOL, rtol=0)
-    assert both.shape == only_a.shape
+    # and the whole model with both active is the base with W0 + ΔW_a + ΔW_b in every adapted layer
+    summed = clone(base)
+    with torch.no_grad():
+        for path, layer in lora_layers(model):
+            for name in ("a", "b"):
+                if name in layer.adapters:
+                    summed.get_submodule(path).weight.add_(layer.delta_weight(name))
+        torch.testing.assert_close(both, summed(ids).logits, atol=ATOL, rtol=0)
 
 
 def test_merge_named_adapters_then_delete_rules(ids):

@@ -14,6 +14,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -326,7 +327,10 @@ def test_failing_meteor_jar_raises_with_its_message_and_stops_cleanly(monkeypatc
     with pytest.raises(ScorerUnavailableError, match="fake java: no JVM here"):
         coco_scores(["there is a pub"], [["there is a pub"]])
     # Meteor.__del__ takes the lock compute_score kept when the jar died; it must not block.
-    gc.collect()
+    collector = threading.Thread(target=gc.collect, daemon=True)
+    collector.start()
+    collector.join(60)
+    assert not collector.is_alive(), "collecting the dead METEOR scorer blocked"
 
 
 # --- the eval extra ------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from lorakit.errors import (
 )
 from tests.conftest import (
     assert_same_state,
-    clone,
     conv_net,
     randomize_adapters,
     state_snapshot,
@@ -310,4 +309,13 @@ def test_load_into_name_in_use(saved):
     assert_same_state(model, before)
     lorakit.load_adapter(model, saved, adapter_name="second")
     assert lorakit.list_adapters(model) == ["default", "second"]
-    assert clone(model) is not None
+    # The same files under another name: the same function, and not the base model's.
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        first = model(ids).logits
+        lorakit.set_adapter(model, "second")
+        second = model(ids).logits
+        with lorakit.disable_adapters(model):
+            base = model(ids).logits
+    torch.testing.assert_close(second, first, atol=0, rtol=0)
+    assert (first - base).abs().max() > 1e-3

@@ -68,7 +68,7 @@ def test_bf16_autocast_trains_with_fp32_adapters_and_the_kernels_step_aside(tmp_
         with lorakit.kernels.disabled() if run == "reference" else torch.enable_grad():
             train_step(twin, [BATCH], optimizer, autocast=torch.bfloat16)
         grads.append({n: p.detach().clone() for n, p in twin.named_parameters() if p.requires_grad})
-        assert all(p.dtype == torch.float32 for p in grads[-1].values())
+        assert grads[-1] and all(p.dtype == torch.float32 for p in grads[-1].values())
     for name, value in grads[0].items():
         torch.testing.assert_close(value, grads[1][name], rtol=0, atol=0, msg=name)  # the same code ran
 

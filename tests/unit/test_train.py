@@ -387,8 +387,14 @@ def test_checkpoint_files_atomic_keep_and_no_pickle(tmp_path):
         )
         == 0
     )
-    fresh = tiny_llama()
-    lorakit.load_adapter(fresh, step4)
+    fresh = lorakit.load_adapter(tiny_llama(), step4)  # the checkpoint's adapter loads as the trained one
+    assert (
+        max_diff(
+            {n: p for n, p in fresh.named_parameters() if ".adapters." in n},
+            {n: p for n, p in model.named_parameters() if ".adapters." in n},
+        )
+        == 0
+    )
     assert latest_checkpoint(tmp_path) == step4
 
 
