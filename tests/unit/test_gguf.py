@@ -16,7 +16,10 @@ import torch
 
 import lorakit
 from lorakit.errors import ConfigError
-from lorakit.export.gguf import base_gguf_of, export_gguf, gguf_lora_tensors, llama_permute, llama_unpermute
+from lorakit.export.gguf import export_gguf
+from lorakit.export.gguf_layout import llama_permute, llama_unpermute
+from lorakit.export.gguf_lora import gguf_lora_tensors
+from lorakit.export.gguf_merged import base_gguf_of
 from lorakit.models import load_model
 from lorakit.state import lora_layers
 from tests.conftest import randomize_adapters, tiny_gpt2, tiny_llama
@@ -126,6 +129,7 @@ def test_the_permutation_is_llama_cpps(smollm):
         torch.testing.assert_close(llama_unpermute(llama_permute(weight, heads), heads), weight, atol=0, rtol=0)
 
 
+@pytest.mark.integration  # a whole merged GGUF of the packaged model, written and read back
 def test_merged_gguf_loads_in_transformers_with_the_merged_logits(adapted, tmp_path: Path):
     from transformers import AutoModelForCausalLM
 
@@ -186,6 +190,7 @@ def _logits_with_weights_in_f16(model, ids: torch.Tensor) -> torch.Tensor:
         return torch.func.functional_call(model, weights, (ids,)).logits
 
 
+@pytest.mark.integration  # a whole merged GGUF of the packaged model, written and read back
 def test_merged_gguf_keeps_the_base_types_or_re_encodes_the_whole_file(smollm, tmp_path: Path):
     """The default keeps the Q4_1 base as stored (adapted matrices F16, general.file_type from what
     the file holds); --outtype f16 / bf16 dequantise and re-encode every tensor, norms staying F32."""
@@ -234,7 +239,7 @@ def test_merged_gguf_keeps_the_base_types_or_re_encodes_the_whole_file(smollm, t
 
 
 def test_file_type_is_what_most_matrices_are_as_llama_cpp_names_it():
-    from lorakit.export.gguf import _file_type
+    from lorakit.export.gguf_merged import _file_type
 
     T = gguf.GGMLQuantizationType
     matrix, vector = np.zeros((2, 4), np.uint8), np.zeros(4, np.float32)
@@ -249,6 +254,7 @@ def test_file_type_is_what_most_matrices_are_as_llama_cpp_names_it():
     assert _file_type(norms) is None
 
 
+@pytest.mark.integration  # a whole merged GGUF of the packaged model, written and read back
 def test_merged_gguf_in_q8_0(adapted, tmp_path: Path):
     model, _ = adapted
     path = export_gguf(model, tmp_path / "merged-q8.gguf", format="gguf", outtype="q8_0")
@@ -386,6 +392,7 @@ def test_llama_cpp_runs_the_adapter_and_the_merged_model(smollm, tmp_path: Path)
         lorakit.unload(model)
 
 
+@pytest.mark.integration  # a whole merged GGUF of the packaged model, written and read back
 def test_merged_gguf_from_a_transformers_directory(tmp_path: Path):
     """A base loaded from a transformers directory: the whole GGUF is written (hyper-parameters,
     BPE vocabulary, merges, special tokens, chat template), and transformers reads back the same

@@ -11,6 +11,7 @@ import torch
 
 import lorakit.models as models
 from lorakit.errors import ConfigError, ModelLoadError
+from lorakit.models import cache as model_cache
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +56,7 @@ def test_cached_weights_equal_the_gguf_dequantised(smollm):
     import gguf
 
     model = smollm[0]
-    reader = gguf.GGUFReader(str(models._packaged_gguf()))
+    reader = gguf.GGUFReader(str(models.packaged_gguf()))
     tensor = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
     expected = torch.from_numpy(gguf.dequantize(tensor.data, tensor.tensor_type).copy())
     assert torch.equal(model.model.layers[0].mlp.down_proj.weight.detach(), expected)
@@ -69,7 +70,7 @@ def test_second_load_comes_from_the_cache(smollm, monkeypatch):
     def no_conversion(*args, **kwargs):
         raise AssertionError("the GGUF file was converted again")
 
-    monkeypatch.setattr(models, "_convert_gguf", no_conversion)
+    monkeypatch.setattr(model_cache, "_convert_gguf", no_conversion)
     _, tokenizer, name = models.load_model("smollm2-135m")
     assert tokenizer.name_or_path == str(cached)
     assert name == smollm[2]
@@ -143,7 +144,7 @@ def test_gguf_with_a_wrong_magic_is_named(tmp_path, monkeypatch):
 def test_truncated_gguf_is_named_and_leaves_no_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
     truncated = tmp_path / "truncated.gguf"
-    with models._packaged_gguf().open("rb") as source:
+    with models.packaged_gguf().open("rb") as source:
         truncated.write_bytes(source.read(64 * 1024))  # valid header, tensors cut off
     with pytest.raises(ModelLoadError) as info:
         models.load_model(truncated)
@@ -163,11 +164,11 @@ def test_gguf_cache_is_reused_and_rebuilt_when_the_file_changes(tmp_path, monkey
         (out / "config.json").write_text(json.dumps({"size": gguf_path.stat().st_size}))
         return "org/tiny"
 
-    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    monkeypatch.setattr(model_cache, "_convert_gguf", fake_convert)
     first = models.ensure_cached(source)
     assert models.ensure_cached(source) == first
     assert len(calls) == 1
-    assert models._resolve(source)[1] == "org/tiny"
+    assert model_cache.resolve(source)[1] == "org/tiny"
     source.write_bytes(b"GGUF" + b"\0" * 40)  # a different file at the same path
     assert models.ensure_cached(source) == first
     assert len(calls) == 2
@@ -186,7 +187,7 @@ def test_the_model_cache_gets_the_umasks_mode(tmp_path, monkeypatch):
         (out / "model.safetensors").chmod(0o600)
         return "org/tiny"
 
-    monkeypatch.setattr(models, "_convert_gguf", private_convert)
+    monkeypatch.setattr(model_cache, "_convert_gguf", private_convert)
     previous = os.umask(0o027)
     try:
         cached = models.ensure_cached(source)
