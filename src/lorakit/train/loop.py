@@ -1,4 +1,5 @@
-"""`fit()`: one plain training loop — accumulation, clipping, logging, checkpoints, exact resume, DDP."""
+"""`fit()`: one plain training loop of named stages — step, evaluate, log, checkpoint, stop — with exact resume, DDP
+and FSDP (docs/design.md, "Training")."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from safetensors.torch import save_model as save_model_file
@@ -148,43 +149,11 @@ def fit(
 ) -> FitResult:
     """Train the trainable parameters of `model` (its LoRA adapter, or all of them) and save the result.
 
-    With a lorakit adapter injected, the adapter trains and is saved in PEFT's format. Without
-    one, whatever requires grad trains (every weight: full fine-tuning; or a PEFT model's
-    adapter) and the model is saved as a directory; the loop is the same, so methods compare on
-    equal terms.
-
-    One optimizer step reads `cfg.grad_accum` consecutive batches (fewer at the end of an
-    epoch; a step never spans two epochs), sums the cross entropy over their target tokens and
-    divides by the number of those tokens (over all ranks), so accumulation and data parallelism
-    give the update of one big batch. Then: clip to `cfg.max_grad_norm`, AdamW step, schedule step.
-
-    Files under `out_dir` (written by rank 0 only):
-
-    - `metrics.jsonl`: one JSON line per step (step, epoch, loss, lr, grad_norm, tokens_per_s,
-      seconds, and `eval_*` on evaluation steps), flushed as written;
-    - `checkpoints/step-N/`: every `cfg.save_every` steps, the newest `cfg.keep_checkpoints`
-      kept (see `lorakit.train.checkpoint`);
-    - `adapter/`: the final adapter (PEFT format), written when the run completes; or `model/`,
-      the whole model, for a model without a lorakit adapter.
-
-    Stops: a NaN/inf loss or gradient norm raises `TrainingError` before the bad update is
-    applied, naming the last good checkpoint; nothing of the bad state is saved. Ctrl-C (SIGINT,
-    caught when fit runs in the main thread) finishes the current step, saves a checkpoint and
-    raises `KeyboardInterrupt`; a second Ctrl-C aborts at once.
-
-    Resume (`resume=True`): continues from the newest complete checkpoint — parameters,
-    optimizer, scheduler, RNG states and data position — so a run killed at any moment and
-    resumed ends with the same adapter as an uninterrupted one, provided `train_batches_fn`'s
-    order depends only on (epoch, start) and the thread count is the same. Without a
-    checkpoint it starts fresh.
-
-    DDP: when `torch.distributed` is initialised, or `WORLD_SIZE > 1` from torchrun (then
-    `init_distributed` is called here), the model is wrapped in `DistributedDataParallel`; every
-    rank calls `train_batches_fn` for the same global batches and keeps rows `rank::world_size`.
-    FSDP (`cfg.strategy == "fsdp"`, several processes): instead the model is sharded in place
-    (`lorakit.train.shard`) and stays sharded when fit returns (a forward then needs every rank);
-    the adapter is gathered for saving, and checkpoints hold each rank's shard
-    (`lorakit.train.sharding`), so they resume on any number of ranks.
+    A short loop of named stages: each optimizer step (`cfg.grad_accum` batches), then evaluate,
+    log, checkpoint and, after a Ctrl-C, checkpoint and stop; at the end the adapter is saved in
+    PEFT's format as `out_dir/adapter` (a model without a lorakit adapter is saved whole as
+    `out_dir/model`). What a step computes, the files written, the stops (NaN/inf, Ctrl-C), exact
+    resume and DDP/FSDP are described in docs/design.md, "Training".
 
     Args:
         model: a model with adapter `adapter_name` injected, or any model whose parameters to
@@ -194,14 +163,15 @@ def fit(
             `start` on. A batch is a dict with `input_ids`, `attention_mask` and `labels`
             ((batch, seq) token labels with -100 where there is no target; or (batch,) class
             labels, then the loss uses `outputs.logits` of shape (batch, classes)), plus any other
-            keyword the model's forward takes. Everything but `labels` is passed to the model.
+            keyword the model's forward takes. Everything but `labels` is passed to the model. For
+            exact resume its order must depend only on (epoch, start).
         cfg: hyper-parameters.
         out_dir: the run's directory (created if missing).
         batches_per_epoch: how many batches `train_batches_fn(epoch, 0)` yields.
         eval_fn: `model -> {"loss": ..., ...}`, called every `cfg.eval_every` steps and at the
-            end, under `torch.no_grad()` with `model.eval()` (then `train()` again), with the RNG
-            forked so evaluating never changes the training trajectory. Called on every rank.
-        resume: continue from the newest checkpoint in `out_dir`.
+            end, in eval mode without gradients, with the RNG forked so evaluating never changes
+            the training trajectory. Called on every rank.
+        resume: continue from the newest checkpoint in `out_dir` (start fresh if there is none).
         on_step: called after every step (after its eval and checkpoint) as
             `on_step(step, record)` with the metrics record; on every rank.
         adapter_name: the adapter to train and save (when the model carries lorakit adapters).
@@ -226,13 +196,51 @@ def fit(
     adapted = adapter_owner(model)  # the model, or the injected model inside a wrapper
     if adapted is not None:
         require_adapter(adapted, adapter_name)
-    else:
-        adapter_name = None  # no lorakit adapter: train what requires grad, save the model
     info = init_distributed()
     out = Path(out_dir)
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
-    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+    total_steps = _total_steps(cfg, batches_per_epoch)
+    latest = _prepare_out_dir(out, info, resume)
+    loop = _start(
+        model,
+        cfg,
+        out,
+        info,
+        adapter_name=adapter_name if adapted is not None else None,  # None: train what requires grad
+        resume_from=latest if resume else None,
+        total_steps=total_steps,
+        batches_per_epoch=batches_per_epoch,
+        eval_fn=eval_fn,
+        progress=progress,
+    )
+    try:
+        with _sigint_flag() as interrupted:
+            while loop.position.step < loop.total_steps:
+                record, stop = loop.step(train_batches_fn, stop=interrupted.is_set())
+                loop.maybe_evaluate(record)
+                loop.log_step(record)
+                loop.maybe_checkpoint()
+                if on_step is not None:
+                    on_step(loop.position.step, record)
+                loop.stop_if_interrupted(stop, resume_hint)
+            loop.evaluate_at_end()
+    finally:
+        loop.close()
+    return _save_result(loop, adapted)
 
+
+# ----------------------------------------------------------------------------------------- stages
+def _total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
+    """`cfg.max_steps`, else `cfg.epochs` epochs of `ceil(batches_per_epoch / cfg.grad_accum)` steps."""
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+    return cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+
+
+def _prepare_out_dir(out: Path, info: DistInfo, resume: bool) -> Path | None:
+    """Create `out` and drop a partly written checkpoint (rank 0); return the newest checkpoint.
+
+    Raises:
+        TrainingError: `out` holds checkpoints and `resume` is False.
+    """
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         remove_partial(out)
@@ -243,155 +251,252 @@ def fit(
             f"{out} already holds checkpoints (newest: {latest}); pass resume=True to continue that run, "
             "or choose another out_dir"
         )
+    return latest
 
+
+def _start(
+    model: nn.Module,
+    cfg: TrainConfig,
+    out: Path,
+    info: DistInfo,
+    *,
+    adapter_name: str | None,
+    resume_from: Path | None,
+    total_steps: int,
+    batches_per_epoch: int,
+    eval_fn: EvalFn | None,
+    progress: bool | None,
+) -> _Loop:
+    """Put the model in training form (gradient checkpointing, train mode, FSDP shards before the
+    optimizer, which must hold them), build the optimizer and schedule, restore `resume_from` or seed
+    the RNGs, wrap the model for DDP, open `metrics.jsonl` and the progress bar."""
     if cfg.grad_checkpointing:
         _enable_grad_checkpointing(model)
     model.train()
     sharded = cfg.strategy == "fsdp" and info.enabled
-    if sharded:  # before the optimizer, which must hold the sharded parameters
+    if sharded:
         shard(model, reshard_after_forward=cfg.reshard_after_forward, cpu_offload=cfg.cpu_offload)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     position, run = _Position(), _Run()
     resumed_from: int | None = None
-    if resume and latest is not None:
-        position, run = _resume(latest, model, optimizer, scheduler, cfg, info, total_steps, batches_per_epoch)
+    if resume_from is not None:
+        position, run = _resume(resume_from, model, optimizer, scheduler, cfg, info, total_steps, batches_per_epoch)
         resumed_from = position.step
-        logger.info("resumed from %s (step %d of %d)", latest, position.step, total_steps)
+        logger.info("resumed from %s (step %d of %d)", resume_from, position.step, total_steps)
     else:
         _seed_everything(cfg.seed + info.rank)
-
     device = next(model.parameters()).device
     train_model = model if sharded else _wrap_ddp(model, device, info)
     optimizer.zero_grad(set_to_none=True)
-
     metrics = _open_metrics(out / METRICS_FILE, resumed_from, info)
     show = progress if progress is not None else (info.is_main and sys.stderr.isatty())
     bar = tqdm(
         total=total_steps, initial=position.step, desc="train", unit="step", disable=not show, dynamic_ncols=True
     )
-    last_saved = resumed_from
-    last_eval = run.evals[-1]["step"] if run.evals else None
-    data: Iterator[dict[str, Any]] | None = None
+    return _Loop(
+        model=model,
+        train_model=train_model,
+        device=device,
+        adapter_name=adapter_name,
+        cfg=cfg,
+        out=out,
+        info=info,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        eval_fn=eval_fn,
+        total_steps=total_steps,
+        batches_per_epoch=batches_per_epoch,
+        position=position,
+        run=run,
+        resumed_from=resumed_from,
+        metrics=metrics,
+        bar=bar,
+        last_saved=resumed_from,
+        last_eval=run.evals[-1]["step"] if run.evals else None,
+    )
 
-    def checkpoint() -> Path:
-        state = {
+
+@dataclass
+class _Loop:
+    """What one `fit` call carries from stage to stage, and the stages themselves."""
+
+    model: nn.Module  # as given: evaluated, checkpointed and saved
+    train_model: nn.Module  # what the steps run: `model`, or its DDP wrapper
+    device: torch.device
+    adapter_name: str | None  # None: no lorakit adapter, the whole model is saved
+    cfg: TrainConfig
+    out: Path
+    info: DistInfo
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    eval_fn: EvalFn | None
+    total_steps: int
+    batches_per_epoch: int
+    position: _Position
+    run: _Run
+    resumed_from: int | None
+    metrics: TextIO | None  # metrics.jsonl, on rank 0
+    bar: tqdm
+    last_saved: int | None  # the step of the newest checkpoint
+    last_eval: int | None  # the step of the newest evaluation
+    data: Iterator[dict[str, Any]] | None = None  # the current epoch's batches
+
+    @property
+    def done(self) -> bool:
+        return self.position.step == self.total_steps
+
+    def step(self, batches_fn: BatchesFn, *, stop: bool) -> tuple[dict[str, Any], bool]:
+        """One optimizer step on the next `cfg.grad_accum` batches of the epoch (fewer at its end).
+
+        Returns:
+            The step's metrics record, and whether some rank saw a Ctrl-C (`stop`; `train_step`
+            makes every rank agree).
+
+        Raises:
+            TrainingError: a non-finite loss or gradient (nothing was updated), naming the last
+                good checkpoint; a batch that is missing or not a dict with `labels`.
+        """
+        position, cfg = self.position, self.cfg
+        started = time.perf_counter()
+        if self.data is None:
+            self.data = iter(batches_fn(position.epoch, position.batch))
+        count = min(cfg.grad_accum, self.batches_per_epoch - position.batch)
+        micro = [_next_batch(self.data, position, self.batches_per_epoch, i) for i in range(count)]
+        try:
+            stats = train_step(
+                self.train_model,
+                micro,
+                self.optimizer,
+                self.scheduler,
+                max_grad_norm=cfg.max_grad_norm,
+                label_smoothing=cfg.label_smoothing,
+                autocast=torch.bfloat16 if cfg.autocast == "bf16" else None,
+                info=self.info,
+                stop=stop,
+            )
+        except TrainingError as err:  # a non-finite loss or gradient: nothing was updated
+            raise TrainingError(f"{err} at step {position.step + 1}; {_last_good(self.out)}") from None
+        position.step += 1
+        position.batch += count
+        if position.batch == self.batches_per_epoch:
+            position.epoch, position.batch, self.data = position.epoch + 1, 0, None
+        self.run.last_loss = stats.loss
+        record: dict[str, Any] = {
             "step": position.step,
-            "epoch": position.epoch,
-            "batch": position.batch,
-            "total_steps": total_steps,
-            "batches_per_epoch": batches_per_epoch,
-            "config": cfg.to_dict(),
-            "last_loss": run.last_loss,
-            "evals": run.evals,
+            "epoch": round(position.epoch + position.batch / self.batches_per_epoch, 6),
+            "loss": stats.loss,
+            "lr": stats.lr,
+            "grad_norm": stats.grad_norm,
+            "tokens_per_s": stats.input_tokens / max(time.perf_counter() - started, 1e-9),
+            "seconds": time.perf_counter() - started,
         }
-        return save_checkpoint(
-            out,
+        return record, stats.stop
+
+    def maybe_evaluate(self, record: dict[str, Any]) -> None:
+        """Every `cfg.eval_every` steps and on the last one: add `eval_*` to `record` and the history."""
+        step, every = self.position.step, self.cfg.eval_every
+        if self.eval_fn is None or not (self.done or (every and step % every == 0)):
+            return
+        record.update(_evaluate(self.model, self.eval_fn, self.device, step))
+        self.run.evals.append({"step": step, **{k: v for k, v in record.items() if k.startswith("eval_")}})
+        self.last_eval = step
+
+    def log_step(self, record: dict[str, Any]) -> None:
+        """A `metrics.jsonl` line every `cfg.log_every` steps, on evaluations and on the last step
+        (flushed as written); the progress bar every step."""
+        step = self.position.step
+        if self.metrics is not None and (step % self.cfg.log_every == 0 or self.done or "eval_loss" in record):
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        self.bar.update(1)
+
+    def maybe_checkpoint(self) -> None:
+        """A checkpoint every `cfg.save_every` steps."""
+        if self.cfg.save_every and self.position.step % self.cfg.save_every == 0:
+            self.checkpoint()
+
+    def checkpoint(self) -> Path:
+        """Save parameters, optimizer, schedule, RNG states and data position (`train.checkpoint`)."""
+        state = {
+            "step": self.position.step,
+            "epoch": self.position.epoch,
+            "batch": self.position.batch,
+            "total_steps": self.total_steps,
+            "batches_per_epoch": self.batches_per_epoch,
+            "config": self.cfg.to_dict(),
+            "last_loss": self.run.last_loss,
+            "evals": self.run.evals,
+        }
+        path = save_checkpoint(
+            self.out,
             state,
-            model=model,
-            adapter_name=adapter_name,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            keep=cfg.keep_checkpoints,
-            info=info,
+            model=self.model,
+            adapter_name=self.adapter_name,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            keep=self.cfg.keep_checkpoints,
+            info=self.info,
+        )
+        self.last_saved = self.position.step
+        return path
+
+    def stop_if_interrupted(self, stop: bool, resume_hint: str) -> None:
+        """After a Ctrl-C (`stop`): checkpoint this step, unless it is saved already, and stop.
+
+        On the last step, finishing is the better stop: the run completes instead.
+
+        Raises:
+            KeyboardInterrupt: naming the checkpoint and `resume_hint`.
+        """
+        if not stop or self.done:
+            return
+        step, total = self.position.step, self.total_steps
+        if self.last_saved != step:
+            self.checkpoint()
+        where = self.out / CHECKPOINTS_DIR / f"step-{step}"
+        self.bar.close()
+        logger.warning(
+            "interrupted: saved checkpoint %s at step %d of %d; %s to continue", where, step, total, resume_hint
+        )
+        raise KeyboardInterrupt(
+            f"training interrupted at step {step} of {total}; checkpoint {where}; {resume_hint} to continue"
         )
 
-    try:
-        with _sigint_flag() as interrupted:
-            while position.step < total_steps:
-                started = time.perf_counter()
-                if data is None:
-                    data = iter(train_batches_fn(position.epoch, position.batch))
-                count = min(cfg.grad_accum, batches_per_epoch - position.batch)
-                micro = [_next_batch(data, position, batches_per_epoch, i) for i in range(count)]
-                try:
-                    stats = train_step(
-                        train_model,
-                        micro,
-                        optimizer,
-                        scheduler,
-                        max_grad_norm=cfg.max_grad_norm,
-                        label_smoothing=cfg.label_smoothing,
-                        autocast=torch.bfloat16 if cfg.autocast == "bf16" else None,
-                        info=info,
-                        stop=interrupted.is_set(),
-                    )
-                except TrainingError as err:  # a non-finite loss or gradient: nothing was updated
-                    raise TrainingError(f"{err} at step {position.step + 1}; {_last_good(out)}") from None
-                position.step += 1
-                position.batch += count
-                if position.batch == batches_per_epoch:
-                    position.epoch, position.batch, data = position.epoch + 1, 0, None
-                run.last_loss = stats.loss
-                record: dict[str, Any] = {
-                    "step": position.step,
-                    "epoch": round(position.epoch + position.batch / batches_per_epoch, 6),
-                    "loss": stats.loss,
-                    "lr": stats.lr,
-                    "grad_norm": stats.grad_norm,
-                    "tokens_per_s": stats.input_tokens / max(time.perf_counter() - started, 1e-9),
-                    "seconds": time.perf_counter() - started,
-                }
-                done = position.step == total_steps
-                if eval_fn is not None and (done or (cfg.eval_every and position.step % cfg.eval_every == 0)):
-                    record.update(_evaluate(model, eval_fn, device, position.step))
-                    run.evals.append(
-                        {"step": position.step, **{k: v for k, v in record.items() if k.startswith("eval_")}}
-                    )
-                    last_eval = position.step
-                if metrics is not None and (position.step % cfg.log_every == 0 or done or "eval_loss" in record):
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-                bar.update(1)
-                if cfg.save_every and position.step % cfg.save_every == 0:
-                    checkpoint()
-                    last_saved = position.step
-                if on_step is not None:
-                    on_step(position.step, record)
-                if stats.stop and not done:  # on the last step, finishing is the better stop
-                    if last_saved != position.step:
-                        checkpoint()
-                        last_saved = position.step
-                    where = out / CHECKPOINTS_DIR / f"step-{position.step}"
-                    bar.close()
-                    logger.warning(
-                        "interrupted: saved checkpoint %s at step %d of %d; %s to continue",
-                        where,
-                        position.step,
-                        total_steps,
-                        resume_hint,
-                    )
-                    raise KeyboardInterrupt(
-                        f"training interrupted at step {position.step} of {total_steps}; checkpoint {where}; "
-                        f"{resume_hint} to continue"
-                    )
-            if eval_fn is not None and last_eval != position.step:
-                entry = _evaluate(model, eval_fn, device, position.step)
-                run.evals.append({"step": position.step, **entry})
-    finally:
-        bar.close()
-        if metrics is not None:
-            metrics.close()
+    def evaluate_at_end(self) -> None:
+        """Evaluate the final step if no step did (a run resumed at its end)."""
+        if self.eval_fn is not None and self.last_eval != self.position.step:
+            entry = _evaluate(self.model, self.eval_fn, self.device, self.position.step)
+            self.run.evals.append({"step": self.position.step, **entry})
 
+    def close(self) -> None:
+        self.bar.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def _save_result(loop: _Loop, adapted: nn.Module | None) -> FitResult:
+    """Save the adapter (PEFT format) or, without one, the whole model; every rank returns the result."""
+    out, adapter_name = loop.out, loop.adapter_name
     adapter_dir = out / ADAPTER_DIR if adapter_name is not None else None
     model_dir = out / MODEL_DIR if adapter_name is None else None
-    with gathered(model, frozen=adapter_dir is None):  # FSDP: whole tensors for the files (a collective)
-        if info.is_main:
+    with gathered(loop.model, frozen=adapter_dir is None):  # FSDP: whole tensors for the files (a collective)
+        if loop.info.is_main:
             if adapter_dir is not None:
                 save_adapter(adapted, adapter_dir, adapter_name)
             else:
-                save_model(model, model_dir)
-    barrier(info)
+                save_model(loop.model, model_dir)
+    barrier(loop.info)
     return FitResult(
-        steps=position.step,
-        final_loss=run.last_loss,
-        evals=run.evals,
+        steps=loop.position.step,
+        final_loss=loop.run.last_loss,
+        evals=loop.run.evals,
         adapter_dir=adapter_dir,
         model_dir=model_dir,
         out_dir=out,
         last_checkpoint=latest_checkpoint(out),
-        resumed_from=resumed_from,
+        resumed_from=loop.resumed_from,
     )
 
 
