@@ -7,8 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import lorakit
 from tests.conftest import randomize_adapters, tiny_llama
+
+pytestmark = pytest.mark.integration  # the real `lorakit analyze` and `lorakit compress` commands
 
 LORAKIT = Path(sys.executable).with_name("lorakit")
 

@@ -39,6 +39,8 @@ from lorakit.cli.flags import field_help
 from lorakit.generate import Decoding, generate
 from lorakit.models import ensure_cached, load_model
 
+pytestmark = pytest.mark.integration  # the real `lorakit` command on the packaged models
+
 REPO = Path(__file__).resolve().parents[2]
 GLUE = REPO.parent / "shared" / "data" / "glue"
 BUNDLED = Path(lorakit.__file__).resolve().parent / "data" / "bundled"

@@ -23,6 +23,8 @@ from lorakit.models import ModelSource, load_model, load_source
 from lorakit.quantization import quantization_of
 from tests.cli.test_cli import BUNDLED, QUIET, Result, assert_one_error_line, cli, logits, printed, run
 
+pytestmark = pytest.mark.integration  # the real `lorakit` command on an NF4 base
+
 QDORA_FLAGS = ("--max-steps", 3, "--seq-len", 48, "--batch-size", 4, "--lr", 1e-2, "--warmup-steps", 1)
 QDORA_FLAGS += ("-r", 8, "--lora-alpha", 16, "--target", "q_proj,v_proj", "--quantize", "nf4", "--use-dora")
 

@@ -12,6 +12,8 @@ import lorakit
 from lorakit.models import load_model
 from tests.conftest import randomize_adapters
 
+pytestmark = pytest.mark.integration  # the real `lorakit export` command
+
 gguf = pytest.importorskip("gguf")
 LORAKIT = Path(sys.executable).with_name("lorakit")
 

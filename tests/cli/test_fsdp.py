@@ -23,6 +23,8 @@ from safetensors import safe_open
 
 from tests.conftest import SHARED_DATA
 
+pytestmark = pytest.mark.integration  # FSDP ranks under torchrun and the real `lorakit` command
+
 LORAKIT = Path(sys.executable).with_name("lorakit")
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 STEPS = 6

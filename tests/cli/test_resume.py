@@ -12,9 +12,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from tests.cli.test_cli import ENV, LORAKIT
+
+pytestmark = pytest.mark.integration  # the real `lorakit train`, interrupted and resumed
 
 # The quickstart recipe (lr, warmup, alpha, dropout 0.05) with smaller sizes: what --resume must recall.
 FLAGS = ("--config", "quickstart", "--max-steps", "24", "--seq-len", "32", "--batch-size", "2")

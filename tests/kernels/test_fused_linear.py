@@ -262,9 +262,13 @@ def _compiled_step(dropout: float):
     return model, twin, compiled, ids, ours, eager
 
 
-def test_torch_compile_full_graph_in_training_and_inference(both_paths):
+@pytest.mark.integration  # torch.compile
+def test_torch_compile_full_graph_in_training_and_inference():
     """Dynamo traces the injected model without a graph break (fullgraph=True fails on one).
 
+    Run once, with the kernels on: then Dynamo must trace lorakit's own autograd node (the LoRA
+    branch's `LoraLinearFunction`, which applies under compile) and the in-graph dropout draws,
+    while with `kernels.disabled()` it sees only plain tensor ops, a subset of the same model.
     The aot_eager backend runs the traced graphs without inductor's C++ build, which takes
     minutes on 2 cores; the benchmarks compile with inductor.
     """

@@ -85,6 +85,7 @@ def run_jobs(engine: Engine, jobs: list[tuple[list[int], str, SamplingParams]]) 
 
 
 @pytest.mark.parametrize("batching", ["mixed", "per_adapter"])
+@pytest.mark.integration  # the serving engine end to end: the packaged model, loaded for each adapter, decoding
 def test_continuous_batching_equals_generate_for_each_adapter(tmp_path, batching):
     names = {"qv": (["q_proj", "v_proj"], 8, False), "dora": (["k_proj", "down_proj"], 4, True)}
     for seed, (name, (targets, r, dora)) in enumerate(names.items()):
@@ -127,6 +128,7 @@ def test_a_full_queue_raises_overloaded_and_close_cancels():
     assert len(ends) == 2 and set(ends) <= {"cancelled", "length", "stop"}  # each job ends exactly once
 
 
+@pytest.mark.integration  # the serving engine end to end: the packaged model, loaded for each adapter, decoding
 def test_adapters_on_an_nf4_base_equal_generate_on_it(tmp_path):
     make_adapter(tmp_path / "qv", ["q_proj", "v_proj"], 8, False, 0)
     tok = load_tokenizer()

@@ -4,12 +4,15 @@ invalid bodies for every operation, no 5xx, no crash, and the server still answe
 from __future__ import annotations
 
 import openai
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
 from tests.serve.conftest import PROMPTS, start_server, stop_server
+
+pytestmark = pytest.mark.integration  # a real `lorakit serve` process, fuzzed
 
 
 def test_fuzzing_the_openapi_schema_never_gets_a_server_error(tmp_path):

@@ -19,6 +19,8 @@ import pytest
 from lorakit.models import load_tokenizer
 from tests.serve.conftest import ADAPTERS, API_KEY, ENV, LORAKIT, MAX_TOKENS, PROMPTS, start_server, stop_server
 
+pytestmark = pytest.mark.integration  # a real `lorakit serve` process
+
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 

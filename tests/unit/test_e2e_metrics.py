@@ -1,7 +1,8 @@
 """lorakit.e2e.metrics: E2E scores against their definitions and reference libraries, grouping.
 
-Java (METEOR and the PTB tokenizer) starts in two module-scoped calls only (~10 s each); every other
-test runs BLEU/NIST alone through `mteval_scores`.
+Java (METEOR and the PTB tokenizer) starts in two module-scoped calls only (~10 s each), for the
+tests marked `integration`; every other test runs BLEU/NIST alone through `mteval_scores` (or a fake
+`java`).
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def shuffled_scores(small_corpus: list[list[str]]) -> dict[str, float]:
     return e2e_metrics(predictions, small_corpus)
 
 
+@pytest.mark.integration  # the real Java scorers (PTB tokenizer, METEOR)
 def test_perfect_prediction_scores_full_marks(perfect_run):
     scores, _ = perfect_run
     assert set(scores) == set(E2E_KEYS)
@@ -102,6 +104,7 @@ def test_perfect_prediction_scores_full_marks(perfect_run):
     assert scores["NIST"] > 0 and scores["CIDEr"] > 0
 
 
+@pytest.mark.integration  # the real Java scorers (PTB tokenizer, METEOR)
 def test_java_starts_once_per_call_not_per_sentence(perfect_run, small_corpus):
     _, launches = perfect_run
     java = [args for args in launches if Path(str(args[0])).name == "java"]
@@ -112,6 +115,7 @@ def test_java_starts_once_per_call_not_per_sentence(perfect_run, small_corpus):
     assert len(small_corpus) > 2
 
 
+@pytest.mark.integration  # the real Java scorers (PTB tokenizer, METEOR)
 def test_shuffling_predictions_among_mrs_lowers_every_metric(perfect_run, shuffled_scores):
     perfect, _ = perfect_run
     assert all(math.isfinite(value) for value in shuffled_scores.values())
@@ -119,6 +123,7 @@ def test_shuffling_predictions_among_mrs_lowers_every_metric(perfect_run, shuffl
         assert shuffled_scores[key] < perfect[key], key
 
 
+@pytest.mark.integration  # the real Java scorers (PTB tokenizer, METEOR)
 def test_e2e_bleu_and_nist_are_mteval_scores(perfect_run, small_corpus):
     perfect, _ = perfect_run
     alone = mteval_scores([group[0] for group in small_corpus], small_corpus)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorakit
 from lorakit import data as D
 from lorakit.evaluate import loss_on
 from lorakit.generate import Decoding, generate
-from lorakit.models import load_model
+from lorakit.models import load_tokenizer
 from lorakit.modes import evaluating
 from lorakit.quantization import quantize
 from tests.conftest import randomize_adapters, tiny_llama
@@ -35,17 +37,26 @@ def test_quantize_keeps_each_layers_mode():
 
 
 @pytest.fixture(scope="module")
-def packaged_with_dropout():
-    """The packaged model in training mode with a random q,v adapter of dropout 0.3 (a user's model
-    mid-training), and its tokenizer."""
-    model, tokenizer, _ = load_model(None)
+def training_with_dropout():
+    """A model in training mode with a random q,v adapter of dropout 0.3 (a user's model
+    mid-training), and the packaged tokenizer: a 2-layer LLaMA of hidden 16 over the tokenizer's
+    vocabulary, whose adapter (random A and B at scale 0.5) moves the logits enough that any
+    dropout in a forward changes the loss."""
+    tokenizer = load_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
     lorakit.inject(model, lorakit.LoraConfig(r=4, lora_dropout=0.3, target_modules=["q_proj", "v_proj"]))
-    randomize_adapters(model, scale=0.05)
+    randomize_adapters(model, scale=0.5)
     return model.train(), tokenizer
 
 
-def test_generate_and_loss_run_in_eval_mode_from_a_training_model(packaged_with_dropout):
-    model, tokenizer = packaged_with_dropout
+def test_generate_and_loss_run_in_eval_mode_from_a_training_model(training_with_dropout):
+    model, tokenizer = training_with_dropout
     prompts = ["name[The Eagle], food[French] =>", "Hello"]
     examples = D.load_examples("e2e-dev", tokenizer=tokenizer)[:6]
     dataset = D.tokenize_examples(examples, tokenizer, 64)

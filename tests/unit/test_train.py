@@ -571,6 +571,7 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 90.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.integration  # a training script in a child process, killed
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     script = tmp_path / "train_tiny.py"
     script.write_text(SCRIPT)
@@ -606,6 +607,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     assert [m["step"] for m in metric_lines(tmp_path / "run")] == list(range(1, 13))
 
 
+@pytest.mark.integration  # a training script in a child process, killed
 def test_sigint_saves_a_checkpoint_at_the_current_step(tmp_path):
     script = tmp_path / "train_tiny.py"
     script.write_text(SCRIPT)
