@@ -10,6 +10,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorakit import data as D
+from lorakit import metrics
+from lorakit.e2e import e2e_metrics
 from lorakit.errors import ConfigError, DataError
 from lorakit.extras import require_extra
 from lorakit.generate import Decoding, generate
@@ -172,8 +174,6 @@ def evaluate(
     Raises:
         As `prepare`.
     """
-    from lorakit import metrics
-
     data = data or prepare(evaluation, tokenizer, task=task)
     dataset, show = data.dataset, evaluation.progress
     loss = loss_on(model, dataset, evaluation.batch_size, progress=show)
@@ -194,8 +194,6 @@ def evaluate(
     if data.mrs is not None:
         result["mrs"] = data.mrs
     if evaluation.e2e_metrics:
-        from lorakit.e2e import e2e_metrics
-
         preds = generate(model, tokenizer, [p for p, _ in data.items], decoding, progress=show)
         result.update(e2e_metrics(preds, [refs for _, refs in data.items]))
     return result

@@ -12,6 +12,7 @@ import torch
 
 from lorakit.errors import ConfigError
 from lorakit.extras import require
+from lorakit.io import adapter_base_quantization, check_adapter_files
 from lorakit.layers import BASE
 from lorakit.models import DEFAULT_MODEL, ModelSource, adapter_directory, load_model
 from lorakit.serve.engine import Engine
@@ -100,7 +101,6 @@ def build_server(config: ServeConfig, source: ModelSource) -> tuple[Any, ServerS
     """
     require("fastapi", "serve", "lorakit serve")
     require("uvicorn", "serve", "lorakit serve")
-    from lorakit.io import adapter_base_quantization, check_adapter_files
     from lorakit.serve.api import ServerState, create_app  # pydantic and FastAPI: only when serving
 
     if config.threads:

@@ -26,11 +26,18 @@ from lorakit import data as D
 from lorakit.adapters import trainable_parameters
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, DataError
+from lorakit.evaluate import loss_on
 from lorakit.extras import require_extra
+from lorakit.generate import Decoding, generate
 from lorakit.inject import inject
-from lorakit.models import Task
+from lorakit.models import Task, load_model, load_tokenizer
 from lorakit.state import lora_layers
+from lorakit.train.checkpoint import latest_checkpoint
 from lorakit.train.config import TrainConfig
+from lorakit.train.distributed import init_distributed
+from lorakit.train.loop import check_resume, fit
+from lorakit.train.plot import plot_losses
+from lorakit.train.sharding import is_sharded
 
 __all__ = ["TrainRun", "recorded_settings", "train_run"]
 
@@ -104,12 +111,6 @@ def train_run(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer
         LorakitError subclasses for bad options, data, models or files; nothing in `out` is
         overwritten unless `overwrite`/`resume` says so.
     """
-    from lorakit.evaluate import loss_on
-    from lorakit.models import load_model, load_tokenizer
-    from lorakit.train import fit, init_distributed, is_sharded
-    from lorakit.train.loop import check_resume
-    from lorakit.train.plot import plot_losses
-
     require_extra("cli", "lorakit train")
     _check_sizes(run)
     if run.threads:
@@ -289,8 +290,6 @@ def _check_sizes(run: TrainRun) -> None:
 
 def _check_out(run: TrainRun) -> tuple[Path, Path | None, str | None]:
     """(out, the checkpoint to resume from or None, a line to print) — or refuse, writing nothing."""
-    from lorakit.train.checkpoint import latest_checkpoint
-
     out = atomic.check_target(run.out, directory=True)  # a folder, or one that can be made
     finished = (out / "adapter" / "adapter_config.json").is_file()
     checkpoint = latest_checkpoint(out) if out.is_dir() else None
@@ -389,6 +388,4 @@ def _classifier_name(model: nn.Module) -> str:
 def _samples(model: nn.Module, tokenizer: Any, prompts: list[D.Example], progress: bool) -> list[str]:
     if not prompts:
         return []
-    from lorakit.generate import Decoding, generate
-
     return generate(model, tokenizer, [p.prompt for p in prompts], Decoding(max_new_tokens=40), progress=progress)
