@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from lorakit.errors import AdapterFormatError, ConfigError
+from lorakit.variants import VARIANTS
 
 __all__ = ["PEFT_FIELDS", "LoraConfig"]
 
@@ -169,10 +170,12 @@ class LoraConfig:
             out.append(f"adapter_dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {self.adapter_dtype!r}")
         if not isinstance(self.use_dora, bool):
             out.append(f"use_dora must be a bool, got {self.use_dora!r}")
-        elif self.use_dora and self.fused_slices:
-            out.append("use_dora cannot be combined with fused_slices (DoRA rescales whole rows of W)")
-        elif self.use_dora and self.init_lora_weights == "pissa":
-            out.append("use_dora cannot be combined with init_lora_weights='pissa'")
+        else:
+            chosen = [v for v in VARIANTS.values() if v.selected(self)]
+            if len(chosen) > 1:
+                out.append(f"choose one LoRA variant; this config selects {', '.join(v.name for v in chosen)}")
+            for variant in chosen:
+                out += variant.config_problems(self)
         out += _pattern_problems("target_modules", self.target_modules, allow_none=True)
         out += _pattern_problems("exclude_modules", self.exclude_modules, allow_none=True)
         if isinstance(self.target_modules, list) and not self.target_modules:

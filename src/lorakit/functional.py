@@ -21,9 +21,8 @@ __all__ = [
     "conv2d_delta",
     "conv2d_delta_weight",
     "delta_weight",
-    "dora_norm",
-    "dora_output",
     "dropout",
+    "dropout_active",
     "embedding_delta",
     "expand_fused",
     "fused_linear_delta",
@@ -88,33 +87,6 @@ def add_delta_(
     return W.addmm_(A.t(), B.t(), alpha=s) if transposed else W.addmm_(B, A, alpha=s)
 
 
-def dora_norm(W0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
-    """‖W0 + s·B·A‖ of every output row, outside autograd (DoRA's §4.3: the norm is a constant).
-
-    Args:
-        W0: (out, in), dense.
-        A: (r, in).
-        B: (out, r).
-        s: scaling.
-
-    Returns:
-        (out,) in float32 (float64 for float64 inputs).
-    """
-    with torch.no_grad():
-        dtype = accumulate_dtype(W0.dtype, A.dtype)
-        return torch.linalg.vector_norm(W0.to(dtype) + delta_weight(A, B, s), dim=1)
-
-
-def dora_output(t: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A DoRA layer's output from t = W0·x + b + s·B·A·x and scale = m/‖W0 + s·B·A‖ (per output):
-    scale·(W0 + s·B·A)·x + b = scale·t + (1 − scale)·b (Liu et al., 2024, eq. 5), computed in the
-    wider of the two dtypes and returned in t's."""
-    out = t * scale
-    if bias is not None:
-        out = out + (1 - scale) * bias
-    return out.to(t.dtype)
-
-
 def linear_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float = 1.0) -> torch.Tensor:
     """The LoRA branch of a linear layer: s·(x·Aᵀ)·Bᵀ.
 
@@ -133,6 +105,16 @@ def linear_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float = 1
     y = torch.bmm(torch.bmm(rows, A.transpose(1, 2)), B.transpose(1, 2))  # (batch, tokens, out)
     y = y.view(*x.shape[:-1], B.shape[1])
     return y if s == 1 else y * s
+
+
+DROPOUT_RESOLUTION = 1 << 16
+"""Dropout masks realise p in steps of 1/65536 (`lorakit.kernels.dropout`); probabilities below
+1/131072 act as no dropout."""
+
+
+def dropout_active(p: float) -> bool:
+    """Whether a dropout probability drops anything (p ≥ 1/131072)."""
+    return round(p * DROPOUT_RESOLUTION) > 0
 
 
 def dropout(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:

@@ -12,10 +12,11 @@ from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, LorakitError, UnsupportedLayerError
 from lorakit.functional import scaling
 from lorakit.kernels import gated_mlp
-from lorakit.layers import AdapterRecord, LoraLayer, LoraLinear, SavedModule, wrapper_for
-from lorakit.quantization import is_quantized
+from lorakit.layers import AdapterRecord, LoraLayer, SavedModule, wrapper_for
+from lorakit.quantized import is_quantized
 from lorakit.state import check_adapter_name, clear_state, hosts, lora_layers, state_of
 from lorakit.targeting import Target, resolve_modules_to_save, resolve_targets
+from lorakit.variants import variant_for
 
 __all__ = ["inject", "preview", "unload"]
 
@@ -83,6 +84,7 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str, targets: list[
     """Build (without installing) the wrapper and adapter record for every target."""
     steps: list[_Step] = []
     dtype = _ADAPTER_DTYPES[config.adapter_dtype]
+    variant = variant_for(config)
     for target in targets if targets is not None else resolve_targets(model, config):
         module = target.module
         wrapper = module if isinstance(module, LoraLayer) else wrapper_for(module)(module)
@@ -103,8 +105,10 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str, targets: list[
                 )
             A, B, residual = wrapper.pissa_tensors(r, scaling(r, alpha, config.use_rslora))
             A, B = (A.to(dtype), B.to(dtype)) if dtype is not None else (A, B)
+        elif enabled is not None:
+            A, B = wrapper.new_pair(r, config.init_lora_weights, dtype=dtype, slices=enabled, n_slices=n_slices)
         else:
-            A, B = wrapper.new_pair(r, config.init_lora_weights, enabled, n_slices, dtype)
+            A, B = wrapper.new_pair(r, config.init_lora_weights, dtype=dtype)
         record = AdapterRecord(
             A,
             B,
@@ -118,14 +122,12 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str, targets: list[
         )
         if residual is not None:
             record.pissa_initial = (A.detach().clone(), B.detach().clone())
-        if config.use_dora:
-            if not isinstance(wrapper, LoraLinear):
-                raise UnsupportedLayerError(
-                    f"use_dora supports linear layers (nn.Linear, Conv1D); {target.path!r} is a "
-                    f"{type(target.base).__name__}: adapt it without DoRA, or leave it out of target_modules"
-                )
-            # m starts at ‖W0 + s·B·A‖ (= ‖W0‖ for B = 0), so a fresh DoRA adapter is a no-op.
-            record.lora_magnitude_vector = nn.Parameter(wrapper.dora_norm(A, B, record.scaling).to(A.dtype))
+        if variant is not None:
+            why = variant.unsupported(wrapper, target.path)
+            if why is not None:
+                raise UnsupportedLayerError(why)
+            record.variant = variant
+            variant.init(wrapper, record)
         steps.append(_Step(target.path, module, wrapper, record, residual))
     return steps
 

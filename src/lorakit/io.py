@@ -26,9 +26,10 @@ from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFormatError, ShapeMismatchError
 from lorakit.inject import apply, plan
 from lorakit.layers import LoraConv2d, LoraEmbedding, LoraLayer, SavedModule, is_conv1d, wrapper_for
-from lorakit.quantization import quantization_of
+from lorakit.quantized import quantization_of
 from lorakit.state import check_adapter_name, hosts, lora_layers, require_adapter, walk
 from lorakit.targeting import Target, resolve_modules_to_save
+from lorakit.variants import VARIANTS, variant_for
 
 __all__ = [
     "BASE_QUANTIZATION_KEY",
@@ -53,8 +54,14 @@ _LORA_SUFFIXES = {
     ".lora_B.weight": "B",
     ".lora_embedding_A": "A",
     ".lora_embedding_B": "B",
-    ".lora_magnitude_vector": "M",  # DoRA's magnitude (out,)
 }
+_AB = {"A": "lora_A", "B": "lora_B"}
+
+
+def _suffixes() -> dict[str, str]:
+    """Key suffix -> part: A and B, and every registered variant's parameters (`<path>.<name>`,
+    the part named as the parameter)."""
+    return {**_LORA_SUFFIXES, **{f".{n}": n for v in VARIANTS.values() for n in v.param_names}}
 
 
 # ---------------------------------------------------------------------------------------- save
@@ -249,8 +256,9 @@ def load_adapter(
             keys = lora[step.path]
             step.record.lora_A.copy_(tensors[keys["A"]])
             step.record.lora_B.copy_(tensors[keys["B"]])
-            if "M" in keys:
-                step.record.lora_magnitude_vector.copy_(tensors[keys["M"]])
+            for part, key in keys.items():
+                if part not in ("A", "B", "kind"):  # a variant's parameter, by its own name
+                    getattr(step.record, part).copy_(tensors[key])
         for key, (kind, where, name) in extra_plan.items():
             if kind == "saved":
                 copy = model.get_submodule(where).adapters[adapter_name]
@@ -267,7 +275,7 @@ def read_lora_tensors(directory: str | os.PathLike) -> tuple[LoraConfig, dict[st
     both present); keys other than LoRA's (modules_to_save, biases) are left out.
 
     Returns:
-        `(config, {module path: {"A": tensor, "B": tensor, ["M": DoRA magnitude,] "kind":
+        `(config, {module path: {"A": tensor, "B": tensor, [a variant's parameter by its name,] "kind":
         "linear" | "embedding"}})`.
 
     Raises:
@@ -324,22 +332,21 @@ def _split_keys(header: dict[str, tuple[int, ...]], path: Path) -> tuple[dict[st
     for key in header:
         if not key.startswith(PREFIX):
             raise AdapterFormatError(f"{path}: key {key!r} does not start with {PREFIX!r}; not a PEFT adapter file")
-        for suffix, part in _LORA_SUFFIXES.items():
+        for suffix, part in _suffixes().items():
             if key.endswith(suffix):
                 module_path = key[len(PREFIX) : -len(suffix)]
                 slot = lora.setdefault(module_path, {})
                 slot[part] = key
-                if part != "M":
+                if part in _AB:
                     slot["kind"] = "embedding" if "embedding" in suffix else "linear"
                 break
         else:
             extra.append(key)
-    names = {"A": "lora_A", "B": "lora_B", "M": "lora_magnitude_vector"}
     for module_path, slot in lora.items():
         for part in ("A", "B"):
             if part not in slot:
-                present = ", ".join(names[p] for p in ("A", "B", "M") if p in slot)
-                raise AdapterFormatError(f"{path}: {module_path!r} has {present} but no {names[part]}")
+                present = ", ".join(_AB.get(p, p) for p in slot if p != "kind")
+                raise AdapterFormatError(f"{path}: {module_path!r} has {present} but no {_AB[part]}")
     return lora, extra
 
 
@@ -387,15 +394,31 @@ def _check_lora_module(
         raise ShapeMismatchError(
             f"{file}: {keys['A']!r} has rank {r} but adapter_config.json says r={expected_r} for {path!r}"
         )
-    if config.use_dora != ("M" in keys):
-        has = "has no lora_magnitude_vector" if config.use_dora else "has a lora_magnitude_vector"
-        said = "says" if config.use_dora else "does not say"
-        raise AdapterFormatError(f"{file}: {path!r} {has}, but adapter_config.json {said} use_dora=true (DoRA)")
-    if "M" in keys and tuple(header[keys["M"]]) != (want_b[0],):
-        raise ShapeMismatchError(
-            f"{file}: tensor {keys['M']!r} has shape {list(header[keys['M']])} but {path!r} needs [{want_b[0]}]"
+    variant = variant_for(config)
+    want = set(variant.param_names) if variant is not None else set()
+    have = {p for p in keys if p not in ("A", "B", "kind")}
+    if have != want:
+        kind = f"a {variant.title} adapter (with {', '.join(sorted(want))})" if variant is not None else "plain LoRA"
+        raise AdapterFormatError(
+            f"{file}: {path!r} has {', '.join(sorted(have)) or 'no tensors but lora_A and lora_B'}, but "
+            f"adapter_config.json describes {kind}"
         )
+    if variant is not None:
+        shapes = variant.param_shape(_ShapeView(want_b[0]), r)
+        for part in sorted(have):
+            if tuple(header[keys[part]]) != tuple(shapes[part]):
+                raise ShapeMismatchError(
+                    f"{file}: tensor {keys[part]!r} has shape {list(header[keys[part]])} but {path!r} needs "
+                    f"{list(shapes[part])}"
+                )
     return Target(path, module)
+
+
+@dataclasses.dataclass
+class _ShapeView:
+    """What a variant's `param_shape` reads of a layer, known from the file before any wrapper exists."""
+
+    out_features: int
 
 
 def _normalised(name: str) -> str:

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,8 +21,10 @@ from lorakit import functional as LF
 from lorakit import init
 from lorakit.errors import LorakitError, UnsupportedLayerError
 from lorakit.kernels import linear as linear_kernels
-from lorakit.kernels.dropout import Draw, MaskSharing, dropout_active, dropped
-from lorakit.quantization import dequantized_weight, is_quantized
+from lorakit.kernels.dropout import Draw, MaskSharing, draw_for, masked_applies, masked_branches
+from lorakit.quantized import dequantized_weight, is_quantized
+from lorakit.records import BASE, AdapterRecord, RowRouting
+from lorakit.weights import conv1d_type, dense_weight, is_conv1d
 
 __all__ = [
     "BASE",
@@ -40,84 +40,6 @@ __all__ = [
     "supported_types",
     "wrapper_for",
 ]
-
-BASE = "__base__"
-"""The name that stands for "no adapter" in a per-row adapter list."""
-
-
-class AdapterRecord(nn.Module):
-    """One named adapter of one layer: A, B, their scaling and the input dropout.
-
-    Args:
-        lora_A: initial A, (r, in) for linear layers (for fused slices (e·r, in); for
-            embeddings (r, num_embeddings); for conv (r, in, kh, kw)).
-        lora_B: initial B, (out, r) (fused: (e·o, r); embeddings (dim, r); conv (out, r, 1, 1)).
-        r: rank per slice.
-        lora_alpha: α.
-        use_rslora: scale by α/√r instead of α/r.
-        dropout: dropout probability on the branch input.
-        share_dropout_mask: use the dropout mask another layer drew for the very same input
-            tensor (q/k/v, gate/up); see `lorakit.kernels.dropout.MaskSharing`.
-        slices: for a fused layer, the indices of the adapted output slices; else None.
-        n_slices: for a fused layer, the number of equal output slices.
-    """
-
-    def __init__(
-        self,
-        lora_A: torch.Tensor,
-        lora_B: torch.Tensor,
-        *,
-        r: int,
-        lora_alpha: float,
-        use_rslora: bool = False,
-        dropout: float = 0.0,
-        share_dropout_mask: bool = True,
-        slices: Sequence[int] | None = None,
-        n_slices: int = 1,
-    ) -> None:
-        super().__init__()
-        self.lora_A = nn.Parameter(lora_A)
-        self.lora_B = nn.Parameter(lora_B)
-        self.r = r
-        self.lora_alpha = lora_alpha
-        self.use_rslora = use_rslora
-        self.scaling = LF.scaling(r, lora_alpha, use_rslora)
-        self.dropout_p = float(dropout)
-        self.share_dropout_mask = share_dropout_mask
-        self.slices = tuple(slices) if slices is not None else None
-        self.n_slices = n_slices
-        # PiSSA: the initial (A0, B0), kept to write the adapter relative to the original W0.
-        self.pissa_initial: tuple[torch.Tensor, torch.Tensor] | None = None
-        # DoRA: the magnitude m (out,), PEFT's `lora_magnitude_vector`; None for plain LoRA. While
-        # merged, the row norms the merge divided by (to unmerge exactly).
-        self.register_parameter("lora_magnitude_vector", None)
-        self.merged_norm: torch.Tensor | None = None
-
-    @property
-    def use_dora(self) -> bool:
-        """Whether this adapter is a DoRA one (it has a magnitude vector)."""
-        return self.lora_magnitude_vector is not None
-
-    def extra_repr(self) -> str:
-        extra = f", dropout={self.dropout_p}" if self.dropout_p else ""
-        extra += f", slices={list(self.slices)}/{self.n_slices}" if self.slices is not None else ""
-        extra += ", dora" if self.use_dora else ""
-        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}{extra}"
-
-
-@dataclass
-class RowRouting:
-    """Which adapter each batch row uses inside one `lorakit.adapter_per_row` block.
-
-    Attributes:
-        names: the adapter name of each row (`BASE` for none).
-        groups: (adapter name, row indices) for every named adapter of the batch.
-        derived: what a speed path computed from this routing, per layer; dropped with the block.
-    """
-
-    names: tuple[str, ...]
-    groups: list[tuple[str, torch.Tensor]]
-    derived: dict[nn.Module, Any] = field(default_factory=dict)
 
 
 class AdapterHost(nn.Module):
@@ -198,8 +120,10 @@ class LoraLayer(AdapterHost):
         return result
 
     def output(self, record: AdapterRecord, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """result (the output so far) with one adapter applied: + s·B·A·dropout(x); DoRA rescales
-        (`LoraLinear`)."""
+        """result (the output so far) with one adapter applied: + s·B·A·dropout(x), or what the
+        adapter's variant makes of it (`lorakit.variants`)."""
+        if record.variant is not None:
+            return record.variant.output(self, record, x, result)
         return result + self.branch(record, x).to(result.dtype)
 
     def branch(self, record: AdapterRecord, x: torch.Tensor) -> torch.Tensor:
@@ -215,30 +139,24 @@ class LoraLayer(AdapterHost):
     # -- dropout
     def dropout_in_effect(self, record: AdapterRecord) -> bool:
         """Whether the adapter's dropout drops anything now (training, p > 0)."""
-        return record.training and dropout_active(record.dropout_p)
+        return record.dropout_in_effect
 
     def draw_dropout(self, record: AdapterRecord, x: torch.Tensor) -> Draw | None:
         """The dropout mask of `record` over input `x` (shared with layers reading the same x), or None."""
-        if not self.dropout_in_effect(record):
-            return None
-        return self.masks.draw(x, record.dropout_p, record.share_dropout_mask)
+        return draw_for(self.masks, record, x)
 
     def dropout(self, record: AdapterRecord, x: torch.Tensor) -> torch.Tensor:
-        """x·keep/(1 − p) with the adapter's mask; x itself when no dropout is in effect."""
+        """x·keep/(1 − p) with the adapter's mask (`functional.dropout`); x itself when no dropout
+        is in effect. The mask is drawn where the speed paths draw theirs, so both drop the same elements."""
         draw = self.draw_dropout(record, x)
-        return x if draw is None else dropped(x, draw)
+        return x if draw is None else LF.dropout(x, draw.mask.to_bool(), draw.mask.p)
 
     # -- new adapters and files
     def new_pair(
-        self,
-        r: int,
-        init_mode: bool | str,
-        slices: Sequence[int] | None = None,
-        n_slices: int = 1,
-        dtype: torch.dtype | None = None,
+        self, r: int, init_mode: bool | str, *, dtype: torch.dtype | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Fresh (A, B) for a new adapter of rank r (see `lorakit.init`), in `dtype` (default: see
-        `LoraConfig.adapter_dtype`)."""
+        `LoraConfig.adapter_dtype`). `LoraLinear`'s also takes fused slices."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -256,8 +174,8 @@ class LoraLayer(AdapterHost):
             A0, B0 = rec.pissa_initial
             A, B = torch.cat([A, A0.to(A)]), torch.cat([B, -B0.to(B)], dim=1)
         tensors = {"lora_A.weight": A.contiguous(), "lora_B.weight": B.contiguous()}
-        if rec.use_dora:
-            tensors["lora_magnitude_vector"] = rec.lora_magnitude_vector.detach().contiguous()
+        if rec.variant is not None:  # its own parameters, under their PEFT names
+            tensors.update({k: getattr(rec, k).detach().contiguous() for k in rec.variant.param_names})
         return tensors
 
     def peft_rank_alpha(self, name: str) -> tuple[int, float]:
@@ -273,28 +191,21 @@ class LoraLayer(AdapterHost):
     # -- merge
     def merged_weight(self, names: Iterable[str]) -> torch.Tensor:
         """The base weight with adapters `names` merged in turn, in float32, cast once (a quantized
-        base weight is dequantized first): W + ΔW for LoRA, DoRA's m·(W + ΔW)/‖W + ΔW‖."""
+        base weight is dequantized first): W + ΔW for LoRA, what its variant makes of W otherwise."""
         return self._merge_result(names)[0]
 
-    def _merge_result(self, names: Iterable[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(merged weight, {DoRA adapter: the row norms its merge divided by})."""
+    def _merge_result(self, names: Iterable[str]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(merged weight, {adapter with a variant: what its `merged` returned for `unmerged`})."""
         weight = self.base_layer.weight
         total = dequantized_weight(weight.detach(), LF.accumulate_dtype(weight.dtype))
-        norms: dict[str, torch.Tensor] = {}
+        states: dict[str, Any] = {}
         for name in names:
-            if self.adapters[name].use_dora:
-                total, norms[name] = self.dora_merged(total, name)
+            variant = self.adapters[name].variant
+            if variant is not None:
+                total, states[name] = variant.merged(self, name, total)
             else:
                 total = total + self.delta_weight(name)
-        return total.to(weight.dtype), norms
-
-    def dora_merged(self, weight: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(m·(W + ΔW)/‖W + ΔW‖ in the base layout, the norms) for DoRA adapter `name` (LoraLinear)."""
-        raise NotImplementedError  # pragma: no cover - only linear layers take DoRA
-
-    def dora_unmerged(self, weight: torch.Tensor, name: str) -> torch.Tensor:
-        """The inverse of `dora_merged`, with the norms it recorded (LoraLinear)."""
-        raise NotImplementedError  # pragma: no cover - only linear layers take DoRA
+        return total.to(weight.dtype), states
 
     def pending_merge(self, names: Iterable[str]) -> list[str]:
         """Of `names`, those this layer holds and has not merged yet."""
@@ -310,10 +221,10 @@ class LoraLayer(AdapterHost):
         if not pending:
             return
         weight = self.base_layer.weight
-        dora = any(self.adapters[n].use_dora for n in pending)
+        variants = any(self.adapters[n].variant is not None for n in pending)
         if (
             not safe
-            and not dora
+            and not variants
             and not is_quantized(self.base_layer)
             and weight.dtype == LF.accumulate_dtype(weight.dtype)
         ):
@@ -323,7 +234,7 @@ class LoraLayer(AdapterHost):
                     self.add_delta_(weight, name, 1.0)
             self.merged = (*self.merged, *pending)
             return
-        new, norms = self._merge_result(pending)
+        new, states = self._merge_result(pending)
         if safe and not torch.isfinite(new).all():
             raise LorakitError(
                 f"merging adapter(s) {pending} into {type(self.base_layer).__name__} gives NaN/inf weights; "
@@ -337,8 +248,8 @@ class LoraLayer(AdapterHost):
         else:
             with torch.no_grad():
                 weight.copy_(new)
-        for name, norm in norms.items():
-            self.adapters[name].merged_norm = norm
+        for name, state in states.items():
+            self.adapters[name].merge_state = state
         self.merged = (*self.merged, *pending)
 
     def add_delta_(self, weight: torch.Tensor, name: str, sign: float) -> None:
@@ -354,21 +265,22 @@ class LoraLayer(AdapterHost):
             self.base_layer.weight, self.stored_weight = self.stored_weight, None
         else:
             weight = self.base_layer.weight
-            dora = any(self.adapters[n].use_dora for n in self.merged)
+            variants = any(self.adapters[n].variant is not None for n in self.merged)
             with torch.no_grad():
-                if not dora and weight.dtype == LF.accumulate_dtype(weight.dtype):
+                if not variants and weight.dtype == LF.accumulate_dtype(weight.dtype):
                     for name in reversed(self.merged):
                         self.add_delta_(weight, name, -1.0)
                 else:
                     total = weight.detach().to(LF.accumulate_dtype(weight.dtype))
                     for name in reversed(self.merged):
-                        if self.adapters[name].use_dora:
-                            total = self.dora_unmerged(total, name)
+                        rec = self.adapters[name]
+                        if rec.variant is not None:
+                            total = rec.variant.unmerged(self, name, total, rec.merge_state)
                         else:
                             total = total - self.delta_weight(name)
                     weight.copy_(total.to(weight.dtype))
         for name in self.merged:
-            self.adapters[name].merged_norm = None
+            self.adapters[name].merge_state = None
         self.merged = ()
 
     def remove(self, name: str) -> None:
@@ -400,41 +312,21 @@ class LoraLinear(LoraLayer):
         self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.is_conv1d else (w.shape[1], w.shape[0])
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        fast = linear_kernels.forward(self, x, args, kwargs)
+        if self.rows is not None and not self.disabled:
+            # `_modules`: the adapters as a plain dict (this runs per layer per decoding step).
+            adapters = self.adapters._modules
+            fast = linear_kernels.forward_rows(
+                self.base_layer, x, adapters, self.rows, cache=self.kernel_cache, args=args, kwargs=kwargs
+            )
+        else:
+            fast = linear_kernels.forward(
+                self.base_layer, x, self.pending(), masks=self.masks, args=args, kwargs=kwargs
+            )
         return fast if fast is not None else super().forward(x, *args, **kwargs)
-
-    def output(self, record: AdapterRecord, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        t = result + self.branch(record, x).to(result.dtype)
-        return LF.dora_output(t, self.dora_scale(record), self.base_layer.bias) if record.use_dora else t
 
     def base_weight(self) -> torch.Tensor:
         """W0 as a dense (out, in) tensor outside autograd (a quantized weight dequantized)."""
-        weight = dequantized_weight(self.base_layer.weight.detach())
-        return weight.T if self.is_conv1d else weight
-
-    def dora_norm(self, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
-        """‖W0 + s·B·A‖ per output row (`functional.dora_norm`): DoRA's initial magnitude and divisor."""
-        return LF.dora_norm(self.base_weight(), A, B, s)
-
-    def dora_scale(self, record: AdapterRecord) -> torch.Tensor:
-        """m/‖W0 + s·B·A‖ (out,) of a DoRA adapter: its gradient reaches m only."""
-        return record.lora_magnitude_vector / self.dora_norm(record.lora_A, record.lora_B, record.scaling)
-
-    def dora_merged(self, weight: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        rec = self.adapters[name]
-        W = (weight.T if self.is_conv1d else weight) + LF.delta_weight(
-            rec.lora_A.detach(), rec.lora_B.detach(), rec.scaling
-        )
-        norm = torch.linalg.vector_norm(W, dim=1)
-        merged = W * (rec.lora_magnitude_vector.detach().to(W.dtype) / norm)[:, None]
-        return (merged.T if self.is_conv1d else merged), norm
-
-    def dora_unmerged(self, weight: torch.Tensor, name: str) -> torch.Tensor:
-        rec = self.adapters[name]
-        W = weight.T if self.is_conv1d else weight
-        W = W / (rec.lora_magnitude_vector.detach().to(W.dtype) / rec.merged_norm)[:, None]
-        W = W - LF.delta_weight(rec.lora_A.detach(), rec.lora_B.detach(), rec.scaling)
-        return W.T if self.is_conv1d else W
+        return dense_weight(self.base_layer)
 
     def branch(self, record: AdapterRecord, x: torch.Tensor) -> torch.Tensor:
         A, B = record.lora_A, record.lora_B
@@ -447,10 +339,13 @@ class LoraLinear(LoraLayer):
         self,
         r: int,
         init_mode: bool | str,
+        *,
+        dtype: torch.dtype | None = None,
         slices: Sequence[int] | None = None,
         n_slices: int = 1,
-        dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fresh (A, B); with fused `slices` (indices of the adapted ones among `n_slices` equal
+        output slices) A is (e·r, in) and B (e·out/n_slices, r)."""
         e = len(slices) if slices is not None else 1
         out = self.out_features // n_slices
         return init.lora_pair((e * r, self.in_features), (e * out, r), r, init_mode, **self._factory(dtype))
@@ -495,12 +390,7 @@ class LoraEmbedding(LoraLayer):
         return LF.embedding_delta(x, record.lora_A, record.lora_B, record.scaling, self.base_layer)
 
     def new_pair(
-        self,
-        r: int,
-        init_mode: bool | str,
-        slices: Sequence[int] | None = None,
-        n_slices: int = 1,
-        dtype: torch.dtype | None = None,
+        self, r: int, init_mode: bool | str, *, dtype: torch.dtype | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return init.embedding_pair(self.in_features, self.out_features, r, init_mode, **self._factory(dtype))
 
@@ -531,17 +421,21 @@ class LoraConv2d(LoraLayer):
             )
         self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
 
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        records = self.pending()
+        if self.rows is None and records and masked_applies(records):  # training with dropout: masks kept as bits
+            return masked_branches(self.base_layer(x, *args, **kwargs), x, records, self.masks, self._delta)
+        return super().forward(x, *args, **kwargs)
+
     def branch(self, record: AdapterRecord, x: torch.Tensor) -> torch.Tensor:
+        return self._delta(record, self.dropout(record, x))
+
+    def _delta(self, record: AdapterRecord, x: torch.Tensor) -> torch.Tensor:
         A = record.lora_A
-        return LF.conv2d_delta(self.dropout(record, x).to(A.dtype), A, record.lora_B, record.scaling, self.base_layer)
+        return LF.conv2d_delta(x.to(A.dtype), A, record.lora_B, record.scaling, self.base_layer)
 
     def new_pair(
-        self,
-        r: int,
-        init_mode: bool | str,
-        slices: Sequence[int] | None = None,
-        n_slices: int = 1,
-        dtype: torch.dtype | None = None,
+        self, r: int, init_mode: bool | str, *, dtype: torch.dtype | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         A_shape = (r, self.in_features, *self.base_layer.kernel_size)
         return init.lora_pair(A_shape, (self.out_features, r, 1, 1), r, init_mode, **self._factory(dtype))
@@ -588,26 +482,10 @@ class SavedModule(AdapterHost):
         return out
 
 
-def _conv1d() -> type[nn.Module] | None:
-    """transformers' `Conv1D` (GPT-2 style layers, weight stored (in, out)), or None when it is not loaded.
-
-    Read from `sys.modules`, never imported: a model holding a Conv1D has imported the module that
-    defines it, and `import lorakit` stays free of transformers (an extra, slow to import).
-    """
-    module = sys.modules.get("transformers.pytorch_utils")
-    return getattr(module, "Conv1D", None)
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """Whether `module` is a transformers `Conv1D` (a linear layer whose weight is (in, out))."""
-    conv1d = _conv1d()
-    return conv1d is not None and isinstance(module, conv1d)
-
-
 def supported_types() -> tuple[type[nn.Module], ...]:
     """The base layer types lorakit can wrap (transformers' `Conv1D` once transformers is loaded)."""
     types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding, nn.Conv2d)
-    conv1d = _conv1d()
+    conv1d = conv1d_type()
     return (*types, conv1d) if conv1d is not None else types
 
 

@@ -23,18 +23,30 @@ re-quantized silently.
 
 from __future__ import annotations
 
-import logging
-import math
 from collections.abc import Sequence
-from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import ConfigError
-from lorakit.extras import require
-from lorakit.kernels import nf4 as nf4_kernels
+from lorakit.quantized import (
+    NF4_BLOCK_SIZE,
+    NF4_SCALER_BLOCK_SIZE,
+    SCHEMES,
+    FrozenLinear,
+    QuantizedLinear,
+    Scheme,
+    _nf4_module,
+    dequantized_weight,
+    is_quantized,
+    nf4_scaler_block,
+    plain_linear,
+    quantization_error,
+    quantization_of,
+    quantized_bytes,
+    stored_bytes,
+)
+from lorakit.state import find_state
 
 __all__ = [
     "NF4_BLOCK_SIZE",
@@ -42,6 +54,7 @@ __all__ = [
     "SCHEMES",
     "FrozenLinear",
     "QuantizedLinear",
+    "Scheme",
     "dequantize",
     "dequantized_weight",
     "is_quantized",
@@ -53,133 +66,6 @@ __all__ = [
     "quantized_bytes",
     "stored_bytes",
 ]
-
-Scheme = Literal["nf4", "bf16"]
-SCHEMES: tuple[str, ...] = ("nf4", "bf16")
-NF4_BLOCK_SIZE = 64
-"""Weights per NF4 block, each with its own absmax scaler (QLoRA's default)."""
-NF4_SCALER_BLOCK_SIZE = 256
-"""Scalers per block of the double quantization (QLoRA's default; smaller where it does not divide)."""
-
-
-def nf4_scaler_block(numel: int) -> int:
-    """The scaler block of a weight of `numel` values: 256, or the largest power of two dividing
-    its number of 64-blocks (double quantization needs whole scaler blocks)."""
-    blocks = numel // NF4_BLOCK_SIZE
-    size = NF4_SCALER_BLOCK_SIZE
-    while blocks % size:
-        size //= 2
-    return size
-
-
-def _nf4_module():
-    """torchao's NF4 pieces: from `torchao.quantization` since 0.18, `torchao.dtypes.nf4tensor` before.
-
-    torchao logs a warning for each GPU kernel library it cannot load on a CPU-only machine, and
-    torch one for an Enum it registers; neither matters for NF4, so both are silenced while importing.
-    """
-    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        require("torchao", "quantize", "NF4 quantization")
-        try:
-            from torchao.quantization import NF4Tensor, to_nf4  # torchao >= 0.18
-        except ImportError:  # torchao 0.17 and older
-            from torchao.dtypes.nf4tensor import NF4Tensor, to_nf4
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
-    return NF4Tensor, to_nf4
-
-
-def _is_nf4(tensor: Any) -> bool:
-    return type(tensor).__name__ == "NF4Tensor"
-
-
-class FrozenLinear(torch.autograd.Function):
-    """x·Wᵀ with a frozen, compressed W: dequantized to x's dtype in the forward and again in the
-    backward; only the compressed W is kept in between (not a full-precision copy per layer)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(weight)
-        return F.linear(x, dequantized_weight(weight, x.dtype))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (weight,) = ctx.saved_tensors
-        grad_x = grad @ dequantized_weight(weight, grad.dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, None
-
-
-class QuantizedLinear(nn.Linear):
-    """An `nn.Linear` whose frozen weight is stored as NF4 or bf16 (see the module docstring).
-
-    y = x·dequant(W)ᵀ + b, computed in x's dtype; the bias stays in its own dtype (and may train,
-    e.g. with `LoraConfig(bias="all")`). Build with `QuantizedLinear.from_linear`.
-
-    Attributes:
-        scheme: `"nf4"` or `"bf16"`.
-        original_dtype: the weight's dtype before quantization (what `dequantize` restores).
-    """
-
-    scheme: str = "nf4"
-    original_dtype: torch.dtype = torch.float32
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, scheme: Scheme) -> QuantizedLinear:
-        """A quantized copy of `linear` (same device, the weight frozen, the bias kept as is)."""
-        weight = linear.weight.detach()
-        with torch.device("meta"):  # no throwaway full-size weight
-            new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
-        new.scheme, new.original_dtype = scheme, weight.dtype
-        if scheme == "nf4":
-            _, to_nf4 = _nf4_module()
-            stored = to_nf4(weight, NF4_BLOCK_SIZE, nf4_scaler_block(weight.numel()))
-        else:
-            stored = weight.to(torch.bfloat16)
-        new.weight = nn.Parameter(stored, requires_grad=False)
-        new.bias = linear.bias
-        return new.train(linear.training)  # a layer of an eval-mode model stays in eval mode
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = FrozenLinear.apply(x, self.weight)
-        return out if self.bias is None else out + self.bias.to(out.dtype)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, scheme={self.scheme}"
-
-
-def dequantized_weight(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A quantized (or plain) weight as a dense tensor of `dtype` (default: the weight's nominal dtype)."""
-    if _is_nf4(weight):
-        return nf4_kernels.dequantize(weight, dtype)
-    return weight if dtype is None else weight.to(dtype)
-
-
-def is_quantized(module: nn.Module) -> bool:
-    """Whether `module` is a layer `quantize` made (its weight stored as NF4 or bf16)."""
-    return isinstance(module, QuantizedLinear)
-
-
-def quantization_of(model: nn.Module) -> str | None:
-    """The scheme of the model's quantized layers (`"nf4"`, `"bf16"`), or None when none is."""
-    return next((m.scheme for m in model.modules() if isinstance(m, QuantizedLinear)), None)
-
-
-def stored_bytes(tensor: torch.Tensor) -> int:
-    """Bytes a tensor occupies as stored (an NF4 weight: its 4-bit codes, scalers and lookup table)."""
-    if _is_nf4(tensor):
-        inner = (tensor.quantized_data, tensor.quantized_scalers, tensor.quantization_factor, tensor.scaler_mean)
-        return sum(t.numel() * t.element_size() for t in (*inner, tensor.nf4))
-    return tensor.numel() * tensor.element_size()
-
-
-def quantized_bytes(module: nn.Module) -> int:
-    """Bytes the module's parameters occupy as stored (`stored_bytes` of each)."""
-    return sum(stored_bytes(p) for p in module.parameters())
 
 
 def quantize(
@@ -205,8 +91,6 @@ def quantize(
             entry that names no linear layer, or layers whose size NF4 cannot block (listed).
         MissingExtraError: NF4 without torchao (`pip install 'lorakit[quantize]'`).
     """
-    from lorakit.state import find_state
-
     if scheme not in SCHEMES:
         raise ConfigError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
     already = quantization_of(model)
@@ -270,25 +154,3 @@ def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         if isinstance(module, QuantizedLinear):
             model.set_submodule(path, plain_linear(module, dtype))
     return model
-
-
-def plain_linear(module: QuantizedLinear, dtype: torch.dtype | None = None) -> nn.Linear:
-    """A plain `nn.Linear` with `module`'s weight dequantized (in `dtype`, default the weight's dtype
-    before quantization) and its bias."""
-    weight = dequantized_weight(module.weight.detach(), dtype or module.original_dtype)
-    with torch.device("meta"):
-        plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-    plain.weight = nn.Parameter(weight.clone(), requires_grad=False)
-    plain.bias = module.bias
-    return plain.train(module.training)
-
-
-def quantization_error(weight: torch.Tensor, scheme: str) -> float:
-    """max |W − dequant(quant(W))| of one full-precision weight under `scheme`."""
-    if scheme == "nf4":
-        _, to_nf4 = _nf4_module()
-        nf4 = to_nf4(weight.detach(), NF4_BLOCK_SIZE, nf4_scaler_block(weight.numel()))
-        restored = dequantized_weight(nf4, weight.dtype)
-    else:
-        restored = weight.detach().to(torch.bfloat16).to(weight.dtype)
-    return float((restored - weight.detach()).abs().max()) if weight.numel() else math.nan

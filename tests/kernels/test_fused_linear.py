@@ -335,14 +335,16 @@ def test_many_token_no_grad_forward_uses_the_summed_weight_and_matches_the_branc
         x = torch.randn(rows, 12, dtype=torch.float64)
         expected = x @ W.T + b + rec.scaling * (x @ rec.lora_A.T) @ rec.lora_B.T
         with torch.no_grad():
-            assert (merged_weight.weight(layer, x) is not None) is summed
+            assert (merged_weight.weight(layer.base_layer, x, layer.pending()) is not None) is summed
             torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
     x = torch.randn(64, 12, dtype=torch.float64)
-    assert merged_weight.weight(layer, x) is None  # grad mode and trainable A/B: the branch's node
+    assert (
+        merged_weight.weight(layer.base_layer, x, layer.pending()) is None
+    )  # grad mode and trainable A/B: the branch's node
     model.train()  # dropout in effect: the branch
     with torch.no_grad():
-        assert merged_weight.weight(layer, x) is None
+        assert merged_weight.weight(layer.base_layer, x, layer.pending()) is None
     with torch.no_grad(), lorakit.kernels.disabled():
         model.eval()
-        assert merged_weight.weight(layer, x) is None  # the switch
+        assert merged_weight.weight(layer.base_layer, x, layer.pending()) is None  # the switch
     assert W.grad is None and torch.equal(layer.base_layer.weight, W)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.data import Example
-from lorakit.e2e import E2E_SEPARATOR, e2e_example, e2e_mr_to_context, e2e_tokenize
+from lorakit.data import Example, e2e_example
+from lorakit.e2e import E2E_SEPARATOR, e2e_mr_to_context, e2e_tokenize
 from lorakit.errors import DataError
 
 E2E = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "e2e"

@@ -17,6 +17,8 @@ from lorakit.analysis.factors import delta_svd, effective_rank, read_factors
 from lorakit.errors import ConfigError
 from lorakit.functional import scaling
 from lorakit.io import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from lorakit.models import adapter_directory
+from lorakit.variants import variant_for
 
 __all__ = ["Compression", "compress"]
 
@@ -59,12 +61,10 @@ def compress(
 
     Raises:
         ConfigError: neither or both of energy and rank, or out of range; `out` exists and is not
-            empty, or cannot be created (`lorakit.atomic.check_target`); a DoRA adapter (its
-            magnitude was learned for the full direction). Nothing is written then.
+            empty, or cannot be created (`lorakit.atomic.check_target`); an adapter of a LoRA variant
+            such as DoRA (its own parameters were learned for the full update). Nothing is written then.
         AdapterFormatError: unreadable adapter files.
     """
-    from lorakit.models import adapter_directory
-
     if (energy is None) == (rank is None):
         raise ConfigError("give exactly one of energy (a fraction in (0, 1]) or rank (an integer >= 1)")
     if energy is not None and not 0.0 < energy <= 1.0:
@@ -74,10 +74,11 @@ def compress(
     target = atomic.check_target(out, directory=True, empty=True)
     source = adapter_directory(adapter)
     config, modules = read_factors(source)
-    if config.use_dora or any(m.dora for m in modules):
+    variant = variant_for(config)
+    if variant is not None:
         raise ConfigError(
-            "a DoRA adapter cannot be truncated this way: its magnitude vector was learned for the full-rank "
-            "direction W0 + s·B·A"
+            f"a {variant.title} adapter cannot be truncated this way: its own parameters "
+            f"({', '.join(variant.param_names)}) were learned for the full-rank update s·B·A"
         )
     tensors: dict[str, torch.Tensor] = {}
     report: dict[str, Any] = {}

@@ -17,6 +17,7 @@ from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFormatError
 from lorakit.functional import scaling
 from lorakit.io import WEIGHTS_NAME, read_lora_tensors
+from lorakit.variants import variant_for
 
 __all__ = ["DeltaSVD", "ModuleFactors", "delta_svd", "effective_rank", "read_factors"]
 
@@ -31,7 +32,8 @@ class ModuleFactors:
         B: (d, r) in float64.
         scaling: s, from the config (alpha / r, or alpha / √r with rsLoRA; per-module patterns).
         kind: `linear` or `embedding`.
-        dora: the module has a DoRA magnitude vector (its ΔW here is the direction part s·B·A).
+        variant: the adapter's LoRA variant (`lorakit.variants`), None for plain LoRA; its ΔW here
+            is s·B·A alone (for DoRA, the direction part).
     """
 
     path: str
@@ -39,7 +41,7 @@ class ModuleFactors:
     B: torch.Tensor
     scaling: float
     kind: str = "linear"
-    dora: bool = False
+    variant: str | None = None
 
     @property
     def rank(self) -> int:
@@ -78,7 +80,8 @@ def read_factors(directory: str | os.PathLike[str]) -> tuple[LoraConfig, list[Mo
         A = parts["A"].double().reshape(parts["A"].shape[0], -1)
         B = parts["B"].double().reshape(parts["B"].shape[0], -1)
         s = scaling(A.shape[0], config.alpha_for(module), config.use_rslora)
-        out.append(ModuleFactors(module, A, B, s, parts["kind"], "M" in parts))
+        variant = variant_for(config)
+        out.append(ModuleFactors(module, A, B, s, parts["kind"], variant.name if variant is not None else None))
     if not out:
         raise AdapterFormatError(f"{Path(directory) / WEIGHTS_NAME}: no lora_A/lora_B tensors")
     return config, out

@@ -17,6 +17,8 @@ from lorakit import atomic
 from lorakit.analysis.factors import ModuleFactors, delta_svd, effective_rank, read_factors
 from lorakit.analysis.measures import amplification, right_singular_vectors, subspace_similarity
 from lorakit.errors import ConfigError
+from lorakit.models import adapter_directory, load_model, recorded_base
+from lorakit.quantized import dequantized_weight
 
 __all__ = ["Analysis", "analyze", "summary_table", "write_analysis"]
 
@@ -72,8 +74,6 @@ def analyze(
         AdapterFormatError: unreadable adapter files.
         ModelLoadError: a base that cannot be loaded.
     """
-    from lorakit.models import adapter_directory, load_model, recorded_base
-
     if not 0.0 < energy <= 1.0:
         raise ConfigError(f"energy must be in (0, 1], got {energy}")
     folder = adapter_directory(adapter)
@@ -100,8 +100,8 @@ def analyze(
             "effective_rank": {str(e): effective_rank(svd.S, e) for e in ENERGIES},
             "frobenius": svd.frobenius,
         }
-        if factors.dora:
-            entry["dora"] = True  # the spectrum is of the direction update s·B·A
+        if factors.variant is not None:
+            entry["variant"] = factors.variant  # the spectrum is of s·B·A alone (DoRA: its direction update)
         suggested[factors.path] = max(1, effective_rank(svd.S, energy))
         twin = other.get(factors.path)
         if twin is not None and twin.A.shape[1] == factors.A.shape[1]:
@@ -120,8 +120,6 @@ def analyze(
 
 
 def _weight_for(base: nn.Module, factors: ModuleFactors) -> torch.Tensor:
-    from lorakit.quantization import dequantized_weight
-
     try:
         module = base.get_submodule(factors.path)
     except AttributeError:

@@ -23,7 +23,7 @@ Modules: `examples` (`Example`), `formats` (file readers), `tokenize` (causal-LM
 from lorakit.data.batching import iterate_batches, num_batches, split_holdout
 from lorakit.data.classification import ClassificationDataset, load_classification, tokenize_classification
 from lorakit.data.examples import Example
-from lorakit.data.formats import BUNDLED_DATASETS, load_examples, resolve_source
+from lorakit.data.formats import BUNDLED_DATASETS, e2e_example, load_examples, resolve_source
 from lorakit.data.tokenize import IGNORE_INDEX, TokenizedDataset, encode_prompt, tokenize_examples
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "ClassificationDataset",
     "Example",
     "TokenizedDataset",
+    "e2e_example",
     "encode_prompt",
     "iterate_batches",
     "load_classification",

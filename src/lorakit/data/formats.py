@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.data.examples import Example
-from lorakit.e2e.text import E2E_SEPARATOR, e2e_example
+from lorakit.e2e.text import E2E_SEPARATOR, e2e_mr_to_context, e2e_tokenize
 from lorakit.errors import DataError
 
-__all__ = ["BUNDLED_DATASETS", "BUNDLE_DIR", "load_examples", "resolve_source"]
+__all__ = ["BUNDLED_DATASETS", "BUNDLE_DIR", "e2e_example", "load_examples", "resolve_source"]
 
 BUNDLE_DIR = Path(__file__).resolve().parent / "bundled"
 """The folder of the data files shipped with lorakit (the E2E samples and their license)."""
@@ -214,3 +214,20 @@ def _read_lora_e2e(path: Path) -> list[Example]:
             context = context.strip()
             examples.append(Example(context + E2E_SEPARATOR, " " + completion.strip(), group=context))
     return examples
+
+
+def e2e_example(mr: str, ref: str) -> Example:
+    """One training example from an official E2E row, rendered as the LoRA paper's files are.
+
+    Args:
+        mr: The row's meaning representation (`mr` column).
+        ref: The row's human reference (`ref` column), raw.
+
+    Returns:
+        `Example(context + " ||", " " + tokenised reference, group=mr)`: the MR groups all of its
+        references together (see `lorakit.data.split_holdout`).
+
+    Raises:
+        DataError: The MR contains no `key[value]` slot.
+    """
+    return Example(e2e_mr_to_context(mr) + E2E_SEPARATOR, " " + e2e_tokenize(ref), group=mr)

@@ -4,20 +4,16 @@ A meaning representation (MR) `name[The Vaults], eatType[pub], priceRange[more t
 the context `name : The Vaults | Type : pub | price : more than £ 30` (slots in MR order,
 eatType→Type, priceRange→price, familyFriendly→family friendly); values and references are
 tokenised Moses-style (`e2e_tokenize`). A training example is context + `E2E_SEPARATOR` as the
-prompt and " " + the tokenised reference as the completion (`e2e_example`).
+prompt and " " + the tokenised reference as the completion (`lorakit.data.formats.e2e_example`).
 """
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
 from lorakit.errors import DataError
 
-if TYPE_CHECKING:
-    from lorakit.data.examples import Example
-
-__all__ = ["E2E_SEPARATOR", "e2e_example", "e2e_mr_to_context", "e2e_tokenize"]
+__all__ = ["E2E_SEPARATOR", "e2e_mr_to_context", "e2e_tokenize"]
 
 E2E_SEPARATOR = " ||"
 """Text between the context and the completion: the LoRA files' `||`, with the space before it."""
@@ -108,24 +104,3 @@ def e2e_mr_to_context(mr: str) -> str:
     if not slots:
         raise DataError(f"not an E2E meaning representation (no 'key[value]' slot): {mr!r}")
     return " | ".join(f"{_E2E_KEYS.get(key.strip(), key.strip())} : {e2e_tokenize(value)}" for key, value in slots)
-
-
-def e2e_example(mr: str, ref: str) -> Example:
-    """One training example from an official E2E row, rendered as the LoRA paper's files are.
-
-    Args:
-        mr: The row's meaning representation (`mr` column).
-        ref: The row's human reference (`ref` column), raw.
-
-    Returns:
-        `Example(context + " ||", " " + tokenised reference, group=mr)`: the MR groups all of its
-        references together (see `lorakit.data.split_holdout`).
-
-    Raises:
-        DataError: The MR contains no `key[value]` slot.
-    """
-    # Imported here, not at the top: lorakit.data's loaders import this module, so a top-level
-    # import would make `import lorakit.e2e` and `import lorakit.data` depend on each other's order.
-    from lorakit.data.examples import Example
-
-    return Example(e2e_mr_to_context(mr) + E2E_SEPARATOR, " " + e2e_tokenize(ref), group=mr)

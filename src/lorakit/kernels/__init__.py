@@ -7,23 +7,30 @@ where its eligibility function says so, and otherwise leaves the reference to ru
 `with lorakit.kernels.disabled():` (or `LORAKIT_KERNELS=0` in the environment) runs the reference
 everywhere; `disabled("gated_mlp")` turns off one path.
 
+Kernels see records, not layers: each path takes the base layer, the input, the adapter records
+(`lorakit.records`) and, for mixed batches, the `RowRouting`, and reads only public record fields.
+Every path accepts a record through one predicate, `guards.computes`: plain LoRA, or a variant
+(`lorakit.variants`) of a form the path declares — so a new variant runs the reference until a path
+is taught it, and is never computed as plain LoRA.
+
 The paths (name · module · eligibility function: what it saves; when it applies):
 
 - `fused_linear` · `linear` · `fused_applies`: one autograd node per branch keeps x itself, the
   dropout mask as positions or bits and the (N, r) product, not a float copy of dropout(x) per
-  layer, and adds the branch into the base output in place (DoRA's rescaling follows it). Every
+  layer, and adds the branch into the base output in place; a variant whose output rescales the
+  plain one (`Variant.rescales_sum`: DoRA) applies its own `rescale` to the node's output. Every
   unsliced adapter of a `LoraLinear`, in training and inference, under torch.compile too; not
   under `torch.autocast` (no `LoraLinear` path runs there: the reference follows autocast).
-- `masked_input` · `dropout` · `dropped`: dropout of branches written as tensor operations (fused
-  slices, conv, per-row training) keeps the mask as positions or bits, not a float factor. With
-  gradients.
+- `masked_input` · `dropout` · `masked_applies`: in training with dropout, the branches the node
+  does not cover (fused slices, conv) keep their input's mask as positions or bits
+  (`MaskedInput`), not a float factor. The reference is `functional.dropout`, plain autograd.
 - `merged_weight` · `merged_weight` · `weight`: without gradients, one x·(W0 + s·B·A)ᵀ instead of
   the branches: one pass over W instead of two over the output. `nn.Linear` base without hooks, no
   dropout in effect, enough rows to be cheaper.
 - `stacked_rows` · `rows` · `stacks`: `adapter_per_row` without gradients: every plain adapter of
   the layer stacked once (kept until one changes); up to 64 tokens (a decode step) two dense
   products over all of them with each row's own columns selected, more tokens each row's (A, s·B)
-  gathered and one `bmm` pair — any number of adapters for about the cost of one. Rows on DoRA or
+  gathered and one `bmm` pair — any number of adapters for about the cost of one. Rows on variant or
   fused-slice adapters, or adapters of mixed dtypes, take the reference.
 - `nf4_dequant` · `nf4` · `dequantize`: an NF4 base weight back to dense in three passes (a
   byte-pair table gather, an in-place scale) instead of torchao's eight: the same numbers, 2.8×

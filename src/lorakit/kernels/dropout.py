@@ -32,13 +32,14 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from lorakit import functional as LF
-from lorakit.kernels.guards import compiling, grad_needed
+from lorakit.kernels.guards import compiling, computes, grad_needed
 from lorakit.kernels.switch import enabled
 
 __all__ = [
@@ -49,18 +50,21 @@ __all__ = [
     "MaskSharing",
     "Rebuild",
     "dense_mask",
+    "draw_for",
     "draw_mask",
     "dropout_active",
     "dropped",
+    "masked_applies",
+    "masked_branches",
     "pack_mask",
     "sparse_applies",
     "sparse_mask",
     "unpack_mask",
 ]
 
-DROPOUT_RESOLUTION = 1 << 16
+DROPOUT_RESOLUTION = LF.DROPOUT_RESOLUTION
 """Dense masks apply p in steps of 1/65536 (p = 0.5 + 1e-6 acts as 32768/65536); sparse ones apply p
-itself. Probabilities below 1/131072 act as no dropout either way."""
+itself. Probabilities below 1/131072 act as no dropout either way (`functional.dropout_active`)."""
 
 SPARSE_MAX_P = 0.2
 """Up to this p, CPU masks are drawn as dropped positions. Measured per mask (draw, keep, apply,
@@ -72,9 +76,7 @@ def _dropout_threshold(p: float) -> int:
     return min(DROPOUT_RESOLUTION - 1, round(p * DROPOUT_RESOLUTION))
 
 
-def dropout_active(p: float) -> bool:
-    """Whether a dropout probability drops anything (p ≥ 1/131072)."""
-    return _dropout_threshold(p) > 0
+dropout_active = LF.dropout_active
 
 
 # ---------------------------------------------------------------------------- bits
@@ -339,6 +341,15 @@ class MaskSharing(threading.local):
         return value
 
 
+def draw_for(masks: MaskSharing, record, x: torch.Tensor) -> Draw | None:
+    """The dropout mask of an adapter record (`lorakit.records.AdapterRecord`) over input x, shared
+    with the layers reading the same x as `record.share_dropout_mask` says; None when its dropout
+    is not in effect (eval mode, or p = 0): no dropout code runs then."""
+    if not record.dropout_in_effect:
+        return None
+    return masks.draw(x, record.dropout_p, record.share_dropout_mask)
+
+
 # ---------------------------------------------------------------------------- applying
 class MaskedInput(torch.autograd.Function):
     """x·keep (dropout without rescaling), keeping only the mask's positions or bits for the backward."""
@@ -356,12 +367,35 @@ class MaskedInput(torch.autograd.Function):
 
 
 def dropped(x: torch.Tensor, draw: Draw) -> torch.Tensor:
-    """x·keep/(1 − p) for a branch written as tensor operations.
+    """x·keep/(1 − p) for a branch written as tensor operations, x·keep from a `MaskedInput` node
+    (made once per shared mask), so autograd keeps the mask's positions or bits instead of a float
+    factor. Reference: `functional.dropout(x, keep, p)`."""
+    return draw.node(x) * (1 / (1 - draw.mask.p))
 
-    Speed path `masked_input`: with gradients, x·keep comes from a `MaskedInput` node (made once
-    per shared mask), so autograd keeps the mask's positions or bits instead of a float factor.
-    Reference: `functional.dropout(x, keep, p)`.
-    """
-    if enabled("masked_input"):
-        return draw.node(x) * (1 / (1 - draw.mask.p))
-    return LF.dropout(x, draw.mask.to_bool(), draw.mask.p)
+
+def masked_applies(records: Sequence) -> bool:
+    """Eligibility of speed path `masked_input` for a layer whose forward adds `records`: plain
+    adapters (`guards.computes`), at least one with dropout in effect and a gradient to keep for
+    (else the reference keeps nothing either)."""
+    return (
+        enabled("masked_input")
+        and torch.is_grad_enabled()
+        and all(computes(rec) for rec in records)
+        and any(rec.dropout_in_effect for rec in records)
+    )
+
+
+def masked_branches(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    records: Sequence,
+    masks: MaskSharing,
+    delta: Callable[[Any, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """result + Σ delta(record, dropout(x)) over `records`, each dropout's x·keep kept as a mask
+    (`dropped`): the branches of layers the fused node does not cover (fused slices, conv) in
+    training. `delta(record, x_dropped)` is the layer's branch on an input already dropped out."""
+    for rec in records:
+        draw = draw_for(masks, rec, x)
+        result = result + delta(rec, x if draw is None else dropped(x, draw)).to(result.dtype)
+    return result

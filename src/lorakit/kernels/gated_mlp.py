@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.kernels.dropout import KeepMask, draw_mask, dropout_active
-from lorakit.kernels.guards import autocast_on, compiling, hooked
+from lorakit.kernels.guards import autocast_on, compiling, computes, hooked
 from lorakit.kernels.linear import branch_backward, branch_forward
 from lorakit.kernels.switch import enabled
 from lorakit.layers import LoraLinear
@@ -327,7 +327,7 @@ def plan(mlp: nn.Module, x: torch.Tensor):
     Applies while training (grad mode on and something needing a gradient), outside torch.compile
     and autocast, when each projection is a plain `nn.Linear` of x's dtype (frozen weight and
     bias, no hooks) or a `LoraLinear` over one, with at most one unmerged adapter (plain: no fused
-    slices, no DoRA), no per-row adapters, and at least one branch.
+    slices, no variant: `guards.computes`), no per-row adapters, and at least one branch.
     """
     if not enabled("gated_mlp") or not torch.is_grad_enabled() or compiling():
         return None
@@ -345,9 +345,9 @@ def plan(mlp: nn.Module, x: torch.Tensor):
                 return None
             if records:
                 rec = records[0]
-                if rec.slices is not None or rec.use_dora:
+                if rec.slices is not None or not computes(rec):
                     return None
-                p = rec.dropout_p if rec.training else 0.0
+                p = rec.dropout_p if rec.dropout_in_effect else 0.0
                 branch = Branch(rec.lora_A, rec.lora_B, rec.scaling, p, rec.share_dropout_mask)
             layer = layer.base_layer
         if type(layer) is not nn.Linear or hooked(layer) or layer.weight.dtype != x.dtype:

@@ -1,11 +1,13 @@
-"""Conditions the speed paths' eligibility checks share: hooks, grad mode, compile."""
+"""Conditions the speed paths' eligibility checks share: the adapter's kind, hooks, grad mode, compile."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["autocast_on", "compiling", "grad_needed", "hooked", "output_seen"]
+__all__ = ["autocast_on", "compiling", "computes", "grad_needed", "hooked", "output_seen"]
 
 
 def hooked(module: nn.Module) -> bool:
@@ -40,3 +42,16 @@ def autocast_on(x: torch.Tensor) -> bool:
 def compiling() -> bool:
     """Whether torch.compile (Dynamo) is tracing the current code."""
     return torch.compiler.is_compiling()
+
+
+def computes(record: Any, *, rescaled: bool = False) -> bool:
+    """Whether a speed path may compute this adapter record: the one check of an adapter's kind
+    every path makes.
+
+    Paths compute plain LoRA. A record with a variant (`lorakit.variants`) takes the reference,
+    unless the path declares the form it handles: `rescaled=True` (the fused node) also takes a
+    variant whose output is a rescaling of the plain LoRA output (`Variant.rescales_sum`), and then
+    applies the variant's own `rescale`. A variant no path knows is never computed as plain LoRA.
+    """
+    variant = record.variant
+    return variant is None or (rescaled and variant.rescales_sum)

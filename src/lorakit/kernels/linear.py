@@ -7,22 +7,29 @@ same formula under plain autograd, the reference both are tested against.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lorakit import functional as LF
 from lorakit.kernels import merged_weight, rows
-from lorakit.kernels.dropout import Draw, KeepMask
-from lorakit.kernels.guards import autocast_on, grad_needed, output_seen
+from lorakit.kernels.dropout import Draw, KeepMask, MaskSharing, draw_for, masked_applies, masked_branches
+from lorakit.kernels.guards import autocast_on, computes, grad_needed, output_seen
 from lorakit.kernels.switch import enabled
+from lorakit.records import AdapterRecord, RowRouting
 
-if TYPE_CHECKING:
-    from lorakit.layers import AdapterRecord, LoraLinear
-
-__all__ = ["LoraLinearFunction", "branch_backward", "branch_forward", "forward", "fused_applies", "lora_linear"]
+__all__ = [
+    "LoraLinearFunction",
+    "branch_backward",
+    "branch_forward",
+    "forward",
+    "forward_rows",
+    "fused_applies",
+    "lora_linear",
+]
 
 
 def branch_forward(out: torch.Tensor, xa: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float, *, in_place: bool):
@@ -179,37 +186,75 @@ def lora_linear(
 def fused_applies(records: Sequence[AdapterRecord]) -> bool:
     """Eligibility of the fused node for a layer whose forward adds `records` (its `pending()`).
 
-    Speed path `fused_linear`: every adapter the forward adds is a plain one (no fused slices),
-    and there is at least one; a DoRA adapter's rescaling follows the node as the reference writes
-    it. Any base layer, dtype, grad mode and torch.compile qualify.
+    Speed path `fused_linear`: every adapter the forward adds is unsliced plain LoRA or a variant
+    whose output rescales the plain one (`guards.computes(rescaled=True)`: its `rescale` follows
+    the node), and there is at least one. Any base layer, dtype, grad mode and torch.compile qualify.
     """
-    return enabled("fused_linear") and bool(records) and all(rec.slices is None for rec in records)
+    return (
+        enabled("fused_linear")
+        and bool(records)
+        and all(rec.slices is None and computes(rec, rescaled=True) for rec in records)
+    )
 
 
-def forward(layer: LoraLinear, x: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
-    """`LoraLinear`'s forward by the first speed path that applies, or None to run the reference.
+def forward(
+    base: nn.Module,
+    x: torch.Tensor,
+    records: Sequence[AdapterRecord],
+    *,
+    masks: MaskSharing,
+    args: tuple = (),
+    kwargs: dict[str, Any] | None = None,
+) -> torch.Tensor | None:
+    """A LoRA linear layer's output by the first speed path that applies, or None for the reference.
 
-    In order: the on-the-fly merged weight (`merged_weight`), per-row adapters stacked into one
-    batched product (`rows`), the fused node per adapter (`fused_applies`). None of them runs under
-    `torch.autocast`, which the reference's plain operations follow as they are.
+    Args:
+        base: the base layer (`nn.Linear`, `Conv1D`, a quantized linear).
+        x: its input.
+        records: the adapters the forward adds (the layer's `pending()`), in order.
+        masks: the model's dropout mask sharing.
+        args, kwargs: further arguments of the base layer's forward.
+
+    In order: the on-the-fly merged weight (`merged_weight`), the fused node per adapter
+    (`fused_applies`), fused-slice adapters with masked inputs (`dropout.masked_applies`). None of
+    them runs under `torch.autocast`, which the reference's plain operations follow as they are.
     """
+    if autocast_on(x) or not records:
+        return None
+    if not args and not kwargs:
+        weight = merged_weight.weight(base, x, records)
+        if weight is not None:
+            return F.linear(x, weight, base.bias)
+    if fused_applies(records):
+        result = base(x, *args, **(kwargs or {}))
+        in_place = not output_seen(base)
+        for rec in records:
+            draw = draw_for(masks, rec, x)
+            result = lora_linear(result, x, rec.lora_A, rec.lora_B, rec.scaling, draw=draw, in_place=in_place)
+            if rec.variant is not None:  # a rescaling variant (fused_applies): its own formula on the sum
+                result = rec.variant.rescale(base, rec, result)
+        return result
+    if masked_applies(records):
+        return masked_branches(base(x, *args, **(kwargs or {})), x, records, masks, _sliced_delta)
+    return None
+
+
+def forward_rows(
+    base: nn.Module,
+    x: torch.Tensor,
+    adapters: Mapping[str, AdapterRecord],
+    routing: RowRouting,
+    *,
+    cache: dict[str, Any],
+    args: tuple = (),
+    kwargs: dict[str, Any] | None = None,
+) -> torch.Tensor | None:
+    """Inside `adapter_per_row`: every row's adapter in one batched product (`rows`), or None."""
     if autocast_on(x):
         return None
-    records = layer.pending()
-    if not args and not kwargs:
-        weight = merged_weight.weight(layer, x, records)
-        if weight is not None:
-            return F.linear(x, weight, layer.base_layer.bias)
-    if layer.rows is not None:
-        return rows.forward(layer, x, args, kwargs)
-    if not fused_applies(records):
-        return None
-    result = layer.base_layer(x, *args, **kwargs)
-    in_place = not output_seen(layer.base_layer)
-    for rec in records:
-        result = lora_linear(
-            result, x, rec.lora_A, rec.lora_B, rec.scaling, draw=layer.draw_dropout(rec, x), in_place=in_place
-        )
-        if rec.use_dora:  # the reference's formula on the node's output (`LoraLinear.output`)
-            result = LF.dora_output(result, layer.dora_scale(rec), layer.base_layer.bias)
-    return result
+    return rows.forward(base, x, adapters, routing, cache=cache, args=args, kwargs=kwargs or {})
+
+
+def _sliced_delta(rec: AdapterRecord, xd: torch.Tensor) -> torch.Tensor:
+    """The branch of a fused-slice adapter on its dropped-out input."""
+    return LF.fused_linear_delta(xd.to(rec.lora_A.dtype), rec.lora_A, rec.lora_B, rec.scaling, rec.slices, rec.n_slices)

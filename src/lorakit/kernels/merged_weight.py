@@ -9,17 +9,14 @@ fast as a merged one (its values are a merged layer's, to float rounding); for a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from lorakit import functional as LF
-from lorakit.kernels.guards import grad_needed, hooked
+from lorakit.kernels.guards import computes, grad_needed, hooked
 from lorakit.kernels.switch import enabled
-
-if TYPE_CHECKING:
-    from lorakit.layers import AdapterRecord, LoraLinear
+from lorakit.records import AdapterRecord
 
 __all__ = ["cheaper", "weight"]
 
@@ -33,27 +30,26 @@ def cheaper(n_rows: int, in_features: int, out_features: int) -> bool:
     return 2 * in_features * out_features < n_rows * (in_features + 2 * out_features)
 
 
-def weight(layer: LoraLinear, x: torch.Tensor, records: Sequence[AdapterRecord] | None = None) -> torch.Tensor | None:
+def weight(base: nn.Module, x: torch.Tensor, records: Sequence[AdapterRecord]) -> torch.Tensor | None:
     """W0 + Σ s·B·A for this forward alone, when the path applies (else None).
 
-    Applies to a plain `nn.Linear` base without hooks, no per-row adapters, plain adapters (no fused
-    slices, no DoRA) without dropout in effect, one dtype throughout, nothing that needs a gradient, and enough
-    rows that it is `cheaper`. `records` are the layer's `pending()` adapters, when the caller has them.
+    Applies to a plain `nn.Linear` base without hooks, plain adapters (`guards.computes`, no fused
+    slices) without dropout in effect, one dtype throughout, nothing that needs a gradient, and
+    enough rows that it is `cheaper`. `records` are the adapters the forward adds (per-row
+    routing never comes here).
     """
-    base = layer.base_layer
-    if not enabled("merged_weight") or layer.rows is not None or type(base) is not nn.Linear or hooked(base):
+    if not enabled("merged_weight") or type(base) is not nn.Linear or hooked(base):
         return None
-    records = layer.pending() if records is None else records
     W = base.weight
-    if not records or x.dtype != W.dtype or x.shape[-1] != layer.in_features:
+    if not records or x.dtype != W.dtype or x.shape[-1] != base.in_features:
         return None
     if grad_needed(W, x, base.bias, *(t for rec in records for t in (rec.lora_A, rec.lora_B))):
         return None
-    if any(rec.slices is not None or rec.use_dora or layer.dropout_in_effect(rec) for rec in records):
+    if any(rec.slices is not None or not computes(rec) or rec.dropout_in_effect for rec in records):
         return None
     if any(rec.lora_A.dtype != W.dtype for rec in records):
         return None
-    if not cheaper(x.numel() // layer.in_features, layer.in_features, layer.out_features):
+    if not cheaper(x.numel() // base.in_features, base.in_features, base.out_features):
         return None
     first, *rest = records
     merged = LF.add_delta(W, first.lora_A, first.lora_B, first.scaling)

@@ -8,16 +8,17 @@ rows, so a batch of 16 different adapters costs what one does.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lorakit import functional as LF
+from lorakit.kernels.guards import computes
 from lorakit.kernels.switch import enabled
-
-if TYPE_CHECKING:
-    from lorakit.layers import LoraLinear
+from lorakit.records import AdapterRecord, RowRouting
 
 __all__ = ["DENSE_TOKENS", "forward", "stacks"]
 
@@ -27,33 +28,39 @@ every adapter's stacked A and B with the other adapters' columns zeroed — no p
 and B; more tokens gather each row's own A and B and run a `bmm` pair."""
 
 
-def stacks(layer: LoraLinear, x: torch.Tensor) -> tuple | None:
+def stacks(
+    x: torch.Tensor, adapters: Mapping[str, AdapterRecord], routing: RowRouting, cache: dict[str, Any], owner: Any
+) -> tuple | None:
     """How to compute each row's branch, when the path applies (else None).
 
     `("gathered", A, B)`: each row's A and s·B, (batch, r, in) and (batch, out, r); or, for at most
     `DENSE_TOKENS` tokens, `("dense", A_all, B_all, select)`: every adapter's A and s·B stacked,
     (adapters·r, in) and (out, adapters·r), and (batch, adapters·r) ones on each row's own columns.
 
-    Applies without gradients, to x with one leading row per name of the routing, when the layer
-    is not disabled and every adapter of the batch is a plain one (no fused slices, no DoRA) of one
-    dtype.
-    All adapters of the layer are stacked once (ranks zero-padded, a zero slot last for base rows)
-    and kept in the layer's `kernel_cache` until one is added, removed or changed — not rebuilt
-    when the set of adapters in the batch changes, as it does at every step of a serving engine;
-    the rows' gather or selector is kept for the routing block.
+    Args:
+        x: the layer's input, one leading row per name of the routing.
+        adapters: every adapter of the layer, by name.
+        routing: the rows' adapters.
+        cache: the layer's cache for this path (the stacked adapters, kept until one changes).
+        owner: the key of this layer in `routing.derived`.
+
+    Applies without gradients, to x with one leading row per name of the routing, when every
+    adapter of the batch is plain LoRA (`guards.computes`, no fused slices) of one dtype.
+    All plain adapters of the layer are stacked once (ranks zero-padded, a zero slot last for base
+    rows) and kept in `cache` until one is added, removed or changed — not rebuilt when the set of
+    adapters in the batch changes, as it does at every step of a serving engine; the rows' gather
+    or selector is kept for the routing block.
     """
-    routing = layer.rows
     names = routing.names
-    if not enabled("stacked_rows") or layer.disabled or torch.is_grad_enabled():
+    if not enabled("stacked_rows") or torch.is_grad_enabled():
         return None
     if x.dim() < 2 or x.shape[0] != len(names):
         return None
-    adapters = layer.adapters._modules  # name -> record (plain dict access: this runs per layer per step)
     if not any(n in adapters for n in names):
         return None
-    # Every plain adapter of the layer, in a stable order (DoRA and fused-slice ones take the reference).
-    key = tuple(_signature(n, rec) for n, rec in adapters.items() if rec.slices is None and not rec.use_dora)
-    gathered = routing.derived.get(layer)
+    # Every plain adapter of the layer, in a stable order (the others take the reference).
+    key = tuple(_signature(n, rec) for n, rec in adapters.items() if rec.slices is None and computes(rec))
+    gathered = routing.derived.get(owner)
     if gathered is not None and gathered[0] == key:
         return gathered[1]
     present = [k[0] for k in key]
@@ -62,21 +69,23 @@ def stacks(layer: LoraLinear, x: torch.Tensor) -> tuple | None:
     dtypes = {k[-1] for k in key}
     if len(dtypes) != 1:
         return None
-    stacked = layer.kernel_cache.get("stacked_rows")
+    in_features = x.shape[-1]
+    stacked = cache.get("stacked_rows")
     if stacked is None or stacked[0] != key:  # rebuilt only when an adapter is added, removed or changed
         records = [adapters[n] for n in present]
         r = max(rec.r for rec in records)
+        out_features = records[0].lora_B.shape[0]
         (dtype,) = dtypes
-        A = torch.zeros(len(records) + 1, r, layer.in_features, dtype=dtype, device=x.device)
-        B = torch.zeros(len(records) + 1, layer.out_features, r, dtype=dtype, device=x.device)
+        A = torch.zeros(len(records) + 1, r, in_features, dtype=dtype, device=x.device)
+        B = torch.zeros(len(records) + 1, out_features, r, dtype=dtype, device=x.device)
         for i, rec in enumerate(records):
             A[i, : rec.r] = rec.lora_A
             B[i, :, : rec.r] = rec.lora_B * rec.scaling
         # The dense form for few tokens: every adapter's A as rows of one matrix, B as columns.
-        flat_A = A[:-1].reshape(-1, layer.in_features)  # (adapters·r, in)
-        flat_B = B[:-1].permute(1, 0, 2).reshape(layer.out_features, -1)  # (out, adapters·r)
+        flat_A = A[:-1].reshape(-1, in_features)  # (adapters·r, in)
+        flat_B = B[:-1].permute(1, 0, 2).reshape(out_features, -1)  # (out, adapters·r)
         stacked = (key, A, B, flat_A, flat_B)
-        layer.kernel_cache["stacked_rows"] = stacked
+        cache["stacked_rows"] = stacked
     _, A, B, flat_A, flat_B = stacked
     slot = {n: i for i, n in enumerate(present)}
     index = torch.tensor([slot.get(n, len(present)) for n in names], device=x.device)
@@ -87,23 +96,32 @@ def stacks(layer: LoraLinear, x: torch.Tensor) -> tuple | None:
         result: tuple = ("dense", flat_A, flat_B, select)
     else:
         result = ("gathered", A[index], B[index])
-    routing.derived[layer] = (key, result)
+    routing.derived[owner] = (key, result)
     return result
 
 
-def _signature(name: str, record: Any) -> tuple:
+def _signature(name: str, record: AdapterRecord) -> tuple:
     """What the stacked copy of one adapter depends on: its tensors (identity and in-place version),
     scaling and dtype."""
-    A, B = record._parameters["lora_A"], record._parameters["lora_B"]
+    A, B = record.lora_A, record.lora_B
     return (name, id(A), A._version, id(B), B._version, record.scaling, A.dtype)
 
 
-def forward(layer: LoraLinear, x: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
+def forward(
+    base: nn.Module,
+    x: torch.Tensor,
+    adapters: Mapping[str, AdapterRecord],
+    routing: RowRouting,
+    *,
+    cache: dict[str, Any],
+    args: tuple = (),
+    kwargs: dict[str, Any] | None = None,
+) -> torch.Tensor | None:
     """base(x) + each row's branch in one batched product, or None (the reference groups rows)."""
-    rows = stacks(layer, x)
+    rows = stacks(x, adapters, routing, cache, owner=base)
     if rows is None:
         return None
-    result = layer.base_layer(x, *args, **kwargs)
+    result = base(x, *args, **(kwargs or {}))
     if rows[0] == "dense":
         _, flat_A, flat_B, select = rows
         h = x.to(flat_A.dtype).reshape(x.shape[0], -1, x.shape[-1]) @ flat_A.T  # (rows, tokens, adapters·r)
