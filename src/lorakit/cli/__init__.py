@@ -25,17 +25,19 @@ import traceback
 import warnings
 from collections.abc import Sequence
 
+from lorakit.cli import analyze, compress, export, generate, merge, serve, train
+from lorakit.cli import eval as eval_command
+from lorakit.cli import inspect as inspect_command
 from lorakit.errors import LorakitError
 
 __all__ = ["build_parser", "commands", "main"]
 
+_MODULES = (train, generate, eval_command, merge, export, analyze, compress, inspect_command, serve)
+
 
 def commands() -> dict:
-    """name -> `Command`, for every subcommand (imported on first use)."""
-    from lorakit.cli import analyze, compress, eval, export, generate, inspect, merge, serve, train
-
-    modules = (train, generate, eval, merge, export, analyze, compress, inspect, serve)
-    return {m.COMMAND.name: m.COMMAND for m in modules}
+    """name -> `Command`, for every subcommand."""
+    return {m.COMMAND.name: m.COMMAND for m in _MODULES}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -14,20 +14,7 @@ The HTTP layer needs the `serve` extra (fastapi, uvicorn, prometheus_client); th
 only torch and transformers.
 """
 
-from __future__ import annotations
-
-from typing import Any
+from lorakit.serve.engine import Engine
+from lorakit.serve.server import ServeConfig, build_server, serve
 
 __all__ = ["Engine", "ServeConfig", "build_server", "serve"]
-
-
-def __getattr__(name: str) -> Any:  # import on use: `lorakit.serve.engine` should not need FastAPI
-    if name == "Engine":
-        from lorakit.serve.engine import Engine
-
-        return Engine
-    if name in ("ServeConfig", "build_server", "serve"):
-        from lorakit.serve import server
-
-        return getattr(server, name)
-    raise AttributeError(name)
