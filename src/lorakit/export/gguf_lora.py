@@ -32,6 +32,7 @@ from lorakit.export.gguf_layout import (
 from lorakit.extras import require
 from lorakit.layers import LoraLinear
 from lorakit.state import lora_layers, state_of
+from lorakit.variants import variant_for
 
 __all__ = ["check_lora_config", "gguf_lora_tensors", "write_lora"]
 
@@ -44,11 +45,14 @@ def check_lora_config(config: Any) -> None:
     Needs no model, so `export_gguf` calls it on an adapter directory's config before loading one.
 
     Raises:
-        ConfigError: DoRA, `modules_to_save` or trained biases (the merged model carries them).
+        ConfigError: a LoRA variant (DoRA: llama.cpp applies only s·B·A), `modules_to_save` or
+            trained biases (the merged model carries them).
     """
-    if config.use_dora:
+    variant = variant_for(config)
+    if variant is not None:
         raise ConfigError(
-            f"a DoRA adapter has no llama.cpp LoRA form (its magnitude vector rescales W); {_MERGED_INSTEAD}"
+            f"a {variant.title} adapter has no llama.cpp LoRA form (llama.cpp adds s·B·A alone; "
+            f"{', '.join(variant.param_names)} would be lost); {_MERGED_INSTEAD}"
         )
     if config.modules_to_save:
         raise ConfigError(
