@@ -40,6 +40,13 @@ def both_paths(request):
         yield request.param
 
 
+@pytest.fixture
+def kernels_allowed():
+    """The speed paths may run in the test even under `LORAKIT_KERNELS=0`: for tests that pin a path itself."""
+    with lorakit.kernels.forced():
+        yield
+
+
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     """A 2-layer LLaMA with hidden 16: the SmolLM2 architecture in miniature."""
     torch.manual_seed(seed)

@@ -98,13 +98,24 @@ def test_one_path_at_a_time_nested_blocks_and_unknown_names():
 
 def test_the_environment_variable_disables_every_path():
     code = "import lorakit.kernels as k; print(sorted(p for p in k.PATHS if k.enabled(p)))"
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    env = {k: v for k, v in os.environ.items() if k != "LORAKIT_KERNELS"} | {"PYTHONPATH": str(REPO / "src")}
     on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     off = subprocess.run(
         [sys.executable, "-c", code], env={**env, "LORAKIT_KERNELS": "0"}, capture_output=True, text=True, check=True
     )
     assert on.stdout.strip() == str(sorted(kernels.PATHS))
     assert off.stdout.strip() == "[]"
+
+
+def test_forced_lets_every_path_run_until_a_disabled_block_inside_it():
+    with kernels.disabled():
+        assert not any(kernels.enabled(p) for p in kernels.PATHS)
+        with kernels.forced():
+            assert all(kernels.enabled(p) for p in kernels.PATHS)
+            with kernels.disabled("stacked_rows"):
+                assert not kernels.enabled("stacked_rows") and kernels.enabled("fused_linear")
+            assert kernels.enabled("stacked_rows")
+        assert not any(kernels.enabled(p) for p in kernels.PATHS)
 
 
 def test_disabled_model_keeps_what_plain_autograd_keeps(ids):

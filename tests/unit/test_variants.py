@@ -72,7 +72,7 @@ def _randomize_gates(model: nn.Module, seed: int = 5) -> None:
                 p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
 
 
-def test_every_speed_path_refuses_the_toy_variant(toy):
+def test_every_speed_path_refuses_the_toy_variant(toy, kernels_allowed):
     model = tiny_llama().train()
     lorakit.inject(model, _config(lora_dropout=0.1))
     layer = model.model.layers[0].self_attn.q_proj

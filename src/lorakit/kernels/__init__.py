@@ -5,7 +5,8 @@ a layer's forward in a dozen lines. Each path here computes the same values and 
 float rounding) with less memory kept for the backward or fewer passes over memory, applies only
 where its eligibility function says so, and otherwise leaves the reference to run.
 `with lorakit.kernels.disabled():` (or `LORAKIT_KERNELS=0` in the environment) runs the reference
-everywhere; `disabled("gated_mlp")` turns off one path.
+everywhere; `disabled("gated_mlp")` turns off one path; `forced()` lets every path run again (for
+what pins or measures a path itself).
 
 Kernels see records, not layers: each path takes the base layer, the input, the adapter records
 (`lorakit.records`) and, for mixed batches, the `RowRouting`, and reads only public record fields.
@@ -51,6 +52,6 @@ hand computations; `tests/kernels/test_switch.py` trains a model both ways, drop
 every gradient.
 """
 
-from lorakit.kernels.switch import PATHS, disabled, enabled
+from lorakit.kernels.switch import PATHS, disabled, enabled, forced
 
-__all__ = ["PATHS", "disabled", "enabled"]
+__all__ = ["PATHS", "disabled", "enabled", "forced"]

@@ -2,6 +2,9 @@
 
 Each path asks `enabled(name)` in its eligibility check, so inside `with lorakit.kernels.disabled():`
 every layer runs the plain tensor operations of `lorakit.layers` and `lorakit.functional`.
+`forced()` is the opposite block, for what measures or pins a path itself (`tests/kernels`,
+benchmarks comparing a path on and off): every path may run inside it, whatever the environment
+or an enclosing `disabled()` says.
 `disabled("gated_mlp")` turns off one path only (benchmarks compare a path on and off). The state
 is process-wide (as `torch.backends` flags): a block affects every thread while it is open.
 """
@@ -12,7 +15,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["PATHS", "disabled", "enabled"]
+__all__ = ["PATHS", "disabled", "enabled", "forced"]
 
 PATHS = ("fused_linear", "gated_mlp", "masked_input", "merged_weight", "nf4_dequant", "stacked_rows")
 """The speed paths by name (see the `lorakit.kernels` docstring for what each does)."""
@@ -48,6 +51,23 @@ def disabled(*paths: str) -> Iterator[None]:
         raise ValueError(f"unknown kernel path(s) {unknown}; the paths are {', '.join(PATHS)}")
     before = _off
     _off = before | (frozenset(paths) if paths else frozenset({_ALL}))
+    try:
+        yield
+    finally:
+        _off = before
+
+
+@contextmanager
+def forced() -> Iterator[None]:
+    """Let every speed path run inside the block, even under `LORAKIT_KERNELS=0` or `disabled()`.
+
+    A `disabled(...)` opened inside the block still turns paths off. The tests of the kernels
+    themselves run in this block, so the suite passes (and still pins each path) when the rest of it
+    runs on the reference with `LORAKIT_KERNELS=0`.
+    """
+    global _off
+    before = _off
+    _off = frozenset()
     try:
         yield
     finally:
