@@ -48,6 +48,8 @@ from lorakit.quantized import (
 )
 from lorakit.state import find_state
 
+# The names of lorakit.quantized again on purpose: this is the public module, quantized the leaf
+# that layers and kernels import without the state machinery.
 __all__ = [
     "NF4_BLOCK_SIZE",
     "NF4_SCALER_BLOCK_SIZE",

@@ -25,6 +25,7 @@ def _run(options: Analysis, echo: Callable[[str], None]) -> dict[str, Any]:
     return result
 
 
+# Every command declares itself in this one shape (lorakit.cli.command.Command).
 COMMAND = Command(
     name="analyze",
     summary="Singular values, effective rank, subspace similarity and amplification of an adapter's ΔW.",

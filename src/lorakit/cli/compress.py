@@ -23,6 +23,7 @@ def _run(options: Compression, echo: Callable[[str], None]) -> dict[str, Any]:
     return result
 
 
+# Every command declares itself in this one shape (lorakit.cli.command.Command).
 COMMAND = Command(
     name="compress",
     summary="Truncate each module's ΔW to a lower rank by SVD (--energy or --rank) and save a PEFT adapter.",

@@ -33,6 +33,7 @@ def _run(source: ModelSource, output: GgufExport, echo: Callable[[str], None]) -
     return out
 
 
+# Every command declares itself in this one shape (lorakit.cli.command.Command).
 COMMAND = Command(
     name="export",
     summary="Write an adapter as a llama.cpp LoRA GGUF (--format gguf-lora) or the merged model as one GGUF file.",

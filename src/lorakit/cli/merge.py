@@ -32,6 +32,7 @@ def _run(source: ModelSource, output: MergeOutput, echo: Callable[[str], None]) 
     return out
 
 
+# Every command declares itself in this one shape (lorakit.cli.command.Command).
 COMMAND = Command(
     name="merge",
     summary="Merge an adapter into its base model and write a plain transformers model directory.",

@@ -8,7 +8,8 @@ permuted (for its rotary layout); it applies that permutation to ΔW's rows, whi
 means to B only. llama.cpp scales each adapter by alpha / r (r read from the tensor), so any other
 scale — rsLoRA's alpha/√r, a per-module `alpha_pattern` or `rank_pattern` — is folded into B, and
 ΔW is the same. DoRA, modules trained in full and biases have no such form: the merged model
-(`gguf_merged`) carries them.
+(`gguf_merged`) carries them. Its import list from `gguf_layout` is `gguf_merged`'s: both writers
+name and lay out tensors as llama.cpp does, through those shared helpers.
 """
 
 from __future__ import annotations

@@ -239,6 +239,8 @@ def forward(
     return None
 
 
+# The same signature as rows.forward on purpose: this is the layer's one entry to it, adding the
+# autocast check that every path of this module makes.
 def forward_rows(
     base: nn.Module,
     x: torch.Tensor,
