@@ -16,7 +16,8 @@ from lorakit.errors import ConfigError, DataError
 from lorakit.extras import require_extra
 from lorakit.generate import Decoding, generate
 from lorakit.modes import evaluating
-from lorakit.train.loss import count_targets, loss_sum
+from lorakit.train.chunked_loss import check_loss_options, model_loss_sum
+from lorakit.train.loss import count_targets
 
 __all__ = ["EvalData", "Evaluation", "evaluate", "loss_on", "prepare"]
 
@@ -71,11 +72,13 @@ def loss_on(
     *,
     progress: bool = False,
     desc: str = "eval loss",
+    loss: str = "chunked",
 ) -> float:
     """Mean token cross-entropy (causal LM) or mean example cross-entropy (classification), in eval mode.
 
     Rows are batched in order of length, so a batch pads little (the mean does not depend on the
-    order); no gradients are kept, so `batch_size` can be larger than a training batch.
+    order); no gradients are kept, so `batch_size` can be larger than a training batch. A causal
+    LM's loss is computed without its (tokens × vocabulary) logits (`train.chunked_loss`).
 
     Args:
         model: the model; each module's train/eval mode is restored afterwards.
@@ -84,7 +87,12 @@ def loss_on(
         label_smoothing: as in training.
         progress: show a tqdm bar over the batches (on stderr; it disappears when done).
         desc: the bar's label.
+        loss: `"chunked"` or `"full"` (from the logits), as `TrainConfig.loss`.
+
+    Raises:
+        ConfigError: `loss` not `"chunked"` or `"full"`.
     """
+    check_loss_options(loss, None)
     order = sorted(range(len(dataset)), key=lambda i: len(dataset.input_ids[i]))
     starts = range(0, len(order), batch_size)
     device = next(model.parameters()).device
@@ -93,7 +101,7 @@ def loss_on(
         for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False, dynamic_ncols=True):
             batch = {k: v.to(device) for k, v in dataset.collate(order[start : start + batch_size]).items()}
             labels = batch.pop("labels")
-            total += loss_sum(model(**batch).logits, labels, label_smoothing).item()
+            total += model_loss_sum(model, batch, labels, label_smoothing, loss=loss).item()
             count += count_targets(labels)
     return total / max(count, 1)
 

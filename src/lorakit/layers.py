@@ -463,7 +463,9 @@ class SavedModule(AdapterHost):
         self.adapters[name] = module
         return module
 
-    def _current(self) -> nn.Module:
+    def current(self) -> nn.Module:
+        """The module the forward runs (without per-row routing): the first active adapter's copy, or
+        the original when disabled or when no active adapter has a copy."""
         if not self.disabled:
             for name in self.active:
                 if name in self.adapters:
@@ -472,7 +474,7 @@ class SavedModule(AdapterHost):
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         if self.rows is None or self.disabled:
-            return self._current()(x, *args, **kwargs)
+            return self.current()(x, *args, **kwargs)
         out = self.original_module(x, *args, **kwargs)
         for name, rows in self.rows.groups:
             if name not in self.adapters:

@@ -51,7 +51,7 @@ def test_every_lora_and_train_field_is_a_flag_and_takes_its_type():
         *("--schedule", "linear", "--max-steps", "7", "--epochs", "none", "--batch-size", "2", "--grad-accum", "3"),
         *("--max-grad-norm", "none", "--seed", "9", "--eval-every", "2", "--save-every", "none"),
         *("--keep-checkpoints", "4", "--loraplus-lr-ratio", "16", "--label-smoothing", "0.1"),
-        *("--grad-checkpointing", "--log-every", "3"),
+        *("--grad-checkpointing", "--log-every", "3", "--loss", "full"),
         *("--data", "x.jsonl", "--task", "classification", "--num-labels", "3", "--seq-len", "64", "-o", "runs/y"),
     )
     assert lora == lorakit.LoraConfig(
@@ -91,6 +91,7 @@ def test_every_lora_and_train_field_is_a_flag_and_takes_its_type():
         label_smoothing=0.1,
         grad_checkpointing=True,
         log_every=3,
+        loss="full",
     )
     assert (run.data, run.task, run.num_labels, run.seq_len, run.out) == ("x.jsonl", "classification", 3, 64, "runs/y")
 
@@ -122,6 +123,7 @@ def test_fused_slices_and_a_single_layer_index():
     [
         (("--schedule", "cosinus"), ("--schedule", "cosine, linear, constant", "'cosinus'")),
         (("--bias", "some"), ("--bias", "none, all, lora_only")),
+        (("--loss", "fused"), ("--loss", "chunked, full", "'fused'")),
         (("--task", "regression"), ("--task", "causal-lm, classification")),
         (("--init-lora-weights", "olora"), ("--init-lora-weights", "true, false, gaussian, pissa")),
         (("-r", "four"), ("-r", "'four'")),

@@ -8,16 +8,31 @@ from typing import Any, Literal
 
 from lorakit.errors import ConfigError
 
-__all__ = ["SCHEDULES", "TrainConfig"]
+__all__ = ["LOSSES", "SCHEDULES", "TrainConfig"]
 
 Schedule = Literal["cosine", "linear", "constant"]
 SCHEDULES = ("cosine", "linear", "constant")
+Loss = Literal["chunked", "full"]
+LOSSES = ("chunked", "full")
 
 # Fields that change only logging, checkpoint cadence or evaluation: a run may be resumed with
 # other values for them and still follow the same trajectory.
 # The strategy and FSDP's memory options change how the same step is computed, not what it computes.
 RESUME_FREE_FIELDS = frozenset(
-    {"eval_every", "save_every", "keep_checkpoints", "log_every", "strategy", "reshard_after_forward", "cpu_offload"}
+    {
+        "eval_every",
+        "save_every",
+        "keep_checkpoints",
+        "log_every",
+        "strategy",
+        "reshard_after_forward",
+        "cpu_offload",
+        # The chunked loss computes the full path's loss and gradients in another order (float
+        # rounding only) and draws the same dropout masks, so either continues the other's run
+        # (but for an output head only its per-chunk checkpoint computes, e.g. a DoRA lm_head,
+        # whose dropout masks are drawn chunk by chunk).
+        "loss",
+    }
 )
 
 
@@ -52,6 +67,12 @@ class TrainConfig:
         loraplus_lr_ratio: LoRA+ (Hayou et al., 2024): the B matrices train with `lr × ratio`
             (the paper suggests 2-32; 16 is common). None: one learning rate.
         label_smoothing: label smoothing of the cross entropy, in [0, 1).
+        loss: how a causal LM's loss is computed. `chunked` never holds the (tokens × vocabulary)
+            logits: the model runs with its output head bypassed, positions without a target are
+            dropped, and the head and cross entropy run over chunks of tokens
+            (`lorakit.train.chunked_loss`); `full` takes the model's logits (the reference, for
+            models the chunked path does not know). Same loss and gradients up to float rounding;
+            classification always takes the logits.
         grad_checkpointing: recompute activations in the backward (transformers models only).
         autocast: `bf16` runs each forward under `torch.autocast` in bfloat16 (CPU and CUDA):
             matrix products in bf16, the adapters' weights and gradients stay in their own dtype;
@@ -87,6 +108,7 @@ class TrainConfig:
     keep_checkpoints: int | None = 2
     loraplus_lr_ratio: float | None = None
     label_smoothing: float = 0.0
+    loss: Loss = "chunked"
     grad_checkpointing: bool = False
     autocast: Literal["none", "bf16"] = "none"
     log_every: int = 1
@@ -153,6 +175,8 @@ class TrainConfig:
         integer("keep_checkpoints", minimum=1, optional=True)
         if self.loraplus_lr_ratio is not None:
             number("loraplus_lr_ratio", low=0, low_ok=False)
+        if self.loss not in LOSSES:
+            out.append(f"loss must be one of {', '.join(map(repr, LOSSES))}, got {self.loss!r}")
         if not isinstance(self.grad_checkpointing, bool):
             out.append(f"grad_checkpointing must be True or False, got {self.grad_checkpointing!r}")
         integer("log_every", minimum=1)

@@ -371,6 +371,7 @@ class _Loop:
                 self.scheduler,
                 max_grad_norm=cfg.max_grad_norm,
                 label_smoothing=cfg.label_smoothing,
+                loss=cfg.loss,
                 autocast=torch.bfloat16 if cfg.autocast == "bf16" else None,
                 info=self.info,
                 stop=stop,

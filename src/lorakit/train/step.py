@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from lorakit.errors import TrainingError
+from lorakit.train.chunked_loss import check_loss_options, model_loss_sum
 from lorakit.train.distributed import DistInfo, all_reduce_sum, shard_batch
-from lorakit.train.loss import count_targets, logits_of, loss_sum
+from lorakit.train.loss import count_targets
 
 __all__ = ["StepResult", "train_step"]
 
@@ -48,6 +49,8 @@ def train_step(
     autocast: torch.dtype | None = None,
     info: DistInfo | None = None,
     stop: bool = False,
+    loss: str = "chunked",
+    chunk_tokens: int | None = None,
 ) -> StepResult:
     """Forward and backward every micro-batch, then clip, step the optimizer and the schedule.
 
@@ -70,14 +73,19 @@ def train_step(
             the backward runs outside it, as PyTorch recommends.
         info: this rank in the job (default: a single process).
         stop: this rank wants to stop after the step; the result says whether any rank did.
+        loss: `"chunked"`: a causal LM's loss without its (tokens × vocabulary) logits, where
+            `chunked_loss.chunked_head` finds the head; `"full"`: from the logits (see `TrainConfig.loss`).
+        chunk_tokens: tokens per chunk of the chunked loss (default: `chunked_loss.chunk_tokens_for`).
 
     Returns:
         The step's loss, gradient norm, learning rate, tokens and stop flag.
 
     Raises:
+        ConfigError: `loss` not `"chunked"` or `"full"`, a bad `chunk_tokens` (before anything runs).
         TrainingError: a NaN/inf loss or gradient norm; the gradients are cleared and nothing is
             updated.
     """
+    check_loss_options(loss, chunk_tokens)
     info = info or DistInfo()
     device = next(model.parameters()).device
     shards = [shard_batch(batch, info) for batch in micro_batches]
@@ -97,7 +105,7 @@ def train_step(
         cast = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
         with sync:
             with cast:
-                summed = loss_sum(logits_of(model(**tensors)), labels, label_smoothing)
+                summed = model_loss_sum(model, tensors, labels, label_smoothing, loss=loss, chunk_tokens=chunk_tokens)
             if not counts:
                 summed = summed * 0.0
             (summed * scale).backward()
