@@ -7,6 +7,7 @@ checkpoints, exact resume, DDP and FSDP (`shard`); `run` is the whole `lorakit t
 """
 
 from lorakit.train.checkpoint import latest_checkpoint, list_checkpoints
+from lorakit.train.checkpointing import disable_grad_checkpointing, enable_grad_checkpointing, is_grad_checkpointing
 from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import DistInfo, init_distributed
 from lorakit.train.loop import FitResult, fit
@@ -23,9 +24,12 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "count_targets",
+    "disable_grad_checkpointing",
+    "enable_grad_checkpointing",
     "fit",
     "gathered",
     "init_distributed",
+    "is_grad_checkpointing",
     "is_sharded",
     "latest_checkpoint",
     "list_checkpoints",

@@ -73,7 +73,9 @@ class TrainConfig:
             (`lorakit.train.chunked_loss`); `full` takes the model's logits (the reference, for
             models the chunked path does not know). Same loss and gradients up to float rounding;
             classification always takes the logits.
-        grad_checkpointing: recompute activations in the backward (transformers models only).
+        grad_checkpointing: keep only each decoder block's input and recompute the rest in the
+            backward: less activation memory for about one more forward per step, the same gradients
+            (dropout masks included); any base (fp32, bf16, NF4), with DDP and FSDP.
         autocast: `bf16` runs each forward under `torch.autocast` in bfloat16 (CPU and CUDA):
             matrix products in bf16, the adapters' weights and gradients stay in their own dtype;
             `none` computes in the model's dtype.

@@ -39,6 +39,7 @@ from lorakit.train.checkpoint import (
     remove_partial,
     save_checkpoint,
 )
+from lorakit.train.checkpointing import checkpointable_blocks, enable_grad_checkpointing
 from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import DistInfo, barrier, init_distributed
 from lorakit.train.optim import build_optimizer, build_scheduler
@@ -184,7 +185,8 @@ def fit(
         Steps, final loss, eval history and paths.
 
     Raises:
-        ConfigError: `batches_per_epoch < 1`.
+        ConfigError: `batches_per_epoch < 1`; `cfg.grad_checkpointing` on a model without decoder blocks
+            (`train.checkpointing`); both before anything is written.
         TrainingError: NaN/inf loss, a `train_batches_fn` that yields fewer batches than
             `batches_per_epoch`, existing checkpoints in `out_dir` with `resume=False`, a
             checkpoint that does not fit the model or config.
@@ -196,6 +198,8 @@ def fit(
     adapted = adapter_owner(model)  # the model, or the injected model inside a wrapper
     if adapted is not None:
         require_adapter(adapted, adapter_name)
+    if cfg.grad_checkpointing:
+        checkpointable_blocks(model)  # a model without blocks is refused before out_dir is made
     info = init_distributed()
     out = Path(out_dir)
     total_steps = _total_steps(cfg, batches_per_epoch)
@@ -271,7 +275,7 @@ def _start(
     optimizer, which must hold them), build the optimizer and schedule, restore `resume_from` or seed
     the RNGs, wrap the model for DDP, open `metrics.jsonl` and the progress bar."""
     if cfg.grad_checkpointing:
-        _enable_grad_checkpointing(model)
+        enable_grad_checkpointing(model)  # before shard: FSDP's hooks stay around each checkpointed block
     model.train()
     sharded = cfg.strategy == "fsdp" and info.enabled
     if sharded:
@@ -638,23 +642,6 @@ def _wrap_ddp(model: nn.Module, device: torch.device, info: DistInfo) -> nn.Modu
     params = inspect.signature(DistributedDataParallel.__init__).parameters
     no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
     return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False, **no_sync)
-
-
-def _enable_grad_checkpointing(model: nn.Module) -> None:
-    kwargs = {"use_reentrant": False}
-    # transformers ≥ 5 names it activation checkpointing; gradient_checkpointing_enable is its deprecated alias.
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    elif hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    else:
-        raise TrainingError(
-            f"grad_checkpointing needs a transformers model (gradient_checkpointing_enable); "
-            f"{type(model).__name__} has none"
-        )
-    # Non-reentrant checkpointing gives the LoRA weights their gradients even though the frozen
-    # embeddings' output does not require grad, so enable_input_require_grads is not needed
-    # (pinned by test_grad_checkpointing_gives_the_same_training).
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ from lorakit.inject import inject
 from lorakit.models import Task, load_model, load_tokenizer
 from lorakit.state import lora_layers
 from lorakit.train.checkpoint import latest_checkpoint
+from lorakit.train.checkpointing import checkpointable_blocks
 from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import init_distributed
 from lorakit.train.loop import check_resume, fit
@@ -151,6 +152,8 @@ def train_run(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer
     say(f"loading model {run.model or 'smollm2-135m'}" + (f" ({scheme} linear weights)" if scheme else "") + " ...")
     t1 = time.perf_counter()
     model, tokenizer, name = load_model(run.model, task=run.task, num_labels=run.num_labels, quantize=scheme)
+    if train.grad_checkpointing:
+        checkpointable_blocks(model)  # a model without decoder blocks is refused before anything is written
     stored = f"; linear weights stored as {scheme}" if scheme else ""
     say(
         f"model: {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import ConfigError, TrainingError
+from lorakit.train.blocks import decoder_blocks
 
 __all__ = [
     "SHARDS_DIR",
@@ -57,26 +58,9 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
-    """The modules that become their own FSDP unit: the decoder blocks, outermost first.
-
-    A transformers model names its block classes in `_no_split_modules` (`LlamaDecoderLayer`, ...);
-    without that, the children of the longest `nn.ModuleList` are taken. Empty when neither
-    exists: then the root is the only unit.
-    """
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    if names:
-        units: list[nn.Module] = []
-        for module in model.modules():
-            if type(module).__name__ in names and not any(_contains(u, module) for u in units):
-                units.append(module)
-        if units:
-            return units
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
-
-
-def _contains(outer: nn.Module, inner: nn.Module) -> bool:
-    return any(m is inner for m in outer.modules())
+    """The modules that become their own FSDP unit: the decoder blocks (`blocks.decoder_blocks`),
+    outermost first. Empty when the model has none: then the root is the only unit."""
+    return decoder_blocks(model)
 
 
 def shard(
