@@ -348,6 +348,6 @@ def test_a_label_outside_the_vocabulary_is_named():
 
 
 def test_the_default_chunk_holds_tens_of_megabytes_of_logits():
-    assert chunk_tokens_for(49_152) == 170 and chunk_tokens_for(32_000) == 262
-    assert round(170 * 49_152 * 4 / 2**20) == 32  # MiB of float32 logits
+    assert chunk_tokens_for(49_152) == 341 and chunk_tokens_for(32_000) == 524
+    assert round(341 * 49_152 * 4 / 2**20) == 64  # MiB of float32 logits
     assert chunk_tokens_for(10**9) == 1
