@@ -174,7 +174,9 @@ def train_run(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer
 
     eval_batch = run.eval_batch_size or 2 * train.batch_size
     prompts = _distinct_prompts(eval_examples, run.samples) if run.task == "causal-lm" else []
-    before_loss = loss_on(model, eval_ds, eval_batch, progress=run.progress and main, desc="eval before")
+    before_loss = loss_on(
+        model, eval_ds, eval_batch, progress=run.progress and main, desc="eval before", loss=train.loss
+    )
     before_samples = _samples(model, tokenizer, prompts, run.progress and main)
     say(f"eval loss before: {before_loss:.4f}")
     for ex, text in zip(prompts, before_samples, strict=True):
@@ -186,7 +188,7 @@ def train_run(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer
         return D.iterate_batches(train_ds, train.batch_size, seed=train.seed, epoch=epoch, start=start)
 
     def evaluate(m: nn.Module) -> dict[str, float]:
-        return {"eval_loss": loss_on(m, eval_ds, eval_batch, progress=run.progress and main)}
+        return {"eval_loss": loss_on(m, eval_ds, eval_batch, progress=run.progress and main, loss=train.loss)}
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -217,7 +219,9 @@ def train_run(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer
     if last.get("step") == result.steps and "eval_loss" in last:
         after_loss = last["eval_loss"]  # fit's own evaluation of the final weights, not run twice
     else:
-        after_loss = loss_on(model, eval_ds, eval_batch, progress=run.progress and main, desc="eval after")
+        after_loss = loss_on(
+            model, eval_ds, eval_batch, progress=run.progress and main, desc="eval after", loss=train.loss
+        )
     after_samples = _samples(model, tokenizer, prompts, run.progress and main)
     if not main:
         return {}
