@@ -5,7 +5,7 @@ load adapters on any model. The rest comes with extras (`scripts/install.sh` ins
 
 | extra | packages | needed for |
 |---|---|---|
-| `cli` | transformers, gguf, matplotlib | the `lorakit` command: loading models and tokenizers (GGUF too), loss plots |
+| `cli` | transformers, gguf, matplotlib, psutil | the `lorakit` command: models, tokenizers (GGUF), plots, free RAM |
 | `eval` | sacrebleu, pycocoevalcap (and a Java runtime) | the E2E NLG scores (BLEU, NIST, METEOR, ROUGE-L, CIDEr) |
 | `quantize` | torchao | NF4 bases (QLoRA; `lorakit.quantization`) |
 | `serve` | fastapi, uvicorn, prometheus_client | `lorakit serve` (`lorakit.serve`) |
@@ -23,7 +23,7 @@ from lorakit.errors import MissingExtraError
 __all__ = ["EXTRAS", "available", "require", "require_extra"]
 
 EXTRAS: dict[str, tuple[str, ...]] = {
-    "cli": ("transformers", "gguf", "matplotlib"),
+    "cli": ("transformers", "gguf", "matplotlib", "psutil"),
     "eval": ("sacrebleu", "pycocoevalcap"),
     "quantize": ("torchao",),
     "serve": ("fastapi", "uvicorn", "prometheus_client"),

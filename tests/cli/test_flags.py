@@ -15,6 +15,7 @@ from lorakit.cli.flags import flag_help, parse_value
 from lorakit.errors import ConfigError
 from lorakit.evaluate import Evaluation
 from lorakit.generate import Decoding
+from lorakit.memory import Preflight
 from lorakit.recipes import RECIPES, config_path
 from lorakit.train import TrainConfig
 from lorakit.train.run import TrainRun
@@ -192,8 +193,11 @@ def test_the_quickstart_recipe_is_a_packaged_config():
 def test_each_command_has_its_own_flags():
     _, prompt, decoding = _options("generate", "--prompt", "hi", "--num-beams", "4", "--do-sample")
     assert prompt.prompt == "hi" and decoding == Decoding(num_beams=4, do_sample=True)
-    _, lora = _options("inspect", "--target", "all-linear", "-r", "2")
+    _, lora, preflight = _options(
+        "inspect", "--target", "all-linear", "-r", "2", "--quantize", "nf4", "--seq-len", "64"
+    )
     assert lora.target_modules == "all-linear" and lora.r == 2
+    assert preflight == Preflight(quantize="nf4", seq_len=64)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--task", "classification"])  # not a generate flag
 

@@ -1,4 +1,8 @@
-"""`lorakit inspect`: a model's adaptable layers, and what a LoRA config would adapt. Flags: `LoraConfig`."""
+"""`lorakit inspect`: a model's adaptable layers, what a LoRA config would adapt, and the memory
+training it would take. Flags: `ModelSource`, `LoraConfig`, `Preflight`.
+
+Nothing but the model's config is read: the model is built on the meta device (`memory.model_skeleton`).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,13 @@ from lorakit.cli.command import Command
 from lorakit.cli.flags import FlagSpec
 from lorakit.config import LoraConfig
 from lorakit.inject import preview
-from lorakit.models import ModelSource, load_model
+from lorakit.memory import Preflight, available_memory, estimate, model_skeleton, report
+from lorakit.models import ModelSource
 from lorakit.targeting import adaptable_modules
 
 
-def _run(source: ModelSource, config: LoraConfig, echo: Callable[[str], None]) -> dict:
-    model, _, name = load_model(source.model, task=source.task, num_labels=source.num_labels)
+def _run(source: ModelSource, config: LoraConfig, preflight: Preflight, echo: Callable[[str], None]) -> dict:
+    model, name = model_skeleton(source.model, task=source.task, num_labels=source.num_labels)
     layers = adaptable_modules(model)
     shapes: dict[str, list] = {}
     for path, module in layers.items():
@@ -30,15 +35,36 @@ def _run(source: ModelSource, config: LoraConfig, echo: Callable[[str], None]) -
         f"config r={config.r}, target={target}: adapts {len(sizes)} layers, "
         f"{params:,} trainable parameters ({100 * params / total:.3f}% of {total:,})"
     )
-    return {"layers": len(layers), "adapted": len(sizes), "trainable": params, "total": total}
+    memory = estimate(
+        model,
+        quantize=preflight.quantize,
+        lora=config,
+        batch_size=preflight.batch_size,
+        seq_len=preflight.seq_len,
+        task=source.task,
+        num_labels=source.num_labels,
+        device=preflight.device,
+    )
+    available = available_memory(preflight.device)
+    for line in report(memory, available):
+        echo(line)
+    return {
+        "layers": len(layers),
+        "adapted": len(sizes),
+        "trainable": params,
+        "total": total,
+        "memory": memory,
+        "available": available,
+    }
 
 
 COMMAND = Command(
     name="inspect",
-    summary="List a model's adaptable layers and what a LoRA config would adapt.",
+    summary="List a model's adaptable layers, what a LoRA config would adapt, and the memory training would take.",
     specs=(
         FlagSpec(ModelSource, "model", exclude=frozenset({"adapter", "quantize"})),
         FlagSpec(LoraConfig, "LoRA (lorakit.LoraConfig)", aliases={"r": ("-r",), "target_modules": ("--target",)}),
+        FlagSpec(Preflight, "memory estimate (lorakit.memory.Preflight)"),
     ),
     run=_run,
 )

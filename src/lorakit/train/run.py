@@ -13,6 +13,7 @@ import random
 import shlex
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +22,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lorakit import atomic
+from lorakit import atomic, memory
 from lorakit import data as D
 from lorakit.adapters import trainable_parameters
 from lorakit.config import LoraConfig
-from lorakit.errors import ConfigError, DataError
+from lorakit.errors import ConfigError, DataError, TargetNotFoundError, UnsupportedLayerError
 from lorakit.evaluate import loss_on
 from lorakit.extras import require_extra
 from lorakit.generate import Decoding, generate
@@ -149,6 +150,8 @@ def train_run(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer
     if checkpoint is not None:
         check_resume(checkpoint, train, batches_per_epoch=per_epoch)
     scheme = None if run.quantize == "none" else run.quantize
+    if main:
+        _warn_if_short_of_memory(run, lora, train, scheme)
     say(f"loading model {run.model or 'smollm2-135m'}" + (f" ({scheme} linear weights)" if scheme else "") + " ...")
     t1 = time.perf_counter()
     model, tokenizer, name = load_model(run.model, task=run.task, num_labels=run.num_labels, quantize=scheme)
@@ -322,6 +325,45 @@ def _check_out(run: TrainRun) -> tuple[Path, Path | None, str | None]:
     if checkpoint is not None and not run.overwrite:
         raise ConfigError(f"{out} holds checkpoints of an earlier run; pass --resume to continue it, or another --out")
     return out, None, None
+
+
+def _warn_if_short_of_memory(run: TrainRun, lora: LoraConfig, train: TrainConfig, scheme: str | None) -> None:
+    """Warn, in one line and before the model loads, when `lorakit.memory`'s estimate of this run
+    exceeds the memory available (`memory.available_memory`, or `$LORAKIT_AVAILABLE_MEMORY`).
+
+    A warning, not a refusal: the run goes on. Targets the model does not have are refused here
+    (inject would refuse them after the load); anything else the estimate cannot read only skips it.
+    """
+    available = memory.available_memory("cpu")
+    if available is None:
+        return
+    loss = train.loss
+    try:
+        est = memory.estimate(
+            run.model,
+            quantize=scheme,
+            lora=lora,
+            batch_size=train.batch_size,
+            seq_len=run.seq_len,
+            grad_checkpointing=train.grad_checkpointing,
+            loss=loss,
+            task=run.task,
+            num_labels=run.num_labels,
+        )
+    except (TargetNotFoundError, UnsupportedLayerError):
+        raise
+    except Exception:  # advice only: a model the estimate cannot read may still train
+        return
+    total = est.total
+    if total > available:
+        warnings.warn(
+            f"this run may run out of memory: its estimated peak, {memory.format_bytes(total)} (weights "
+            f"{memory.format_bytes(est.weight_bytes)}, activations "
+            f"{memory.format_bytes(est.activations.total(train.grad_checkpointing))}), exceeds the "
+            f"{memory.format_bytes(available)} available; "
+            + memory.advice(est, grad_checkpointing=train.grad_checkpointing, loss=loss),
+            stacklevel=2,
+        )
 
 
 def _load_data(run: TrainRun, tokenizer: Any, seed: int):
