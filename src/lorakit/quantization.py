@@ -60,6 +60,7 @@ __all__ = [
     "dequantize",
     "dequantized_weight",
     "is_quantized",
+    "linears_to_quantize",
     "nf4_scaler_block",
     "plain_linear",
     "quantization_error",
@@ -93,6 +94,29 @@ def quantize(
             entry that names no linear layer, or layers whose size NF4 cannot block (listed).
         MissingExtraError: NF4 without torchao (`pip install 'lorakit[quantize]'`).
     """
+    chosen = linears_to_quantize(model, scheme, skip, include_head=include_head)
+    replacements = {path: QuantizedLinear.from_linear(m, scheme) for path, m in chosen.items()}
+    for path, new in replacements.items():
+        model.set_submodule(path, new)
+    _own_memory(model)
+    return model
+
+
+def linears_to_quantize(
+    model: nn.Module, scheme: str = "nf4", skip: Sequence[str] = (), *, include_head: bool = False
+) -> dict[str, nn.Linear]:
+    """The linear layers `quantize(model, scheme, skip, include_head=...)` replaces, checked first.
+
+    Every `nn.Linear` but the output head (`get_output_embeddings`, unless `include_head`) and the
+    modules `skip` names. Nothing is changed; the weights may be on the meta device (the streaming
+    loader asks before it reads any: `lorakit.models.streaming`).
+
+    Returns:
+        Module path → layer, in `named_modules` order.
+
+    Raises:
+        ConfigError, MissingExtraError: as `quantize` documents (checked in the same order).
+    """
     if scheme not in SCHEMES:
         raise ConfigError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
     already = quantization_of(model)
@@ -121,11 +145,7 @@ def quantize(
                 f"of {NF4_BLOCK_SIZE}; these are not: {', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}. "
                 "Pass them in skip= to keep them as they are"
             )
-    replacements = {path: QuantizedLinear.from_linear(m, scheme) for path, m in chosen.items()}
-    for path, new in replacements.items():
-        model.set_submodule(path, new)
-    _own_memory(model)
-    return model
+    return chosen
 
 
 def _own_memory(model: nn.Module) -> None:

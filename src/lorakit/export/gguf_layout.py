@@ -2,8 +2,10 @@
 
 llama.cpp names tensors by architecture (through the `gguf` package's tensor-name map) and stores
 LLaMA's q and k weights with the rows of each head permuted for its rotary layout
-(`llama_permute`). A tensor is encoded as F32, F16, BF16 or Q8_0 with the `gguf` package, and a
-file is written atomically (a temporary file beside the target, fsynced, renamed).
+(`llama_permute`; it and its inverse live with the GGUF reader, `lorakit.models.gguf_tensors`,
+which undoes it when it streams a LLaMA file, and are re-exported here). A tensor is encoded as
+F32, F16, BF16 or Q8_0 with the `gguf` package, and a file is written atomically (a temporary file
+beside the target, fsynced, renamed).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 
 from lorakit import atomic
 from lorakit.errors import ConfigError
+from lorakit.models.gguf_tensors import llama_permute, llama_unpermute
 from lorakit.state import adapter_owner, state_of
 
 __all__ = [
@@ -36,22 +39,6 @@ ARCHITECTURES: dict[str, tuple[str, bool]] = {
     "MistralForCausalLM": ("llama", True),
 }
 """transformers class → (GGUF architecture, whether q/k rows are permuted as llama.cpp's LLaMA converter does)."""
-
-
-def llama_permute(weights: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Permute the rows of a LLaMA q or k projection (or of its B) the way llama.cpp's converter does.
-
-    Within each of the `n_head` heads, rows [0, 2, 4, ..., 1, 3, 5, ...] of the head's half-split
-    rotary layout become interleaved pairs (`reshape(n_head, 2, d/2, ...).swapaxes(1, 2)`).
-    """
-    rows = weights.shape[0]
-    return weights.reshape(n_head, 2, rows // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
-
-
-def llama_unpermute(weights: torch.Tensor, n_head: int) -> torch.Tensor:
-    """The inverse of `llama_permute`."""
-    rows = weights.shape[0]
-    return weights.reshape(n_head, rows // n_head // 2, 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
 
 
 def architecture(model: nn.Module) -> tuple[str, bool, Any]:

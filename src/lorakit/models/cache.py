@@ -6,6 +6,11 @@ SmolLM2-135M) and cached as a plain transformers directory (safetensors, config,
 under the cache directory (`$LORAKIT_CACHE`, else `~/.cache/lorakit`). The cache is built by
 `lorakit.atomic.build_directory`, so a reader never sees half a cache and two concurrent writers
 both end up using one complete copy.
+
+`load_model` reads the weights of a `.gguf` file it can stream (`models.gguf_tensors`) from the file
+itself; it caches only the file's config and tokenizer (`gguf_header`: what transformers makes of
+the GGUF metadata, about 20 s for a 49k-token vocabulary, then read back in a second), never a
+dequantised copy of the weights.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +39,7 @@ from lorakit.models.packaged import (
 )
 from lorakit.models.pretrained import dtype_kwargs
 
-__all__ = ["cache_dir", "ensure_cached", "resolve"]
+__all__ = ["cache_dir", "ensure_cached", "gguf_header", "resolve", "stable_name"]
 
 _CACHE_FORMAT = 1
 _MARKER = "lorakit-cache.json"
@@ -104,16 +110,65 @@ def resolve(spec: str | os.PathLike[str] | None) -> tuple[Path, str, bool]:
         if path.suffix.lower() != ".gguf":
             raise ModelLoadError(f"{path} is a file but not a .gguf file. {_accepted()}")
         path = path.resolve()
-        # One cache per path; a changed file (size or mtime) replaces it rather than piling up copies.
-        key = hashlib.sha256(str(path).encode()).hexdigest()[:12]
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem)
-        return _cached_gguf(path, cache_name=f"gguf-{stem}-{key}", fallback_name=str(path), check_mtime=True)
+        return _cached_gguf(path, cache_name=_cache_name(path), fallback_name=str(path), check_mtime=True)
     hint = ""
     if re.fullmatch(r"[\w.-]+/[\w.-]+", text):
         hint = " lorakit never downloads from a hub: download the model yourself and pass its directory."
     raise ModelLoadError(
         f"unknown model {text!r}: not a packaged alias and no such file or directory.{hint} {_accepted()}"
     )
+
+
+def gguf_header(
+    gguf_path: Path, config: Any | None = None, name: str | None = None, *, build: bool = True
+) -> tuple[Path, str] | None:
+    """The cached config and tokenizer of a GGUF file (no weights), and the model's stable name.
+
+    Built on first use from what transformers reads in the file's metadata (`config`, when given,
+    is saved instead of reading it again), beside the weight caches under `cache_dir()`, with the
+    same freshness rules (the file's size and modification time).
+
+    Args:
+        gguf_path: the `.gguf` file.
+        config: its transformers config, already read (saved as the cache's `config.json`).
+        name: its stable name (`stable_name`), recorded in the cache; None: read from the file.
+        build: False: only look; return None when there is no fresh cache.
+
+    Returns:
+        `(directory with config.json and the tokenizer files, stable name)`, or None (`build=False`).
+
+    Raises:
+        ModelLoadError: transformers cannot read the file's metadata.
+    """
+    path = Path(gguf_path).resolve()
+
+    def convert(source: Path, out: Path) -> str | None:
+        _convert_gguf_header(source, out, config)
+        return name if name is not None else stable_name(source, _gguf_string(source, "general.organization"))
+
+    found = _cached_gguf(
+        path,
+        cache_name=_cache_name(path) + "-header",
+        fallback_name=str(path),
+        check_mtime=True,
+        convert=convert,
+        build=build,
+    )
+    return None if found is None else found[:2]
+
+
+def stable_name(gguf_path: Path, organization: str | None) -> str:
+    """The name `load_model` gives a model read from a user's `.gguf` file: `organization/stem`
+    (`organization` from its metadata, `general.organization`), else its absolute path."""
+    path = Path(gguf_path).resolve()
+    return _stable_from(path, organization) or str(path)
+
+
+def _cache_name(path: Path) -> str:
+    """One cache per path; a changed file (size or mtime) replaces it rather than piling up copies."""
+    key = hashlib.sha256(str(path).encode()).hexdigest()[:12]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem)
+    return f"gguf-{stem}-{key}"
 
 
 def _accepted() -> str:
@@ -128,12 +183,20 @@ def _accepted() -> str:
 
 
 def _cached_gguf(
-    gguf_path: Path, *, cache_name: str, fallback_name: str, check_mtime: bool = False
-) -> tuple[Path, str, bool]:
+    gguf_path: Path,
+    *,
+    cache_name: str,
+    fallback_name: str,
+    check_mtime: bool = False,
+    convert: Callable[[Path, Path], str | None] | None = None,
+    build: bool = True,
+) -> tuple[Path, str, bool] | None:
     """Return the cache directory for a GGUF file, converting it first if the cache is missing or stale.
 
     The cache is stale when its marker is missing or records another format or file size (and, for
     user files, another modification time: a reinstalled package keeps its file but not its mtime).
+    `convert(gguf_path, directory)` fills a new cache (default: `_convert_gguf`, the whole model);
+    with `build=False` a missing or stale cache gives None instead.
     """
     target = cache_dir() / cache_name
     stat = gguf_path.stat()
@@ -150,13 +213,15 @@ def _cached_gguf(
     marker = fresh()
     if marker is not None:
         return target, str(marker.get("name") or fallback_name), False
+    if not build:
+        return None
     _check_gguf_magic(gguf_path)
     # Re-check just before discarding: a concurrent writer may have renamed a fresh copy in meanwhile.
     if target.exists() and fresh() is None:
         _discard(target)
 
     def build(tmp: Path) -> None:
-        name = _convert_gguf(gguf_path, tmp) or fallback_name
+        name = (convert or _convert_gguf)(gguf_path, tmp) or fallback_name
         info = {**source, "source": gguf_path.name, "name": name}
         (tmp / _MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
@@ -223,9 +288,28 @@ def _convert_gguf(gguf_path: Path, out: Path) -> str | None:
     return stable
 
 
+def _convert_gguf_header(gguf_path: Path, out: Path, config: Any | None) -> None:
+    """Write a GGUF file's config and tokenizer (as transformers reads them from its metadata) into `out`."""
+    require("gguf", "cli", f"reading the GGUF file {gguf_path.name}")
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        if config is None:
+            config = AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    except Exception as exc:  # the GGUF reader raises many types (ValueError, KeyError, struct.error ...)
+        raise ModelLoadError(f"cannot read GGUF file {gguf_path}; it is corrupt or unsupported: {exc}") from exc
+    config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
 def _gguf_stable_name(gguf_path: Path) -> str | None:
     """`organization/file-stem` from GGUF metadata and file name, e.g. HuggingFaceTB/SmolLM2-135M-Instruct."""
-    organization = _gguf_string(gguf_path, "general.organization")
+    return _stable_from(gguf_path, _gguf_string(gguf_path, "general.organization"))
+
+
+def _stable_from(gguf_path: Path, organization: str | None) -> str | None:
     if not organization:
         return None
     stem = _QUANT_SUFFIX.sub("", gguf_path.stem)
