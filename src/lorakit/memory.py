@@ -843,7 +843,8 @@ def report(est: MemoryEstimate, available: int | None) -> list[str]:
     lines = [f"memory estimate for training, batch {est.batch_size} × {est.seq_len} tokens{stored}:"]
     lines += [f"  {name:<22}{format_bytes(size):>11}   {note}" for name, size, note in rows]
     shown = format_bytes(available) if available is not None else "unknown"
-    lines.append(f"  {_available_label(est.device):<22}{shown:>11}")
+    given = f"   from ${AVAILABLE_MEMORY_ENV}" if os.environ.get(AVAILABLE_MEMORY_ENV, "").strip() else ""
+    lines.append(f"  {_available_label(est.device):<22}{shown:>11}{given}")
     lines.append(verdict(est, available, grad_checkpointing=False, loss="chunked"))
     return lines
 
@@ -876,6 +877,4 @@ def advice(est: MemoryEstimate, *, grad_checkpointing: bool, loss: str) -> str:
 
 
 def _available_label(device: str) -> str:
-    if os.environ.get(AVAILABLE_MEMORY_ENV, "").strip():
-        return f"available (${AVAILABLE_MEMORY_ENV})"
     return "free CUDA memory" if device == "cuda" else "available RAM"
