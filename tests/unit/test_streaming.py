@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import gguf
@@ -33,6 +34,7 @@ from lorakit.export.gguf_layout import encode, llama_permute, tensor_names, writ
 from lorakit.models import ensure_cached, load_model, load_tokenizer, loading, packaged_gguf, streaming
 from lorakit.models.gguf_tensors import GgufTensors
 from lorakit.models.pretrained import model_from_dir
+from lorakit.models.safetensors_files import SafetensorsFiles
 from tests.conftest import REPO, tiny_gpt2, tiny_llama
 
 IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -165,12 +167,28 @@ def test_a_checkpoint_saved_from_the_bare_model_loads_under_the_heads_prefix(tmp
     _assert_same_model(_reference(directory, torch.float32, None), model)
 
 
-def test_progress_is_shown_per_tensor_when_asked(tmp_path, capsys):
+def test_progress_is_redrawn_while_one_tensor_takes_long(tmp_path, capsys, monkeypatch):
+    """The bar names the tensor being read and is redrawn every REFRESH_SECONDS even while that
+    tensor takes long (here: one read slowed to 0.6 s, the bar redrawn every 0.05 s)."""
     directory = _saved(tiny_llama(), tmp_path / "model")
+    capsys.readouterr()  # transformers' own bar for the writing
     load_model(directory, progress=False)
-    assert "load" not in capsys.readouterr().err
-    load_model(directory, progress=True)
-    assert "tensor" in capsys.readouterr().err  # tqdm's bar, unit "tensor"
+    assert capsys.readouterr().err == ""
+    files = SafetensorsFiles(directory)
+    read = files.read
+
+    def slow_read(key, dtype):
+        if key == "model.norm.weight":
+            time.sleep(0.6)
+        return read(key, dtype)
+
+    monkeypatch.setattr(files, "read", slow_read)
+    monkeypatch.setattr(streaming, "REFRESH_SECONDS", 0.05)
+    model = streaming.build_empty(AutoConfig.from_pretrained(directory), torch.float32)
+    streaming.fill(model, files, progress=True)
+    frames = capsys.readouterr().err.split("\r")
+    assert sum("model.norm.weight" in frame for frame in frames) >= 4  # not only the one frame after it
+    assert any("tensor" in frame for frame in frames)
 
 
 # ----------------------------------------------------------------------------- GGUF

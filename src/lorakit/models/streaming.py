@@ -33,6 +33,7 @@ the largest tensor and L ≥ 2.5·Q, so the bound is the final model plus one fl
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,10 +48,13 @@ from lorakit.errors import ModelLoadError
 from lorakit.models.pretrained import dtype_kwargs
 from lorakit.quantization import QuantizedLinear, linears_to_quantize
 
-__all__ = ["FIXED_OVERHEAD_BYTES", "TensorSource", "build_empty", "fill", "keeps_modules_in_fp32"]
+__all__ = ["FIXED_OVERHEAD_BYTES", "REFRESH_SECONDS", "TensorSource", "build_empty", "fill", "keeps_modules_in_fp32"]
 
 FIXED_OVERHEAD_BYTES = 256 * 2**20
 """The fixed part of the load's memory bound (see the module docstring)."""
+
+REFRESH_SECONDS = 5.0
+"""The progress bar is redrawn at least this often, however long one tensor takes."""
 
 
 class TensorSource(Protocol):
@@ -154,8 +158,8 @@ def fill(
         source: the checkpoint.
         quantize: `"nf4"` or `"bf16"`: the linear layers `lorakit.quantize` picks become
             `QuantizedLinear`s as they are read; None keeps them in the load dtype.
-        progress: show a tqdm bar over the tensors (on stderr, gone when done); None: when stderr
-            is a terminal.
+        progress: show a tqdm bar over the tensors (on stderr, gone when done; redrawn at least
+            every `REFRESH_SECONDS`, naming the tensor being read); None: when stderr is a terminal.
         generation_dir: a directory whose `generation_config.json`, if any, becomes
             `model.generation_config` (as `from_pretrained` reads it).
 
@@ -174,10 +178,11 @@ def fill(
     del chosen
     show = progress if progress is not None else sys.stderr.isatty()
     bar = tqdm(total=len(units), desc="load", unit="tensor", disable=not show, leave=False, dynamic_ncols=True)
-    with torch.no_grad(), bar:
+    with torch.no_grad(), bar, _refreshing(bar):
         while units:
             # Popped, so nothing here keeps a replaced layer (and its full-precision weight) alive.
             unit = units.pop(0)
+            bar.set_postfix_str(unit.keys[0], refresh=False)
             _store(unit, source)
             for module, _ in unit.holders:
                 path = pending.get(id(module))
@@ -192,6 +197,28 @@ def fill(
     if generation_dir is not None and (generation_dir / "generation_config.json").is_file():
         _read_generation_config(model, generation_dir)
     return model.eval()
+
+
+@contextmanager
+def _refreshing(bar: tqdm) -> Iterator[None]:
+    """Redraw the bar every `REFRESH_SECONDS` from a thread, so its clock moves even while one
+    tensor takes long (a 7B model's 45M-weight projections take seconds each to quantize to NF4)."""
+    if bar.disable:
+        yield
+        return
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(REFRESH_SECONDS):
+            bar.refresh()
+
+    thread = threading.Thread(target=tick, name="lorakit-load-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _plan(model: nn.Module, source: TensorSource) -> list[_Unit]:
