@@ -52,9 +52,9 @@ from lorakit.extras import require
 from lorakit.inject import preview
 from lorakit.kernels.dropout import SPARSE_MAX_P
 from lorakit.kernels.gated_mlp import is_gated_mlp
-from lorakit.models.cache import resolve
+from lorakit.models.cache import gguf_header, resolve
 from lorakit.models.pretrained import dtype_kwargs
-from lorakit.quantized import NF4_BLOCK_SIZE, nf4_scaler_block, quantization_of
+from lorakit.quantization import NF4_BLOCK_SIZE, linears_to_quantize, nf4_scaler_block, quantization_of
 from lorakit.state import find_state
 from lorakit.targeting import resolve_modules_to_save
 from lorakit.train.chunked_loss import chunk_tokens_for
@@ -263,21 +263,23 @@ def model_skeleton(
 
 
 def _config_of(spec: Any, task: str) -> tuple[Any, str, str]:
-    """(config, name, task) for a spec: a GGUF file's own config (its metadata, nothing dequantised),
-    else the config.json of the directory `models.cache.resolve` gives."""
+    """(config, name, task) for a spec, as `load_model` finds them: a `.gguf` file's config from its
+    metadata (`cache.gguf_header`: config and tokenizer cached, nothing dequantised), else the
+    config.json of the directory `cache.resolve` gives."""
     from transformers import AutoConfig
 
     text = os.fspath(spec) if spec is not None else None
     path = Path(text).expanduser() if text is not None else None
+    is_encoder = False
     try:
         if path is not None and path.is_file() and path.suffix.lower() == ".gguf":
-            config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-            return config, str(path.resolve()), task
-        directory, name, is_encoder = resolve(spec)
+            directory, name = gguf_header(path)  # type: ignore[misc]  # built when missing, so never None
+        else:
+            directory, name, is_encoder = resolve(spec)
         config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    except ModelLoadError:
+        raise
     except (OSError, ValueError, KeyError) as exc:
-        if isinstance(exc, ModelLoadError):
-            raise
         raise ModelLoadError(f"cannot read the config of {text or 'the packaged model'}: {exc}") from exc
     return config, name, ("base" if is_encoder and task != "classification" else task)
 
@@ -403,20 +405,9 @@ def _nf4_bytes(numel: int, dtype: torch.dtype) -> int:
 
 
 def _weights(model: nn.Module, scheme: str | None, head: nn.Module | None) -> tuple[dict[str, int], set[str]]:
-    """(bytes by kind, the paths `lorakit.quantize` would replace), refusing what NF4 cannot block."""
-    linears = {p: m for p, m in model.named_modules() if isinstance(m, nn.Linear) and p}
-    quantized = {p for p, m in linears.items() if m is not head} if scheme is not None else set()
-    if scheme == "nf4":
-        bad = [
-            f"{p} ({linears[p].out_features}×{linears[p].in_features})"
-            for p in quantized
-            if linears[p].weight.numel() % NF4_BLOCK_SIZE
-        ]
-        if bad:
-            raise ConfigError(
-                f"NF4 stores weights in blocks of {NF4_BLOCK_SIZE} values, so a weight's size must be a multiple "
-                f"of {NF4_BLOCK_SIZE}; these are not: {', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}"
-            )
+    """(bytes by kind, the paths `lorakit.quantize` would replace), refusing what `quantize` would
+    refuse (a layer NF4 cannot block, NF4 without torchao) as it would."""
+    quantized = set(linears_to_quantize(model, scheme)) if scheme is not None else set()
     kinds: dict[str, int] = {}
     seen: set[int] = set()
     head_weight = getattr(head, "weight", None)
