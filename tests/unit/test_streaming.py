@@ -31,7 +31,8 @@ from transformers import (
 from lorakit import quantization as Q
 from lorakit.errors import ModelLoadError
 from lorakit.export.gguf_layout import encode, llama_permute, tensor_names, write_gguf
-from lorakit.models import ensure_cached, load_model, load_tokenizer, loading, packaged_gguf, streaming
+from lorakit.models import cache as model_cache
+from lorakit.models import ensure_cached, gguf_tensors, load_model, load_tokenizer, loading, packaged_gguf, streaming
 from lorakit.models.gguf_tensors import GgufTensors
 from lorakit.models.pretrained import model_from_dir
 from lorakit.models.safetensors_files import SafetensorsFiles
@@ -293,6 +294,25 @@ def test_packaged_gguf_file_streams_with_a_cached_header(tmp_path, monkeypatch):
     _assert_same_model(model, again)
     assert load_tokenizer(source).name_or_path == tokenizer.name_or_path  # the header's, not a weight cache
     assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_a_gguf_architecture_lorakit_does_not_read_streams_from_the_dequantised_cache(tmp_path, monkeypatch):
+    """Any other architecture transformers reads is dequantised into the cache once (transformers'
+    conversion, replaced here by what it writes: the plain checkpoint), then streamed from there."""
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    path = _write_gguf(_tiny("llama"), "llama", tmp_path / "tiny.gguf", "f32")
+    monkeypatch.setattr(gguf_tensors, "STREAMED_ARCHITECTURES", {})
+    converted = []
+
+    def convert(source: Path, out: Path) -> None:
+        converted.append(source)
+        _saved(_tiny("llama"), out)
+
+    monkeypatch.setattr(model_cache, "_convert_gguf", convert)
+    model, tokenizer, name = _load_streamed(monkeypatch, path)
+    assert converted == [path.resolve()] and name == str(path.resolve())
+    assert Path(tokenizer.name_or_path).parent == tmp_path / "cache"
+    _assert_same_model(_transformers_gguf(path, torch.float32, None), model)
 
 
 # ----------------------------------------------------------------------------- bad input

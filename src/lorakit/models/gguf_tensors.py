@@ -28,7 +28,7 @@ import torch
 
 from lorakit.errors import ModelLoadError
 
-__all__ = ["STREAMED_ARCHITECTURES", "GgufTensors", "gguf_architecture", "llama_permute", "llama_unpermute"]
+__all__ = ["STREAMED_ARCHITECTURES", "GgufTensors", "gguf_architecture", "llama_permute", "llama_unpermute", "streams"]
 
 STREAMED_ARCHITECTURES: dict[str, bool] = {"llama": True, "qwen2": False, "qwen3": False}
 """GGUF architecture → whether llama.cpp's converter permuted its q and k rows (undone on reading)."""
@@ -51,6 +51,11 @@ def llama_unpermute(weights: torch.Tensor, n_head: int) -> torch.Tensor:
     """The inverse of `llama_permute`."""
     rows = weights.shape[0]
     return weights.reshape(n_head, rows // n_head // 2, 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+def streams(architecture: str) -> bool:
+    """Whether lorakit reads GGUF files of `architecture` itself (`STREAMED_ARCHITECTURES`)."""
+    return architecture in STREAMED_ARCHITECTURES
 
 
 def gguf_architecture(path: Path) -> str:
@@ -129,8 +134,8 @@ class GgufTensors:
 
     @property
     def streamed(self) -> bool:
-        """Whether lorakit reads this architecture itself (`STREAMED_ARCHITECTURES`)."""
-        return self.architecture in STREAMED_ARCHITECTURES
+        """Whether lorakit reads this architecture itself (`streams`)."""
+        return streams(self.architecture)
 
     def bind(self, state_keys: list[str], config: Any) -> None:
         """Map the model's state-dict keys to this file's tensor names (`gguf.get_tensor_name_map`).

@@ -21,7 +21,7 @@ from lorakit.errors import ConfigError, ModelLoadError
 from lorakit.extras import require
 from lorakit.models import streaming
 from lorakit.models.cache import gguf_header, resolve, stable_name
-from lorakit.models.gguf_tensors import STREAMED_ARCHITECTURES, GgufTensors, gguf_architecture
+from lorakit.models.gguf_tensors import GgufTensors, gguf_architecture, streams
 from lorakit.models.packaged import PACKAGED_MODELS
 from lorakit.models.pretrained import model_from_dir, tokenizer_from_dir
 from lorakit.models.safetensors_files import SafetensorsFiles, has_safetensors
@@ -201,7 +201,7 @@ def load_tokenizer(spec: str | os.PathLike[str] | None = None, *, task: str = "c
     gguf = _user_gguf(spec)
     if gguf is not None and task == "causal-lm":
         header = gguf_header(gguf, build=False)
-        if header is None and gguf_architecture(gguf) in STREAMED_ARCHITECTURES:
+        if header is None and streams(gguf_architecture(gguf)):
             header = gguf_header(gguf)
         if header is not None:
             return tokenizer_from_dir(header[0], causal=True)
