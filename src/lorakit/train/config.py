@@ -32,6 +32,10 @@ RESUME_FREE_FIELDS = frozenset(
         # (but for an output head only its per-chunk checkpoint computes, e.g. a DoRA lm_head,
         # whose dropout masks are drawn chunk by chunk).
         "loss",
+        # Checkpointing recomputes each block with the forward's RNG state and masks: the same
+        # gradients to the bit (tests/unit/test_grad_checkpointing.py), so a run may switch it to
+        # fit in memory when it resumes.
+        "grad_checkpointing",
     }
 )
 
