@@ -14,10 +14,13 @@ config in seconds and a few MB) and adds up, in bytes:
   and AdamW's state (two moments in the parameter's dtype and a float32 step per tensor).
 - *activations*, what the forward keeps for the backward (`Activations`), per block and token,
   for a LLaMA-style block (RMSNorm, rotary attention, gated MLP) or a GPT-2-style one (LayerNorm,
-  GELU MLP, dropouts), counted tensor by tensor in the module docstring of `_block_bytes`; with
-  gradient checkpointing, each block's input plus one block's tensors (rebuilt in its backward).
+  GELU MLP, dropouts), counted tensor by tensor in `_block_bytes`'s docstring; with gradient
+  checkpointing, each block's input plus one block's tensors (rebuilt in its backward); and the
+  gradients in flight in one block's backward.
 - *loss*: the full path's (tokens × vocabulary) logits, their shifted copy, log-softmax and its
   gradient, or the chunked path's one chunk of float32 logits and its gradient (`train.chunked_loss`).
+  The loss's tensors are gone when the blocks' backward starts, so the peak counts the larger of
+  the loss and the backward's gradients (`Activations.peak`).
 - *runtime*: what `import torch, transformers` and lorakit hold in a fresh process
   (`RUNTIME_OVERHEAD`).
 
@@ -92,7 +95,8 @@ _MLP_OUT = frozenset({"down_proj", "c_proj", "fc2", "dense_4h_to_h", "w2", "wo"}
 
 @dataclass
 class Preflight:
-    """The training run whose memory `lorakit inspect` estimates (the rest is `--target`, `-r`, ...).
+    """The training run whose memory `lorakit inspect` estimates (the rest is `--target`, `-r`, ...);
+    the defaults are `lorakit train`'s.
 
     Args:
         quantize: how the base's linear weights would be stored: `none` (the load dtype), `nf4` or
@@ -350,7 +354,7 @@ def estimate(
     spec = _Spec.of(skeleton, dtype, batch_size, seq_len, device)
     adapted = {p: n for p, n in sizes.items() if p not in saved_paths}
     activations = _activations(skeleton, spec, lora, adapted, adapter_dtype, quantized, saved_paths)
-    losses = _loss(skeleton, spec, head, task, lora, saved_paths)
+    losses = _loss(skeleton, spec, head, task, saved_paths)
     return MemoryEstimate(
         weights=weights,
         buffers=buffers,
@@ -483,7 +487,9 @@ class _Spec:
 
     @classmethod
     def of(cls, model: nn.Module, dtype: torch.dtype, batch: int, seq: int, device: str) -> _Spec:
-        cfg = model.config
+        cfg = getattr(model, "config", None)
+        if cfg is None:
+            raise ConfigError(f"estimate reads a transformers model's config; {type(model).__name__} has none")
         hidden = _first(cfg, "hidden_size", "n_embd", "d_model")
         heads = _first(cfg, "num_attention_heads", "n_head")
         kv = getattr(cfg, "num_key_value_heads", None) or heads
@@ -584,7 +590,8 @@ def _activations(
     # The backward of one block, measured: lorakit's gated-MLP node about (3·I + 2·H)·d a token
     # (the gradients of h, e and u, and of the block's input and output), the reference MLPs
     # about (2·I + 2·H)·d.
-    mlp = 3 if blocks and _gated(blocks[0]) and any(b.mlp_in or b.mlp_out for b in per_block) else 2
+    node = blocks and _gated(blocks[0]) and not quantized and any(b.mlp_in or b.mlp_out for b in per_block)
+    mlp = 3 if node else 2
     backward = n * d * (2 * spec.hidden + mlp * spec.intermediate) if blocks else 0
     block = max(total, default=0.0)
     return Activations(saved=round(saved), kept=round(kept), block=round(block), backward=round(backward))
@@ -712,9 +719,7 @@ def _block_bytes(
 
 
 # ----------------------------------------------------------------------------- loss
-def _loss(
-    model: nn.Module, spec: _Spec, head: nn.Module | None, task: str, lora: LoraConfig, saved: set[str]
-) -> dict[str, int]:
+def _loss(model: nn.Module, spec: _Spec, head: nn.Module | None, task: str, saved: set[str]) -> dict[str, int]:
     """Bytes of the loss for the full and the chunked path.
 
     Full, per (token, vocabulary entry), the larger of two moments: the end of the forward holds
@@ -749,10 +754,10 @@ def available_memory(device: str = "cpu") -> int | None:
     /proc/meminfo's MemAvailable), on `"cuda"` the current device's free memory.
 
     Returns:
-        The bytes, or None where nothing says (no psutil and no /proc/meminfo).
+        The bytes, or None where nothing says (no psutil and no /proc/meminfo; no CUDA device).
 
     Raises:
-        ConfigError: the environment variable is not a size; `"cuda"` without a CUDA device.
+        ConfigError: the environment variable is not a size.
     """
     given = os.environ.get(AVAILABLE_MEMORY_ENV, "").strip()
     if given:
@@ -764,9 +769,7 @@ def available_memory(device: str = "cpu") -> int | None:
             )
         return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
     if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("device 'cuda': no CUDA device is available")
-        return int(torch.cuda.mem_get_info()[0])
+        return int(torch.cuda.mem_get_info()[0]) if torch.cuda.is_available() else None
     try:
         import psutil  # in the cli extra; /proc/meminfo without it
     except ImportError:

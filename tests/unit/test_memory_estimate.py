@@ -269,6 +269,8 @@ def test_available_memory_reads_the_machine_and_the_override(monkeypatch):
         * 1024
     )
     assert 0 < memory.available_memory() <= total
+    free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
+    assert memory.available_memory("cuda") == free  # no CUDA device: unknown, not an error
     for given, expected in (("123456", 123456), ("16G", 16 * 2**30), ("1.5 GiB", 3 * 2**29), ("512m", 512 * 2**20)):
         monkeypatch.setenv(memory.AVAILABLE_MEMORY_ENV, given)
         assert memory.available_memory() == expected
@@ -292,6 +294,7 @@ def test_the_report_says_whether_it_fits():
         "available",
     ]
     assert lines[-1].startswith(f"fits: the estimate, {memory.format_bytes(est.total)}, is 100% of the available")
+    assert memory.report(est, None)[-1] == f"available RAM is unknown: the estimate is {memory.format_bytes(est.total)}"
     short = memory.report(est, est.total - 1)[-1]
     assert short.startswith("does not fit") and "--grad-checkpointing" in short and "--quantize nf4" not in short
     assert "a smaller --batch-size" in short
