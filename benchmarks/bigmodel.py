@@ -72,6 +72,8 @@ QUICK_SHAPE = {
     "num_key_value_heads": 8,
 }
 MIB = 2**20
+# What every `lorakit train` row shares: one row a batch, one evaluation row, no samples or checkpoints.
+_COMMON = "--batch-size 1 --eval-max-rows 1 --samples 0 --save-every none"
 
 
 # ----------------------------------------------------------------------------- memory of a process
@@ -204,7 +206,7 @@ def write_random_llama(directory: Path, shape: dict[str, int], seed: int = 0, sh
 # ----------------------------------------------------------------------------- `lorakit train` as a user runs it
 
 
-def run_train(argv: list[str], threads: int, timeout: float) -> dict[str, Any]:
+def run_train(argv: list[str], timeout: float) -> dict[str, Any]:
     """Run `lorakit train` and measure it: the load's peak, then (reset) the training's peak.
 
     The load phase ends with the "model: ..." line lorakit prints once the model is loaded.
@@ -213,7 +215,13 @@ def run_train(argv: list[str], threads: int, timeout: float) -> dict[str, Any]:
     cmd = [str(REPO / ".venv" / "bin" / "lorakit"), "train", *argv, "--out", str(out / "run"), "--no-progress"]
     print("  $ " + " ".join(cmd[1:]), flush=True)
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_child_env(threads))
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_child_env(int(argv[argv.index("--threads") + 1])),
+    )
     state: dict[str, Any] = {"load_peak": 0, "train_peak": 0, "loaded": False, "lines": []}
     lock = threading.Lock()
 
@@ -287,34 +295,9 @@ def row_7b(args: argparse.Namespace) -> dict[str, Any]:
     name = "llama-quick-shape" if args.quick else "llama2-7b-shape"
     directory = write_random_llama(cache_dir() / "bigmodel" / name, shape)
     seq = 64 if args.quick else 256
-    argv = [
-        "--model",
-        str(directory),
-        "--quantize",
-        "nf4",
-        "--target",
-        "all-linear",
-        "-r",
-        "16",
-        "--grad-checkpointing",
-        "--batch-size",
-        "1",
-        "--seq-len",
-        str(seq),
-        "--max-steps",
-        "2",
-        "--eval-max-rows",
-        "1",
-        "--samples",
-        "0",
-        "--save-every",
-        "none",
-        "--eval-every",
-        "none",
-        "--threads",
-        str(args.threads),
-    ]
-    result = run_train(argv, args.threads, args.timeout)
+    argv = ["--model", str(directory), "--quantize", "nf4", "--target", "all-linear", "-r", "16"]
+    argv += f"--grad-checkpointing --eval-every none --seq-len {seq} --max-steps 2 {_COMMON}".split()
+    result = run_train([*argv, "--threads", str(args.threads)], args.timeout)
     result["estimate_mib"] = _estimate(
         str(directory), quantize="nf4", targets="all-linear", r=16, batch=1, seq=seq, ckpt=True
     )
@@ -330,31 +313,9 @@ def row_nf4_vs_fp32(args: argparse.Namespace) -> dict[str, Any]:
     for model in models:
         spec = _large_model.resolve(model)
         for scheme in ("none", "nf4"):
-            argv = [
-                "--model",
-                spec,
-                "--quantize",
-                scheme,
-                "--target",
-                "q_proj,v_proj",
-                "-r",
-                "8",
-                "--batch-size",
-                "1",
-                "--seq-len",
-                "128",
-                "--max-steps",
-                "3",
-                "--eval-max-rows",
-                "1",
-                "--samples",
-                "0",
-                "--save-every",
-                "none",
-                "--threads",
-                str(args.threads),
-            ]
-            out[f"{model}/{scheme}"] = run_train(argv, args.threads, args.timeout)
+            argv = ["--model", spec, "--quantize", scheme, "--target", "q_proj,v_proj", "-r", "8"]
+            argv += f"--seq-len 128 --max-steps 3 {_COMMON}".split()
+            out[f"{model}/{scheme}"] = run_train([*argv, "--threads", str(args.threads)], args.timeout)
     return out
 
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import copy
 import os
+import socket
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -38,6 +41,21 @@ def both_paths(request):
             yield request.param
     else:
         yield request.param
+
+
+@pytest.fixture
+def group():
+    """A one-rank gloo process group for the test, destroyed after it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timedelta(seconds=60)
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.fixture

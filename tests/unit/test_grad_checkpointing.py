@@ -14,12 +14,10 @@ import os
 import socket
 import subprocess
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.utils.checkpoint
 from safetensors import safe_open
 from torch import nn
@@ -274,21 +272,6 @@ def test_a_model_without_blocks_is_refused_before_anything_is_written(tmp_path):
 
 
 # ------------------------------------------------------------------------------- FSDP, one rank
-@pytest.fixture
-def group():
-    """A one-rank gloo process group for the test, destroyed after it."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timedelta(seconds=60)
-    )
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("order", ["checkpoint-then-shard", "shard-then-checkpoint"])
 def test_fsdp_in_either_order_gives_the_plain_gradients(group, order):
     plain = _adapted("fp32", "all-linear", 0.05)

@@ -7,13 +7,10 @@ checkpoint's round trip and its errors.
 
 from __future__ import annotations
 
-import socket
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 import lorakit
@@ -25,21 +22,6 @@ from lorakit.train.sharding import load_shards, save_shards, shard_units
 from tests.conftest import clone, nf4_llama, randomize_adapters, tiny_llama
 
 CFG = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-
-
-@pytest.fixture
-def group():
-    """A one-rank gloo process group for the test, destroyed after it."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timedelta(seconds=60)
-    )
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _adapted(seed: int = 0, config: lorakit.LoraConfig = CFG) -> torch.nn.Module:
