@@ -386,6 +386,27 @@ def _hwm_delta(step, device: str) -> float:
     return (_status_kib("self", "VmHWM") - base) / 1024
 
 
+def _alternated(steps: dict[str, Any], device: str, rounds: int = 2) -> dict[str, float]:
+    """Each of two steps once a round, the order reversed every other round, after a warm-up round:
+    `step_s_<kind>` (median), `step_s_min_<kind>` and `step_peak_mib_<kind>` (above the resident set)."""
+    times: dict[str, list[float]] = {kind: [] for kind in steps}
+    peaks: dict[str, list[float]] = {kind: [] for kind in steps}
+    kinds = list(steps)
+    for round_ in range(rounds + 1):
+        for kind in kinds if round_ % 2 == 0 else kinds[::-1]:
+            t0 = time.perf_counter()
+            peak = _hwm_delta(steps[kind], device)
+            if round_:  # round 0 warms up
+                times[kind].append(time.perf_counter() - t0)
+                peaks[kind].append(peak)
+    out: dict[str, float] = {}
+    for kind in kinds:
+        out[f"step_s_{kind}"] = statistics.median(times[kind])
+        out[f"step_s_min_{kind}"] = min(times[kind])
+        out[f"step_peak_mib_{kind}"] = max(peaks[kind])
+    return out
+
+
 def child_loss(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -413,22 +434,8 @@ def child_loss(args: argparse.Namespace) -> dict[str, Any]:
     for kind in ("full", "chunked", "full", "chunked"):  # the first of each warms up
         out[f"loss_mib_{kind}"] = _hwm_delta(loss_only(kind), args.device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    times: dict[str, list[float]] = {"full": [], "chunked": []}
-    peaks: dict[str, list[float]] = {"full": [], "chunked": []}
-    rounds = 2
-    for round_ in range(rounds + 1):
-        order = ("full", "chunked") if round_ % 2 == 0 else ("chunked", "full")
-        for kind in order:
-            t0 = time.perf_counter()
-            peak = _hwm_delta(lambda kind=kind: train_step(model, [batch], optimizer, loss=kind), args.device)
-            if round_:  # round 0 warms up
-                times[kind].append(time.perf_counter() - t0)
-                peaks[kind].append(peak)
-    for kind in times:
-        out[f"step_s_{kind}"] = statistics.median(times[kind])
-        out[f"step_s_min_{kind}"] = min(times[kind])
-        out[f"step_peak_mib_{kind}"] = max(peaks[kind])
-    return out
+    steps = {kind: (lambda kind=kind: train_step(model, [batch], optimizer, loss=kind)) for kind in ("full", "chunked")}
+    return {**out, **_alternated(steps, args.device)}
 
 
 def child_ckpt(args: argparse.Namespace) -> dict[str, Any]:
@@ -441,25 +448,12 @@ def child_ckpt(args: argparse.Namespace) -> dict[str, Any]:
     batch = _batch(model, args)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     out: dict[str, Any] = {}
-    times: dict[str, list[float]] = {"off": [], "on": []}
-    peaks: dict[str, list[float]] = {"off": [], "on": []}
-    rounds = 2
-    for round_ in range(rounds + 1):
-        order = ("off", "on") if round_ % 2 == 0 else ("on", "off")
-        for kind in order:
-            if kind == "on":
-                enable_grad_checkpointing(model)
-            else:
-                disable_grad_checkpointing(model)
-            t0 = time.perf_counter()
-            peak = _hwm_delta(lambda: train_step(model, [batch], optimizer), args.device)
-            if round_:
-                times[kind].append(time.perf_counter() - t0)
-                peaks[kind].append(peak)
-    for kind in times:
-        out[f"step_s_{kind}"] = statistics.median(times[kind])
-        out[f"step_s_min_{kind}"] = min(times[kind])
-        out[f"step_peak_mib_{kind}"] = max(peaks[kind])
+
+    def step(checkpointing: bool) -> None:
+        (enable_grad_checkpointing if checkpointing else disable_grad_checkpointing)(model)
+        train_step(model, [batch], optimizer)
+
+    out.update(_alternated({"off": lambda: step(False), "on": lambda: step(True)}, args.device))
     batch_size, seq = batch["input_ids"].shape
     for ckpt in (False, True):
         est = _estimate("smollm2-135m", quantize=None, targets="all-linear", r=16, batch=batch_size, seq=seq, ckpt=ckpt)
