@@ -335,6 +335,8 @@ def _child(row: str, args: argparse.Namespace) -> dict[str, Any]:
         args.device,
         "--dtype",
         args.dtype,
+        "--model",
+        args.model,
         *(["--quick"] if args.quick else []),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(args.threads), timeout=args.timeout)
@@ -350,7 +352,7 @@ def _smollm2(args: argparse.Namespace, targets: Any, r: int):
     from lorakit.models import load_model
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    model, _, _ = load_model("smollm2-135m", dtype=dtype)
+    model, _, _ = load_model(args.model, dtype=dtype)
     if args.quick:
         model.model.layers = model.model.layers[:2]
     lorakit.inject(model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.05))
@@ -456,7 +458,7 @@ def child_ckpt(args: argparse.Namespace) -> dict[str, Any]:
     out.update(_alternated({"off": lambda: step(False), "on": lambda: step(True)}, args.device))
     batch_size, seq = batch["input_ids"].shape
     for ckpt in (False, True):
-        est = _estimate("smollm2-135m", quantize=None, targets="all-linear", r=16, batch=batch_size, seq=seq, ckpt=ckpt)
+        est = _estimate(args.model, quantize=None, targets="all-linear", r=16, batch=batch_size, seq=seq, ckpt=ckpt)
         out[f"estimate_mib_{'on' if ckpt else 'off'}"] = est
     out["rss_mib"] = _status_kib("self", "VmRSS") / 1024
     return out
@@ -469,7 +471,7 @@ def child_peft(args: argparse.Namespace, four_bit: bool) -> dict[str, Any]:
 
     from lorakit.models import ensure_cached
 
-    directory = ensure_cached("smollm2-135m")
+    directory = ensure_cached(args.model)
     kwargs: dict[str, Any] = {"local_files_only": True, "dtype": torch.float32}
     if four_bit:
         try:
@@ -661,6 +663,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="the model of the loss, ckpt and peft rows: the packaged alias (default) or a transformers directory "
+        "of the same shape (e.g. a random-weight twin, benchmarks/_twin.py, where the package cannot travel)",
+    )
     parser.add_argument("--timeout", type=float, default=5400, help="seconds before a run is killed")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
