@@ -9,6 +9,8 @@ load adapters on any model. The rest comes with extras (`scripts/install.sh` ins
 | `eval` | sacrebleu, pycocoevalcap (and a Java runtime) | the E2E NLG scores (BLEU, NIST, METEOR, ROUGE-L, CIDEr) |
 | `quantize` | torchao | NF4 bases (QLoRA; `lorakit.quantization`) |
 | `serve` | fastapi, uvicorn, prometheus_client | `lorakit serve` (`lorakit.serve`) |
+| `tensorboard` | tensorboard | `--report-to tensorboard` (`lorakit.train.reporting`) |
+| `mlflow` | mlflow-skinny, sqlalchemy, alembic | `--report-to mlflow`: a local SQLite tracking store |
 | `all` | all of them | |
 """
 
@@ -27,6 +29,8 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "eval": ("sacrebleu", "pycocoevalcap"),
     "quantize": ("torchao",),
     "serve": ("fastapi", "uvicorn", "prometheus_client"),
+    "tensorboard": ("tensorboard",),
+    "mlflow": ("mlflow", "sqlalchemy", "alembic"),
 }
 """extra -> the import names of the packages it installs."""
 
