@@ -130,24 +130,22 @@ def test_json_list_and_csv_formats(tmp_path):
     assert data.load_examples(text_csv) == [Example("", "first line"), Example("", "second line")]
 
 
-def test_chat_messages_learn_only_the_last_assistant_reply(tmp_path, tokenizer):
+def test_chat_messages_keep_the_conversation_and_prompt_up_to_the_last_reply(tmp_path, tokenizer):
     conversation = [
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello!"},
         {"role": "user", "content": "Capital of France?"},
         {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "Thanks"},
     ]
     path = _jsonl(tmp_path / "chat.jsonl", [{"messages": conversation}])
     (example,) = data.load_examples(path, tokenizer=tokenizer)
-    full = tokenizer.apply_chat_template(conversation, tokenize=False)
-    assert example.prompt + example.completion == full
-    assert "Hello!" in example.prompt
-    assert example.completion.startswith("Paris.")
-    dataset = data.tokenize_examples([example], tokenizer, seq_len=256)
-    labelled = [t for t, label in zip(dataset.input_ids[0], dataset.labels[0], strict=True) if label != -100]
-    # The reply already ends with the template's end-of-turn (= EOS) token: no second EOS is added.
-    assert tokenizer.decode(labelled) == example.completion
-    assert labelled.count(tokenizer.eos_token_id) == 1
+    assert example.messages == tuple(conversation)
+    # What sample generations start from: the conversation up to its last reply, with the header.
+    assert example.prompt == tokenizer.apply_chat_template(conversation[:3], tokenize=False, add_generation_prompt=True)
+    assert example.prompt.endswith("Capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    assert example.completion == "Paris."
+    assert example.origin == f"{path}, line 1"
 
 
 # ----------------------------------------------------------------------------- tokenising
@@ -195,7 +193,7 @@ def test_truncation_is_counted_and_warned_once(tokenizer, e2e_train):
     assert cut.dropped == 0
     assert [str(w.message) for w in caught if "seq_len" in str(w.message)] == [
         f"{expected} of {len(examples)} examples are longer than seq_len={seq_len} tokens and "
-        "were cut at the end; 0 kept no completion token and were dropped"
+        "were cut at the end; 0 kept no trained token and were dropped"
     ]
     assert max(len(ids) for ids in cut.input_ids) == seq_len
 
@@ -203,12 +201,20 @@ def test_truncation_is_counted_and_warned_once(tokenizer, e2e_train):
 def test_rows_whose_completion_is_cut_away_are_dropped(tokenizer, e2e_train):
     examples = e2e_train[:30]
     prompt_lengths = [len(data.encode_prompt(tokenizer, e.prompt)) for e in examples]
-    seq_len = min(prompt_lengths)
+    seq_len = min(prompt_lengths) + 1  # the shortest prompts keep one completion token
     with pytest.warns(UserWarning, match="were dropped"):
         dataset = data.tokenize_examples(examples, tokenizer, seq_len=seq_len)
     assert dataset.dropped == len(examples) - len(dataset)
     assert dataset.dropped == sum(length >= seq_len for length in prompt_lengths) > 0
+    assert dataset.drops == {"truncated": dataset.dropped}
     assert all(any(label != -100 for label in labels) for labels in dataset.labels)
+    # Nothing left at all is an error naming why, never an empty dataset.
+    with pytest.warns(UserWarning), pytest.raises(DataError) as info:
+        data.tokenize_examples(examples, tokenizer, seq_len=seq_len - 1, source="e2e")
+    assert str(info.value) == (
+        f"e2e: no example is left to train on: all {len(examples)} examples lost every trained token to "
+        f"truncation at seq_len={seq_len - 1}"
+    )
 
 
 # ----------------------------------------------------------------------------- batching
@@ -363,11 +369,11 @@ def test_empty_file(tmp_path, name):
 
 
 def test_wrong_fields_say_what_was_found_and_accepted(tmp_path):
-    path = _jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Say hi", "output": "hi"}])
+    path = _jsonl(tmp_path / "qa.jsonl", [{"question": "Say hi", "answer": "hi"}])
     with pytest.raises(DataError) as info:
         data.load_examples(path)
     message = str(info.value)
-    assert "['instruction', 'output']" in message
+    assert "['answer', 'question']" in message and "line 1" in message
     assert "'prompt' and 'completion'" in message and "'text'" in message and "'messages'" in message
     csv_path = _write(tmp_path / "cols.csv", "question,answer\nq,a\n")
     with pytest.raises(DataError, match=r"found columns \['question', 'answer'\]; accepted: 'text'") as info:
