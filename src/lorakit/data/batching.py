@@ -1,6 +1,7 @@
 """Splits and batches: a group-preserving holdout, and reproducible epochs of batches.
 
-Each batch is the dataset's own `collate` of the rows drawn (right-padded by `lorakit.data.padding`).
+Each batch is the dataset's own `collate` of the rows drawn (right-padded by `lorakit.data.padding`),
+or, packed, `packing.collate_packed` of whole packed rows; `packing` also orders rows by length.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from lorakit.data.classification import ClassificationDataset
 from lorakit.data.examples import Example
+from lorakit.data.packing import collate_packed, length_grouped_order, num_rows, packed_rows
 from lorakit.data.tokenize import TokenizedDataset
 from lorakit.errors import ConfigError
 
@@ -53,22 +55,36 @@ def split_holdout(examples: Sequence[Example], fraction: float, seed: int) -> tu
     return train, holdout
 
 
-def num_batches(dataset: Sequence[Any] | TokenizedDataset | ClassificationDataset, batch_size: int) -> int:
+def num_batches(
+    dataset: Sequence[Any] | TokenizedDataset | ClassificationDataset, batch_size: int, *, packing: bool = False
+) -> int:
     """Number of batches `iterate_batches` yields per epoch (the last one may be smaller).
 
     Args:
         dataset: A tokenised dataset.
         batch_size: Rows per batch.
+        packing: Count batches of packed rows (`lorakit.data.packing`; the same in every epoch).
 
     Returns:
-        `ceil(len(dataset) / batch_size)`.
+        `ceil(rows / batch_size)`: rows are the examples, or the packed rows.
 
     Raises:
-        ConfigError: `batch_size < 1`.
+        ConfigError: `batch_size < 1`; `packing` for a dataset that is not a causal LM's.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if packing:
+        return math.ceil(num_rows(_packable(dataset)) / batch_size)
     return math.ceil(len(dataset) / batch_size)
+
+
+def _packable(dataset: Any) -> TokenizedDataset:
+    if not isinstance(dataset, TokenizedDataset):
+        raise ConfigError(
+            f"packing concatenates a causal LM's examples; a {type(dataset).__name__} cannot be packed "
+            "(train it without packing)"
+        )
+    return dataset
 
 
 def iterate_batches(
@@ -79,6 +95,8 @@ def iterate_batches(
     epoch: int,
     shuffle: bool = True,
     start: int = 0,
+    packing: bool = False,
+    group_by_length: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield the batches of one epoch in a fixed order.
 
@@ -93,19 +111,39 @@ def iterate_batches(
         shuffle: False keeps dataset order.
         start: Skip the first `start` batches of this epoch (resume mid-epoch); batch `start` is the
             same tensor data as the `start`-th batch of an uninterrupted epoch.
+        packing: Batches of packed rows (`packing.packed_rows`, `packing.collate_packed`): whole
+            examples end to end in rows of at most `dataset.seq_len` tokens, with `position_ids`.
+        group_by_length: Batches of rows of similar length (`packing.length_grouped_order`); with
+            `shuffle`, for unpacked rows.
 
     Returns:
-        An iterator of batch dicts (see `TokenizedDataset.collate` / `ClassificationDataset.collate`).
+        An iterator of batch dicts (see `TokenizedDataset.collate` / `ClassificationDataset.collate`,
+        `packing.collate_packed`).
 
     Raises:
-        ConfigError: `batch_size < 1`, or `start` is negative or beyond the epoch's batch count.
+        ConfigError: `batch_size < 1`, `start` negative or beyond the epoch's batch count, `packing`
+            for a dataset that is not a causal LM's, `packing` with `group_by_length`.
     """
-    total = num_batches(dataset, batch_size)
+    if packing and group_by_length:
+        raise ConfigError("group_by_length orders unpacked rows; packed rows are already filled to seq_len")
+    total = num_batches(dataset, batch_size, packing=packing)
     if not 0 <= start <= total:
         raise ConfigError(f"start must be between 0 and {total} (batches per epoch), got {start}")
-    order = list(range(len(dataset)))
-    if shuffle:
-        random.Random(f"lorakit-batches:{seed}:{epoch}").shuffle(order)
+    if packing:
+        rows = packed_rows(_packable(dataset), seed=seed, epoch=epoch, shuffle=shuffle)
+
+        def packed() -> Iterator[dict[str, torch.Tensor]]:
+            for index in range(start, total):
+                yield collate_packed(dataset, rows[index * batch_size : (index + 1) * batch_size])
+
+        return packed()
+    if group_by_length and shuffle:
+        lengths = [len(ids) for ids in dataset.input_ids]
+        order = length_grouped_order(lengths, batch_size, seed=seed, epoch=epoch)
+    else:
+        order = list(range(len(dataset)))
+        if shuffle:
+            random.Random(f"lorakit-batches:{seed}:{epoch}").shuffle(order)
 
     def batches() -> Iterator[dict[str, torch.Tensor]]:
         for index in range(start, total):

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lorakit.errors import ConfigError
 
-__all__ = ["LOSSES", "SCHEDULES", "TrainConfig"]
+__all__ = ["LOSSES", "REPORTERS", "SCHEDULES", "TrainConfig"]
 
 Schedule = Literal["cosine", "linear", "constant"]
 SCHEDULES = ("cosine", "linear", "constant")
 Loss = Literal["chunked", "full"]
 LOSSES = ("chunked", "full")
+Reporter = Literal["tensorboard", "mlflow"]
+REPORTERS = ("tensorboard", "mlflow")
 
 # Fields that change only logging, checkpoint cadence or evaluation: a run may be resumed with
 # other values for them and still follow the same trajectory.
@@ -36,6 +38,8 @@ RESUME_FREE_FIELDS = frozenset(
         # gradients to the bit (tests/unit/test_grad_checkpointing.py), so a run may switch it to
         # fit in memory when it resumes.
         "grad_checkpointing",
+        # Where the metrics are also written: what a step computes is the same.
+        "report_to",
     }
 )
 
@@ -57,7 +61,8 @@ class TrainConfig:
         epochs: passes over the data when `max_steps` is None.
         batch_size: rows of one batch as `train_batches_fn` yields it. It is the *global* batch:
             under DDP each of the W ranks takes rows `rank::W` of every batch, so a run on W ranks
-            computes the same update as one process.
+            computes the same update as one process. With `packing`, packed rows (each holds
+            several examples).
         grad_accum: batches per optimizer step (the gradient is accumulated over them and the loss
             normalised by their total number of target tokens, so 2 batches of 2 rows give the
             update of 1 batch of 4).
@@ -83,7 +88,21 @@ class TrainConfig:
         autocast: `bf16` runs each forward under `torch.autocast` in bfloat16 (CPU and CUDA):
             matrix products in bf16, the adapters' weights and gradients stay in their own dtype;
             `none` computes in the model's dtype.
+        packing: concatenate whole examples into rows of at most `seq_len` tokens (best-fit
+            decreasing over each epoch's shuffled order; `lorakit.data.packing`), with position ids
+            restarting at each example and attention kept within it (a block-diagonal mask through
+            SDPA, or flash attention's varlen sequences; `lorakit.train.packed`): no padding
+            between examples, the loss and gradients of the same examples unpacked. Causal LMs
+            only; the model must keep packed examples apart (checked before training).
+        group_by_length: without packing, batch rows of similar length (transformers'
+            `LengthGroupedSampler`: each epoch's shuffled order sorted within mega-batches of 50
+            batches), so batches carry little padding; the order still depends only on
+            (seed, epoch). Packing already fills its rows, so the two are not combined.
         log_every: write a line to `metrics.jsonl` every this many steps.
+        report_to: also write every `metrics.jsonl` line to these, as local files under the run's
+            directory: `tensorboard` (event files in `tensorboard/`; the `tensorboard` extra),
+            `mlflow` (an MLflow tracking store `mlflow.db`, SQLite; the `mlflow` extra). Comma-
+            separated; empty: metrics.jsonl only.
         strategy: how several processes (torchrun) share the work; one process ignores it.
             `ddp` replicates the model on every rank and averages gradients; `fsdp` shards every
             parameter, the frozen base included, over the ranks (FSDP2, each decoder block its own
@@ -117,7 +136,10 @@ class TrainConfig:
     loss: Loss = "chunked"
     grad_checkpointing: bool = False
     autocast: Literal["none", "bf16"] = "none"
+    packing: bool = False
+    group_by_length: bool = False
     log_every: int = 1
+    report_to: list[Reporter] = field(default_factory=list)
     strategy: Literal["ddp", "fsdp"] = "ddp"
     reshard_after_forward: bool = True
     cpu_offload: bool = False
@@ -125,6 +147,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)
+        if isinstance(self.report_to, tuple):
+            self.report_to = list(self.report_to)
         problems = self.problems()
         if problems:
             raise ConfigError("invalid TrainConfig:\n  - " + "\n  - ".join(problems))
@@ -186,6 +210,18 @@ class TrainConfig:
         if not isinstance(self.grad_checkpointing, bool):
             out.append(f"grad_checkpointing must be True or False, got {self.grad_checkpointing!r}")
         integer("log_every", minimum=1)
+        for name in ("packing", "group_by_length"):
+            if not isinstance(getattr(self, name), bool):
+                out.append(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.packing is True and self.group_by_length is True:
+            out.append(
+                "packing and group_by_length do not combine: group_by_length batches unpacked rows of similar "
+                "length, and packing already fills every row to seq_len; choose one"
+            )
+        if not isinstance(self.report_to, list | tuple) or any(r not in REPORTERS for r in self.report_to):
+            out.append(f"report_to must be a list of {', '.join(map(repr, REPORTERS))}, got {self.report_to!r}")
+        elif len(set(self.report_to)) != len(self.report_to):
+            out.append(f"report_to names a reporter twice: {self.report_to!r}")
         if self.autocast not in ("none", "bf16"):
             out.append(f"autocast must be 'none' or 'bf16', got {self.autocast!r}")
         if self.strategy not in ("ddp", "fsdp"):

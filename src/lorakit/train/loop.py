@@ -43,6 +43,8 @@ from lorakit.train.checkpointing import checkpointable_blocks, enable_grad_check
 from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import DistInfo, barrier, init_distributed
 from lorakit.train.optim import build_optimizer, build_scheduler
+from lorakit.train.packed import check_packable
+from lorakit.train.reporting import Reporter, check_reporters, open_reporters
 from lorakit.train.sharding import gathered, shard
 from lorakit.train.step import train_step
 
@@ -200,6 +202,9 @@ def fit(
         require_adapter(adapted, adapter_name)
     if cfg.grad_checkpointing:
         checkpointable_blocks(model)  # a model without blocks is refused before out_dir is made
+    if cfg.packing:
+        check_packable(model)  # a model whose attention crosses packed examples, likewise
+    check_reporters(cfg.report_to)
     info = init_distributed()
     out = Path(out_dir)
     total_steps = _total_steps(cfg, batches_per_epoch)
@@ -216,6 +221,7 @@ def fit(
         eval_fn=eval_fn,
         progress=progress,
     )
+    status = "FAILED"  # what the reporters are told if the loop raises
     try:
         with _sigint_flag() as interrupted:
             while loop.position.step < loop.total_steps:
@@ -227,8 +233,12 @@ def fit(
                     on_step(loop.position.step, record)
                 loop.stop_if_interrupted(stop, resume_hint)
             loop.evaluate_at_end()
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
-        loop.close()
+        loop.close(status)
     return _save_result(loop, adapted)
 
 
@@ -273,7 +283,7 @@ def _start(
 ) -> _Loop:
     """Put the model in training form (gradient checkpointing, train mode, FSDP shards before the
     optimizer, which must hold them), build the optimizer and schedule, restore `resume_from` or seed
-    the RNGs, wrap the model for DDP, open `metrics.jsonl` and the progress bar."""
+    the RNGs, wrap the model for DDP, open `metrics.jsonl`, the reporters and the progress bar."""
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(model)  # before shard: FSDP's hooks stay around each checkpointed block
     model.train()
@@ -293,7 +303,8 @@ def _start(
     device = next(model.parameters()).device
     train_model = model if sharded else _wrap_ddp(model, device, info)
     optimizer.zero_grad(set_to_none=True)
-    metrics = _open_metrics(out / METRICS_FILE, resumed_from, info)
+    metrics, kept = _open_metrics(out / METRICS_FILE, resumed_from, info)
+    reporters = open_reporters(cfg.report_to, out, history=kept, params=cfg.to_dict()) if info.is_main else []
     show = progress if progress is not None else (info.is_main and sys.stderr.isatty())
     bar = tqdm(
         total=total_steps, initial=position.step, desc="train", unit="step", disable=not show, dynamic_ncols=True
@@ -315,6 +326,7 @@ def _start(
         run=run,
         resumed_from=resumed_from,
         metrics=metrics,
+        reporters=reporters,
         bar=bar,
         last_saved=resumed_from,
         last_eval=run.evals[-1]["step"] if run.evals else None,
@@ -341,6 +353,7 @@ class _Loop:
     run: _Run
     resumed_from: int | None
     metrics: TextIO | None  # metrics.jsonl, on rank 0
+    reporters: list[Reporter]  # where else each metrics.jsonl line goes (cfg.report_to), on rank 0
     bar: tqdm
     last_saved: int | None  # the step of the newest checkpoint
     last_eval: int | None  # the step of the newest evaluation
@@ -409,11 +422,13 @@ class _Loop:
 
     def log_step(self, record: dict[str, Any]) -> None:
         """A `metrics.jsonl` line every `cfg.log_every` steps, on evaluations and on the last step
-        (flushed as written); the progress bar every step."""
+        (flushed as written), also handed to each reporter; the progress bar every step."""
         step = self.position.step
         if self.metrics is not None and (step % self.cfg.log_every == 0 or self.done or "eval_loss" in record):
             self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
+            for reporter in self.reporters:
+                reporter.log(record)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
         self.bar.update(1)
 
@@ -475,10 +490,13 @@ class _Loop:
             entry = _evaluate(self.model, self.eval_fn, self.device, self.position.step)
             self.run.evals.append({"step": self.position.step, **entry})
 
-    def close(self) -> None:
+    def close(self, status: str) -> None:
+        """Close the progress bar, metrics.jsonl and the reporters (`status`: how the run ended)."""
         self.bar.close()
         if self.metrics is not None:
             self.metrics.close()
+        for reporter in self.reporters:
+            reporter.close(status)
 
 
 def _save_result(loop: _Loop, adapted: nn.Module | None) -> FitResult:
@@ -614,21 +632,27 @@ def _resume(
     return position, _Run(last_loss=state.get("last_loss"), evals=list(state.get("evals", [])))
 
 
-def _open_metrics(path: Path, resumed_from: int | None, info: DistInfo):
-    """Open metrics.jsonl for appending; on resume drop lines past the checkpoint (they are redone)."""
+def _open_metrics(path: Path, resumed_from: int | None, info: DistInfo) -> tuple[TextIO | None, list[dict]]:
+    """Open metrics.jsonl for appending; on resume drop lines past the checkpoint (they are redone).
+
+    Returns:
+        The file (None on ranks other than 0) and the records it keeps, oldest first.
+    """
     if not info.is_main:
-        return None
+        return None, []
     if resumed_from is None or not path.exists():
-        return open(path, "w", encoding="utf-8")
-    kept = []
+        return open(path, "w", encoding="utf-8"), []
+    kept, records = [], []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            if json.loads(line)["step"] <= resumed_from:
+            record = json.loads(line)
+            if record["step"] <= resumed_from:
                 kept.append(line + "\n")
+                records.append(record)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line cut short by a kill
     atomic.write_text(path, "".join(kept))
-    return open(path, "a", encoding="utf-8")
+    return open(path, "a", encoding="utf-8"), records
 
 
 def _wrap_ddp(model: nn.Module, device: torch.device, info: DistInfo) -> nn.Module:

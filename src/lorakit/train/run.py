@@ -26,6 +26,7 @@ from lorakit import atomic, memory
 from lorakit import data as D
 from lorakit.adapters import trainable_parameters
 from lorakit.config import LoraConfig
+from lorakit.data.packing import packing_stats
 from lorakit.errors import ConfigError, DataError, TargetNotFoundError, UnsupportedLayerError
 from lorakit.evaluate import loss_on
 from lorakit.extras import require_extra
@@ -38,7 +39,9 @@ from lorakit.train.checkpointing import checkpointable_blocks
 from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import init_distributed
 from lorakit.train.loop import check_resume, fit
+from lorakit.train.packed import check_packable
 from lorakit.train.plot import plot_losses
+from lorakit.train.reporting import check_reporters
 from lorakit.train.sharding import is_sharded
 
 __all__ = ["TrainRun", "recorded_settings", "train_run"]
@@ -114,6 +117,7 @@ def train_run(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer
         overwritten unless `overwrite`/`resume` says so.
     """
     require_extra("cli", "lorakit train")
+    check_reporters(train.report_to)  # --report-to's extras, before anything is read
     _check_sizes(run)
     if run.threads:
         torch.set_num_threads(run.threads)
@@ -146,7 +150,9 @@ def train_run(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer
         f"data: {len(train_ds)} training rows, {len(eval_ds)} eval rows{capped}"
         + (f"; {truncated} rows truncated to seq_len={run.seq_len}" if truncated else "")
     )
-    per_epoch = D.num_batches(train_ds, train.batch_size)
+    per_epoch = D.num_batches(train_ds, train.batch_size, packing=train.packing)
+    if train.packing:
+        say(f"{packing_stats(train_ds)}; {per_epoch} batches of up to {train.batch_size} rows an epoch")
     if checkpoint is not None:
         check_resume(checkpoint, train, batches_per_epoch=per_epoch)
     scheme = None if run.quantize == "none" else run.quantize
@@ -157,6 +163,8 @@ def train_run(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer
     model, tokenizer, name = load_model(run.model, task=run.task, num_labels=run.num_labels, quantize=scheme)
     if train.grad_checkpointing:
         checkpointable_blocks(model)  # a model without decoder blocks is refused before anything is written
+    if train.packing:
+        check_packable(model)  # so is one whose attention crosses packed examples
     stored = f"; linear weights stored as {scheme}" if scheme else ""
     say(
         f"model: {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
@@ -188,7 +196,15 @@ def train_run(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer
     steps = train.max_steps or math.ceil(per_epoch / train.grad_accum) * train.epochs
 
     def batches(epoch: int, start: int):
-        return D.iterate_batches(train_ds, train.batch_size, seed=train.seed, epoch=epoch, start=start)
+        return D.iterate_batches(
+            train_ds,
+            train.batch_size,
+            seed=train.seed,
+            epoch=epoch,
+            start=start,
+            packing=train.packing,
+            group_by_length=train.group_by_length,
+        )
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         return {"eval_loss": loss_on(m, eval_ds, eval_batch, progress=run.progress and main, loss=train.loss)}

@@ -15,6 +15,7 @@ from lorakit.errors import TrainingError
 from lorakit.train.chunked_loss import check_loss_options, model_loss_sum
 from lorakit.train.distributed import DistInfo, all_reduce_sum, shard_batch
 from lorakit.train.loss import count_targets
+from lorakit.train.packed import model_inputs
 
 __all__ = ["StepResult", "train_step"]
 
@@ -55,7 +56,9 @@ def train_step(
     """Forward and backward every micro-batch, then clip, step the optimizer and the schedule.
 
     The loss is summed over the target tokens of all micro-batches (and ranks) and divided by
-    their number, so accumulation and data parallelism give the update of one big batch. Under
+    their number, so accumulation, packing and data parallelism give the update of one big batch
+    of the same examples. A batch of packed rows goes to the model as `packed.model_inputs` lays it
+    out (attention within each example). Under
     DDP (`model` wrapped, `info.world_size > 1`) or FSDP (`model` sharded) each rank takes rows
     `rank::world_size` of every batch and gradients sync on the last micro-batch only.
 
@@ -63,7 +66,8 @@ def train_step(
         model: the model (or its DDP wrapper, or the model sharded by FSDP); batches go to the
             device of its first parameter.
         micro_batches: dicts with `labels` ((batch, seq) token labels, -100 = no target, or (batch,)
-            class labels) and the model's inputs.
+            class labels) and the model's inputs; packed rows (`lorakit.data.packing`) also carry
+            `position_ids`.
         optimizer: updates the parameters; None runs forward and backward only (the frozen
             model's floor, as the benchmarks time it).
         scheduler: stepped after the optimizer, if given.
@@ -98,6 +102,7 @@ def train_step(
     scale = info.world_size / global_targets
     local_sum = torch.zeros((), dtype=torch.float64)
     for index, (batch, counts) in enumerate(shards):
+        batch = model_inputs(model, batch)  # packed rows: the form the model's attention keeps apart
         tensors = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         labels = tensors.pop("labels")
         last = index == len(shards) - 1
