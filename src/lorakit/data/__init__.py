@@ -41,7 +41,7 @@ from lorakit.data.batching import iterate_batches, num_batches, split_holdout
 from lorakit.data.chat import TRAIN_ON, encode_conversations
 from lorakit.data.classification import ClassificationDataset, load_classification, tokenize_classification
 from lorakit.data.examples import Example
-from lorakit.data.formats import BUNDLED_DATASETS, FIELDS, e2e_example, load_examples, resolve_source
+from lorakit.data.formats import BUNDLED_DATASETS, FIELDS, check_fields, e2e_example, load_examples, resolve_source
 from lorakit.data.preview import Preview, preview
 from lorakit.data.stats import DataStats, data_stats, stats_lines
 from lorakit.data.tokenize import IGNORE_INDEX, TokenizedDataset, encode_prompt, tokenize_examples
@@ -56,6 +56,7 @@ __all__ = [
     "Example",
     "Preview",
     "TokenizedDataset",
+    "check_fields",
     "data_stats",
     "e2e_example",
     "encode_conversations",

@@ -27,7 +27,7 @@ from lorakit import data as D
 from lorakit.adapters import trainable_parameters
 from lorakit.config import LoraConfig
 from lorakit.data.packing import packing_stats
-from lorakit.errors import ConfigError, DataError, TargetNotFoundError, UnsupportedLayerError
+from lorakit.errors import ConfigError, TargetNotFoundError, UnsupportedLayerError
 from lorakit.evaluate import loss_on
 from lorakit.extras import require_extra
 from lorakit.generate import Decoding, generate
@@ -57,9 +57,20 @@ class TrainRun:
         model: base model: a packaged alias (`smollm2-135m`, or the encoder `minilm-l6` for
             classification), a local transformers model directory, or a `.gguf` file (default:
             `smollm2-135m`).
-        data: training data: a JSONL/JSON file (`text`, `prompt`/`completion` or chat `messages`),
-            a CSV, an E2E file (official `mr,ref` CSV or the LoRA `.txt` format), a GLUE TSV for
-            classification, or `e2e` (the bundled sample).
+        data: training data: a `.jsonl`, `.json`, `.csv` or `.parquet` file or a Hugging Face
+            `datasets` folder (`save_to_disk`) of chat `messages`, ShareGPT `conversations`, Alpaca
+            `instruction`/`input`/`output`, `prompt`/`completion` (strings or message lists),
+            `text` or E2E `mr`/`ref` records (detected from their fields; conversations are
+            rendered with the model's chat template); the LoRA `.txt` E2E format; a GLUE TSV for
+            classification; or `e2e` (the bundled sample).
+        fields: the records' names for the standard fields, when they differ (`messages=dialog`,
+            `instruction=question,output=answer`; keys: messages, conversations, prompt,
+            completion, instruction, input, output, system, text).
+        train_on: which tokens of a conversation train: `assistant` (every assistant turn),
+            `last` (the last assistant turn only) or `all` (every token; for prompt/completion
+            records the prompt too).
+        train_on_eos: train the token that ends each assistant turn (`<|im_end|>`, `<|eot_id|>`,
+            the EOS after a completion), so the model learns to stop.
         eval_data: held-out data in the same formats (default: `e2e-dev` for `e2e`, else a
             held-out fraction of the training data).
         eval_fraction: fraction of the training data held out for eval when no eval data is given.
@@ -67,7 +78,9 @@ class TrainRun:
         num_labels: classes, for classification.
         quantize: store the base's frozen linear weights as `nf4` (QLoRA: 4-bit NormalFloat, about
             0.13× the fp32 bytes; needs lorakit[quantize]) or `bf16`; `none` keeps full precision.
-        seq_len: maximum tokens per example; longer rows are cut at the end (counted in the summary).
+        seq_len: maximum tokens per example; longer ones are cut (see `truncate`) and counted, and
+            one left with no trained token is dropped.
+        truncate: which end of a long example is cut: `right` keeps its start, `left` its end.
         samples: prompts from the eval data to generate from before and after training.
         eval_max_rows: evaluate on at most this many rows of the eval data (a sample fixed by
             the seed, in file order), before, during and after training; None: every row.
@@ -83,12 +96,16 @@ class TrainRun:
 
     model: str | None = None
     data: str = "e2e"
+    fields: dict[str, str] = dataclasses.field(default_factory=dict)
+    train_on: Literal["assistant", "last", "all"] = "assistant"
+    train_on_eos: bool = True
     eval_data: str | None = None
     eval_fraction: float = 0.1
     task: Task = "causal-lm"
     num_labels: int = 2
     quantize: Literal["none", "nf4", "bf16"] = "none"
     seq_len: int = 128
+    truncate: Literal["right", "left"] = "right"
     samples: int = 2
     eval_max_rows: int | None = 200
     eval_batch_size: int | None = None
@@ -146,10 +163,15 @@ def train_run(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer
     train_ds, eval_ds, eval_examples, eval_total = _load_data(run, tokenizer, train.seed)
     truncated = train_ds.truncated
     capped = f" (a sample of {eval_total}; --eval-max-rows)" if len(eval_ds) < eval_total else ""
-    say(
-        f"data: {len(train_ds)} training rows, {len(eval_ds)} eval rows{capped}"
-        + (f"; {truncated} rows truncated to seq_len={run.seq_len}" if truncated else "")
-    )
+    if isinstance(train_ds, D.TokenizedDataset):  # the numbers `lorakit data preview` prints
+        for line in D.stats_lines(train_ds, name="training data"):
+            say(line)
+        say(f"eval data: {len(eval_ds)} rows{capped}")
+    else:
+        say(
+            f"data: {len(train_ds)} training rows, {len(eval_ds)} eval rows{capped}"
+            + (f"; {truncated} rows truncated to seq_len={run.seq_len}" if truncated else "")
+        )
     per_epoch = D.num_batches(train_ds, train.batch_size, packing=train.packing)
     if train.packing:
         say(f"{packing_stats(train_ds)}; {per_epoch} batches of up to {train.batch_size} rows an epoch")
@@ -191,7 +213,7 @@ def train_run(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer
     before_samples = _samples(model, tokenizer, prompts, run.progress and main)
     say(f"eval loss before: {before_loss:.4f}")
     for ex, text in zip(prompts, before_samples, strict=True):
-        say(f"  before | {ex.prompt.strip()}\n         -> {text}")
+        say(f"  before | {_shown_prompt(ex)}\n         -> {text}")
 
     steps = train.max_steps or math.ceil(per_epoch / train.grad_accum) * train.epochs
 
@@ -246,7 +268,7 @@ def train_run(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer
         return {}
     say(f"eval loss after: {after_loss:.4f} (before {before_loss:.4f})")
     for ex, text in zip(prompts, after_samples, strict=True):
-        say(f"  after  | {ex.prompt.strip()}\n         -> {text}")
+        say(f"  after  | {_shown_prompt(ex)}\n         -> {text}")
     if (out / "metrics.jsonl").is_file():
         plot_losses(out / "metrics.jsonl", out / "loss.png")
     adapter_dir = out / "adapter"
@@ -310,6 +332,13 @@ def _check_sizes(run: TrainRun) -> None:
         if (value := getattr(run, name)) is not None
         and (isinstance(value, bool) or not isinstance(value, int) or value < 1)
     ]
+    for name, allowed in (("train_on", D.TRAIN_ON), ("truncate", ("right", "left"))):
+        if getattr(run, name) not in allowed:
+            problems.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(run, name)!r}")
+    try:
+        D.check_fields(run.fields)
+    except ConfigError as err:
+        problems.append(str(err))
     if problems:
         raise ConfigError("invalid TrainRun:\n" + "\n".join(f"  - {p}" for p in problems))
 
@@ -405,18 +434,18 @@ def _load_data(run: TrainRun, tokenizer: Any, seed: int):
         train = D.tokenize_classification(a, b, y, tokenizer, run.seq_len)
         evald = D.tokenize_classification(ea, eb, ey, tokenizer, run.seq_len)
         return train, evald, [], total
-    examples = D.load_examples(run.data, tokenizer=tokenizer)
+    examples = D.load_examples(run.data, tokenizer=tokenizer, fields=run.fields)
     if run.eval_data or run.data == "e2e":
-        eval_examples = D.load_examples(run.eval_data or "e2e-dev", tokenizer=tokenizer)
+        eval_examples = D.load_examples(run.eval_data or "e2e-dev", tokenizer=tokenizer, fields=run.fields)
         train_examples = examples
     else:
         train_examples, eval_examples = D.split_holdout(examples, run.eval_fraction, seed)
     total = len(eval_examples)
     eval_examples = _sample(eval_examples, run.eval_max_rows, seed)
-    train = D.tokenize_examples(train_examples, tokenizer, run.seq_len)
-    evald = D.tokenize_examples(eval_examples, tokenizer, run.seq_len)
-    if len(train) == 0:
-        raise DataError(f"{run.data}: no usable rows after tokenisation (seq_len={run.seq_len} too small?)")
+    options = {"train_on": run.train_on, "train_on_eos": run.train_on_eos, "truncate": run.truncate}
+    train = D.tokenize_examples(train_examples, tokenizer, run.seq_len, source=run.data, **options)
+    eval_source = run.eval_data or ("e2e-dev" if run.data == "e2e" else f"{run.data} (held out)")
+    evald = D.tokenize_examples(eval_examples, tokenizer, run.seq_len, source=eval_source, **options)
     return train, evald, eval_examples, total
 
 
@@ -441,6 +470,16 @@ def _distinct_prompts(examples: list[D.Example], n: int) -> list[D.Example]:
         if len(out) == n:
             break
     return out
+
+
+def _shown_prompt(example: D.Example) -> str:
+    """A sample's prompt as printed: a conversation's last message before its reply, else the prompt."""
+    if example.messages:
+        last = max(i for i, m in enumerate(example.messages) if m.get("role") == "assistant")
+        before = [m for m in example.messages[:last] if isinstance(m.get("content"), str)]
+        if before:
+            return " ".join(before[-1]["content"].split())
+    return example.prompt.strip()
 
 
 def _classifier_name(model: nn.Module) -> str:
