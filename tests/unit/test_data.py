@@ -209,8 +209,10 @@ def test_rows_whose_completion_is_cut_away_are_dropped(tokenizer, e2e_train):
     assert dataset.drops == {"truncated": dataset.dropped}
     assert all(any(label != -100 for label in labels) for labels in dataset.labels)
     # Nothing left at all is an error naming why, never an empty dataset.
-    with pytest.warns(UserWarning), pytest.raises(DataError) as info:
-        data.tokenize_examples(examples, tokenizer, seq_len=seq_len - 1, source="e2e")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the error alone, no warning before it
+        with pytest.raises(DataError) as info:
+            data.tokenize_examples(examples, tokenizer, seq_len=seq_len - 1, source="e2e")
     assert str(info.value) == (
         f"e2e: no example is left to train on: all {len(examples)} examples lost every trained token to "
         f"truncation at seq_len={seq_len - 1}"

@@ -10,6 +10,7 @@
 | `analyze` | `cli/analyze.py` | `lorakit.analysis.analyze` |
 | `compress` | `cli/compress.py` | `lorakit.analysis.compress` |
 | `inspect` | `cli/inspect.py` | `lorakit.inject.preview` |
+| `data` | `cli/data.py` | `lorakit.data.preview` (`lorakit data preview`) |
 | `serve` | `cli/serve.py` | `lorakit.serve.serve` |
 
 Bad input ends with one line on stderr and exit code 2 (`--debug` shows the traceback).
@@ -25,14 +26,14 @@ import traceback
 import warnings
 from collections.abc import Sequence
 
-from lorakit.cli import analyze, compress, export, generate, merge, serve, train
+from lorakit.cli import analyze, compress, data, export, generate, merge, serve, train
 from lorakit.cli import eval as eval_command
 from lorakit.cli import inspect as inspect_command
 from lorakit.errors import LorakitError
 
 __all__ = ["build_parser", "commands", "main"]
 
-_MODULES = (train, generate, eval_command, merge, export, analyze, compress, inspect_command, serve)
+_MODULES = (train, generate, eval_command, merge, export, analyze, compress, inspect_command, data, serve)
 
 
 def commands() -> dict:
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lorakit",
         description=(
             "LoRA fine-tuning (Hu et al., 2022): train, generate, eval, merge, export, analyze, compress, "
-            "inspect, serve."
+            "inspect, data, serve."
         ),
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")

@@ -185,6 +185,8 @@ def tokenize_examples(
             continue
         dataset.input_ids.append(ids)
         dataset.labels.append(labels)
+    if not dataset.input_ids:
+        raise DataError(f"{source or 'the data'}: no example is left to train on: {_why_nothing(dataset)}")
     if dataset.truncated:
         side = "end" if truncate == "right" else "start"
         warnings.warn(
@@ -192,8 +194,6 @@ def tokenize_examples(
             f"were cut at the {side}; {dataset.dropped} kept no trained token and were dropped",
             stacklevel=2,
         )
-    if not dataset.input_ids:
-        raise DataError(f"{source or 'the data'}: no example is left to train on: {_why_nothing(dataset)}")
     return dataset
 
 
