@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
@@ -249,7 +250,7 @@ def load_adapter(
 
     load_config = dataclasses.replace(config, init_lora_weights=False)
     steps = plan(model, load_config, adapter_name, targets)
-    tensors = _read_tensors(weights_path)
+    tensors = _read_tensors(weights_path, header)
     apply(model, config, adapter_name, steps, saved_paths, trainable=is_trainable)
     with torch.no_grad():
         for step in steps:
@@ -283,8 +284,9 @@ def read_lora_tensors(directory: str | os.PathLike) -> tuple[LoraConfig, dict[st
     """
     config = read_adapter_config(directory)
     path = Path(directory) / WEIGHTS_NAME
-    lora, _ = _split_keys(_read_header(path), path)
-    tensors = _read_tensors(path)
+    header = _read_header(path)
+    lora, _ = _split_keys(header, path)
+    tensors = _read_tensors(path, header)
     return config, {
         module: {part: (key if part == "kind" else tensors[key]) for part, key in slot.items()}
         for module, slot in lora.items()
@@ -301,7 +303,7 @@ def _read_header(path: Path) -> dict[str, tuple[int, ...]]:
                 f"{path}: missing; the directory has {pickled[0]}, a pickle file, which lorakit never loads "
                 "(unpickling runs arbitrary code). Convert it to safetensors with a tool you trust."
             )
-        raise AdapterFormatError(f"{path}: missing")
+        raise AdapterFormatError(f"{path}: missing (an incomplete adapter: is it still being written?)")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic[:2] == b"PK" or magic[:1] == b"\x80":
@@ -312,18 +314,30 @@ def _read_header(path: Path) -> dict[str, tuple[int, ...]]:
         with safe_open(path, framework="pt", device="cpu") as f:
             header = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as err:
-        raise AdapterFormatError(f"{path}: not a valid safetensors file (corrupt or truncated?): {err}") from None
+        raise AdapterFormatError(
+            f"{path}: not a valid safetensors file, incomplete or corrupt (is it still being written?): {err}"
+        ) from None
     if not header:
         raise AdapterFormatError(f"{path}: holds no tensors")
     return header
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, header: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Every tensor of `path`, which must still have the `header` the caller checked.
+
+    The file is read with plain reads, not memory-mapped: a file cut short while it is read (an
+    adapter being rewritten in place) is then an error here, where a mapped read would kill the
+    process with SIGBUS. Adapter files are small; the copy costs one file's size for a moment.
+    """
     try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError) as err:  # pragma: no cover - header was fine
-        raise AdapterFormatError(f"{path}: could not read tensors: {err}") from None
+        tensors = safetensors_load(path.read_bytes())
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterFormatError(
+            f"{path}: could not read tensors, incomplete or corrupt (is it still being written?): {err}"
+        ) from None
+    if {k: tuple(t.shape) for k, t in tensors.items()} != header:
+        raise AdapterFormatError(f"{path}: the file changed while it was read (is it still being written?)")
+    return tensors
 
 
 def _split_keys(header: dict[str, tuple[int, ...]], path: Path) -> tuple[dict[str, dict[str, str]], list[str]]:
