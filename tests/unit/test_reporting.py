@@ -50,7 +50,7 @@ def _expected(lines: list[dict]) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-def _assert_reports_equal_metrics(out: Path, status: str) -> None:
+def assert_reports_equal_metrics(out: Path, status: str) -> None:
     lines = _metrics(out)
     expected = _expected(lines)
     assert set(KEYS) | {"eval_loss"} <= set(expected)
@@ -82,7 +82,7 @@ def test_fit_reports_its_metrics_lines_to_tensorboard_and_mlflow_and_again_after
     whole = tmp_path / "whole"
     fit(lora_llama(dropout=0.05), data, config, whole, batches_per_epoch=4, eval_fn=_eval)
     assert [m["step"] for m in _metrics(whole)] == [1, 2, 3, 4, 5, 6]
-    _assert_reports_equal_metrics(whole, "FINISHED")
+    assert_reports_equal_metrics(whole, "FINISHED")
 
     def crash(step, record):
         if step == 5:
@@ -91,12 +91,12 @@ def test_fit_reports_its_metrics_lines_to_tensorboard_and_mlflow_and_again_after
     split = tmp_path / "split"
     with pytest.raises(_Crash):
         fit(lora_llama(dropout=0.05), data, config, split, batches_per_epoch=4, eval_fn=_eval, on_step=crash)
-    _assert_reports_equal_metrics(split, "FAILED")  # steps 1-5, step 5 past the checkpoint at 3
+    assert_reports_equal_metrics(split, "FAILED")  # steps 1-5, step 5 past the checkpoint at 3
     assert [m["step"] for m in _metrics(split)] == [1, 2, 3, 4, 5]
     fit(lora_llama(dropout=0.05), data, config, split, batches_per_epoch=4, eval_fn=_eval, resume=True)
     # Steps 4 and 5 were computed twice; metrics.jsonl and both reports hold each step once.
     assert [m["step"] for m in _metrics(split)] == [1, 2, 3, 4, 5, 6]
-    _assert_reports_equal_metrics(split, "FINISHED")
+    assert_reports_equal_metrics(split, "FINISHED")
     assert [m["loss"] for m in _metrics(split)] == pytest.approx([m["loss"] for m in _metrics(whole)], abs=1e-6)
     assert len(list((split / TENSORBOARD_DIR).glob("events.out.tfevents.*"))) == 1
 
