@@ -201,6 +201,19 @@ def _ids(tok, messages, **kw) -> list[int]:
     return list(tok.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)["input_ids"])
 
 
+def _alpaca_counts(tok, path: Path, seq_len: int) -> tuple[int, int, int]:
+    """(truncated, dropped, tokens kept) of an Alpaca file at `seq_len`, from the tokenizer alone."""
+    full, prompts = [], []
+    for r in json.loads(path.read_text(encoding="utf-8")):
+        user = {"role": "user", "content": r["instruction"] + ("\n\n" + r["input"] if r["input"] else "")}
+        full.append(len(_ids(tok, [user, {"role": "assistant", "content": r["output"]}])))
+        prompts.append(len(_ids(tok, [user], add_generation_prompt=True)))
+    truncated = sum(n > seq_len for n in full)
+    dropped = sum(p >= seq_len for p in prompts)  # the first seq_len tokens hold no reply token
+    tokens = sum(min(n, seq_len) for n, p in zip(full, prompts, strict=True) if p < seq_len)
+    return truncated, dropped, tokens
+
+
 def test_preview_shows_the_examples_as_the_model_sees_them(results, tok):
     proc = results["preview-small"]
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -228,15 +241,7 @@ def test_preview_in_colour_and_the_last_turn_only(results):
 def test_preview_of_alpaca_counts_truncated_and_dropped_examples(results, tok, work):
     proc = results["preview-alpaca"]
     assert proc.returncode == 0, proc.stderr[-3000:]
-    records = json.loads((work / "alpaca300.json").read_text(encoding="utf-8"))
-    full, prompts = [], []
-    for r in records:
-        user = {"role": "user", "content": r["instruction"] + ("\n\n" + r["input"] if r["input"] else "")}
-        full.append(len(_ids(tok, [user, {"role": "assistant", "content": r["output"]}])))
-        prompts.append(len(_ids(tok, [user], add_generation_prompt=True)))
-    truncated = sum(n > 64 for n in full)
-    dropped = sum(p >= 64 for p in prompts)  # the first 64 tokens hold no reply token
-    tokens = sum(min(n, 64) for n, p in zip(full, prompts, strict=True) if p < 64)
+    truncated, dropped, tokens = _alpaca_counts(tok, work / "alpaca300.json", 64)
     assert 0 < dropped < truncated < 300
     assert f"\ndata: 300 examples -> {300 - dropped} rows; {tokens:,} tokens, " in proc.stdout
     assert f"\n  truncated: {truncated} examples longer than seq_len=64 (each keeps its start; --truncate)\n" in (
@@ -249,7 +254,7 @@ def test_preview_of_alpaca_counts_truncated_and_dropped_examples(results, tok, w
     assert sum(int(line.split()[-2].replace(",", "")) for line in histogram) == 300 - dropped
 
 
-def test_train_on_alpaca_with_no_format_flag(results, work):
+def test_train_on_alpaca_with_no_format_flag(results, work, tok):
     proc = results["train-alpaca"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = [json.loads(line)["loss"] for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -261,7 +266,8 @@ def test_train_on_alpaca_with_no_format_flag(results, work):
     assert printed[0] == "training " + numbers[0]
     assert printed[1 : len(numbers)] == numbers[1:]
     assert proc.stdout.index("training data: ") < proc.stdout.index("model: ")
-    assert "eval data: 8 rows" in proc.stdout
+    _, dropped, _ = _alpaca_counts(tok, work / "alpaca8.json", 64)
+    assert f"\neval data: {8 - dropped} rows, {dropped} dropped with nothing to train\n" in proc.stdout
     # A sample is shown by its last user message, not the whole rendered conversation.
     first = json.loads((work / "alpaca8.json").read_text(encoding="utf-8"))[0]
     user = " ".join((first["instruction"] + ("\n\n" + first["input"] if first["input"] else "")).split())

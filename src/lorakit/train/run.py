@@ -166,7 +166,9 @@ def train_run(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer
     if isinstance(train_ds, D.TokenizedDataset):  # the numbers `lorakit data preview` prints
         for line in D.stats_lines(train_ds, name="training data"):
             say(line)
-        say(f"eval data: {len(eval_ds)} rows{capped}")
+        capped = f" (a sample of {eval_total}; --eval-max-rows)" if eval_ds.examples < eval_total else ""
+        lost = f", {eval_ds.dropped} dropped with nothing to train" if eval_ds.dropped else ""
+        say(f"eval data: {len(eval_ds)} rows{lost}{capped}")
     else:
         say(
             f"data: {len(train_ds)} training rows, {len(eval_ds)} eval rows{capped}"
