@@ -23,7 +23,7 @@ from lorakit.data.packing import (
 )
 from lorakit.errors import ConfigError, DataError
 from lorakit.models import load_model, load_tokenizer
-from lorakit.train import TrainConfig, train_step
+from lorakit.train import TrainConfig, disable_grad_checkpointing, enable_grad_checkpointing, train_step
 from lorakit.train.chunked_loss import model_loss_sum
 from lorakit.train.config import RESUME_FREE_FIELDS
 from lorakit.train.loss import count_targets
@@ -177,6 +177,20 @@ def test_packed_batch_has_the_loss_and_gradients_of_the_same_examples_unpacked(s
         assert abs(float(got_loss - expected_loss)) <= BOUND * abs(float(expected_loss)), layout
         worst = max(_relative(got[k], expected[k]) for k in expected)
         assert worst <= BOUND, f"{layout}: a gradient differs by {worst:.2g} of its size"
+
+
+def test_packed_rows_under_gradient_checkpointing_keep_the_gradients(smollm2, e2e):
+    """Each block recomputed in the backward gets the same block-diagonal mask and positions."""
+    dataset = _subset(e2e, _diverse(e2e, 10), seq_len=192)
+    batch = collate_packed(dataset, packed_rows(dataset, seed=0, epoch=0))
+    expected_loss, expected = _loss_and_grads(smollm2, dataset.collate(range(10)), "chunked")
+    enable_grad_checkpointing(smollm2)
+    try:
+        got_loss, got = _loss_and_grads(smollm2, model_inputs(smollm2, batch), "chunked")
+    finally:
+        disable_grad_checkpointing(smollm2)
+    assert abs(float(got_loss - expected_loss)) <= BOUND * abs(float(expected_loss))
+    assert max(_relative(got[k], expected[k]) for k in expected) <= BOUND
 
 
 def test_without_the_packed_layout_attention_would_cross_examples(smollm2, e2e):
