@@ -235,6 +235,7 @@ def test_check_packable_accepts_sdpa_and_eager(smollm2):
     model = tiny_llama()
     model.config._attn_implementation = "eager"
     check_packable(model)
+    check_packable(tiny_llama().to(torch.bfloat16))  # bf16 rounding is within the probe's bound
 
 
 class _RunningMean(nn.Module):

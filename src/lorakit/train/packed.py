@@ -168,9 +168,10 @@ def check_packable(model: nn.Module) -> None:
         raise ConfigError(
             f"{name} cannot be trained packed: its forward does not take position_ids ({err}); train without packing"
         ) from None
-    scale = float(expected.abs().max()) or 1.0
     tolerance = _PROBE_TOLERANCE.get(expected.dtype, _PROBE_TOLERANCE_LOW)
-    diff = float((got.float() - expected.float()).abs().max())
+    expected, got = expected.float(), got.float()
+    scale = float(expected.abs().max()) or 1.0
+    diff = float((got - expected).abs().max())
     if not diff <= tolerance * scale:
         raise ConfigError(
             f"{name} (attention implementation {impl!r}) does not keep packed examples apart: an example's "
@@ -190,4 +191,4 @@ def _vocab(model: nn.Module) -> int:
 
 def _logits(model: nn.Module, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
     inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-    return logits_of(model(**inputs)).float()
+    return logits_of(model(**inputs))
