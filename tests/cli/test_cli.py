@@ -433,7 +433,7 @@ def test_train_truncates_long_rows_with_a_warning_and_a_count(trained):
     rows = len((BUNDLED / "e2e_train_sample.jsonl").read_text().splitlines())
     assert 0 < truncated < rows  # seq_len 48 cuts the longer E2E references, not all of them
     assert f"{truncated} of {rows} examples are longer than seq_len=48" in proc.stderr
-    assert f"truncated: {truncated} examples longer than seq_len=48 (each keeps its start" in proc.stdout
+    assert f"truncated: {truncated:,} examples longer than seq_len=48 (each keeps its start" in proc.stdout
 
 
 def test_peft_loads_the_adapter_with_the_same_logits(trained, smol, adapted, e2e_batch):
