@@ -4,11 +4,14 @@ from __future__ import annotations
 
 __all__ = [
     "AdapterFormatError",
+    "CheckpointError",
     "ConfigError",
     "DataError",
+    "FileWriteError",
     "LorakitError",
     "MissingExtraError",
     "ModelLoadError",
+    "RunLockedError",
     "ScorerUnavailableError",
     "ShapeMismatchError",
     "TargetNotFoundError",
@@ -59,3 +62,20 @@ class MissingExtraError(LorakitError, ImportError):
 
 class TrainingError(LorakitError, RuntimeError):
     """Training cannot go on (for example a NaN/inf loss); the last good checkpoint is kept."""
+
+
+class CheckpointError(TrainingError):
+    """No checkpoint of a run is complete: each one's missing or damaged file is named."""
+
+
+class RunLockedError(LorakitError, RuntimeError):
+    """Another live process is training into the same output directory; the message names its PID."""
+
+
+class FileWriteError(LorakitError, OSError):
+    """A file could not be written (a full disk, an I/O error): the message names the file and the OS
+    error, and `errno` and `filename` are set. Whatever the write would have replaced is kept, and no
+    temporary file is left (`lorakit.atomic`)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""  # the message, not OSError's "[Errno n] ...: file"

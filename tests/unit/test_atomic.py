@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import shutil
 import tempfile
@@ -12,7 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 from lorakit import atomic
-from lorakit.errors import ConfigError
+from lorakit.errors import ConfigError, FileWriteError
+from tests.faults import Faults
 
 
 def _leftovers(folder: Path) -> list[str]:
@@ -228,3 +231,99 @@ def test_write_path_replaces_atomically_keeps_the_mode_and_cleans_up(tmp_path):
     assert target.read_bytes() == b"new"
     assert target.stat().st_mode & 0o777 == 0o640  # the replaced file's mode, as write_file keeps it
     assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+
+
+# ------------------------------------------------------------------ disk faults (issue 28)
+# Every os.write / os.fsync under the folder is made to fail in turn (tests/faults.py): the old
+# file or directory survives byte for byte, no temporary is left, and the error is a
+# FileWriteError naming the file (a file inside a directory being built by its final path).
+def _calls(folder: Path, write) -> list:
+    with Faults(folder) as faults:
+        write()
+    return faults.ops
+
+
+def test_write_file_failing_at_any_write_or_fsync_keeps_the_old_file(tmp_path):
+    path = tmp_path / "state.json"
+    atomic.write_json(path, {"step": 1})
+    before = path.read_bytes()
+    ops = _calls(tmp_path, lambda: atomic.write_json(path, {"step": 2}))
+    assert [op.label for op in ops] == ["write state.json", "fsync state.json", "fsync ./"]
+    atomic.write_json(path, {"step": 1})
+    for op in ops[:2]:  # before the rename: the old file stays
+        with Faults(tmp_path, fail_at=op.index, error=errno.EIO), pytest.raises(FileWriteError) as caught:
+            atomic.write_json(path, {"step": 2})
+        assert path.read_bytes() == before and _leftovers(tmp_path) == ["state.json"]
+        assert caught.value.errno == errno.EIO and caught.value.filename == str(path)
+        assert str(caught.value) == f"cannot write {path}: Input/output error (EIO); the previous state.json is kept"
+    with Faults(tmp_path, fail_at=3), pytest.raises(FileWriteError, match="its folder could not be synced"):
+        atomic.write_json(path, {"step": 2})  # after the rename: the new file is whole
+    assert json.loads(path.read_text()) == {"step": 2} and _leftovers(tmp_path) == ["state.json"]
+
+
+def test_build_directory_failing_at_any_call_keeps_the_old_directory_or_makes_none(tmp_path):
+    target = tmp_path / "out" / "adapter"
+
+    def build(tmp: Path) -> None:
+        atomic.write_text(tmp / "a.json", "new a")
+        atomic.write_bytes(tmp / "b.bin", b"new b" * 1000)
+
+    ops = _calls(tmp_path, lambda: atomic.build_directory(tmp_path / "count", build))
+    assert len(ops) == 10  # 2 files x (write, fsync, folder fsync) + both again + the folder + the parent
+    for replace in (False, True):
+        if replace:
+            atomic.build_directory(target, lambda tmp: (tmp / "a.json").write_text("old a"))
+        for op in ops[:-1]:  # before the rename
+            with Faults(tmp_path, fail_at=op.index), pytest.raises(FileWriteError) as caught:
+                atomic.build_directory(target, build, replace=replace)
+            if replace:
+                assert _leftovers(target.parent) == ["adapter"] and _leftovers(target) == ["a.json"]
+                assert (target / "a.json").read_text() == "old a"
+                assert str(caught.value).endswith("; the previous adapter is kept")
+            else:
+                assert not (tmp_path / "out").exists()  # the parent it created is removed again
+                assert str(caught.value).endswith(f"; {target} was not created")
+            named = Path(caught.value.filename)
+            assert named == target or named.parent == target, named  # never the temporary name
+            assert "ENOSPC" in str(caught.value)
+
+
+def test_a_failed_append_keeps_the_earlier_lines_and_leaves_no_torn_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    with atomic.open_append(path, truncate=True) as log:
+        log.write('{"step": 1}\n')
+        log.write('{"step": 2}\n')
+        with Faults(tmp_path, fail_at=1), pytest.raises(FileWriteError, match="its earlier lines are kept"):
+            log.write('{"step": 3, "loss": 1.25}\n')  # half of it reaches the disk, then ENOSPC
+        log.write('{"step": 3}\n')
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 3}\n'
+
+
+def test_an_append_to_a_full_device_names_the_file(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.symlink_to("/dev/full")  # the kernel's own ENOSPC on every write
+    with atomic.open_append(path, truncate=True) as log, pytest.raises(FileWriteError) as caught:
+        log.write('{"step": 1}\n')
+    assert caught.value.errno == errno.ENOSPC
+    assert str(caught.value).startswith(f"cannot write {path}: No space left on device (ENOSPC)")
+
+
+def test_clean_leftovers_removes_temporaries_and_puts_back_a_directory_moved_aside(tmp_path):
+    (tmp_path / "adapter.json").write_text("kept")
+    (tmp_path / ".adapter.json.ab12cd34.tmp").write_text("half")  # write_file killed
+    (tmp_path / ".adapter.tmp-x1y2z3w4").mkdir()  # build_directory killed while building
+    aside = tmp_path / ".model.old-4242-0a1b2c3d"  # killed between moving model aside and renaming
+    aside.mkdir()
+    (aside / "weights").write_text("old model")
+    (tmp_path / ".summary.old-4242-00ff00ff").mkdir()  # its replacement arrived: removed
+    (tmp_path / "summary").mkdir()
+    (tmp_path / ".hidden").write_text("not ours")
+    done = atomic.clean_leftovers(tmp_path)
+    assert sorted(done) == [
+        "removed .adapter.json.ab12cd34.tmp",
+        "removed .adapter.tmp-x1y2z3w4",
+        "removed .summary.old-4242-00ff00ff",
+        "restored model",
+    ]
+    assert _leftovers(tmp_path) == [".hidden", "adapter.json", "model", "summary"]
+    assert (tmp_path / "model" / "weights").read_text() == "old model"
