@@ -365,6 +365,7 @@ def test_checkpoint_files_atomic_keep_and_no_pickle(tmp_path):
     assert sorted(p.name for p in step4.iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",
+        "manifest.json",
         "trainer_state.json",
         "trainer_state.safetensors",
     ]

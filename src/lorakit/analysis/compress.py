@@ -64,6 +64,7 @@ def compress(
             empty, or cannot be created (`lorakit.atomic.check_target`); an adapter of a LoRA variant
             such as DoRA (its own parameters were learned for the full update). Nothing is written then.
         AdapterFormatError: unreadable adapter files.
+        FileWriteError: a file could not be written (a full disk); `out` is left as it was.
     """
     if (energy is None) == (rank is None):
         raise ConfigError("give exactly one of energy (a fraction in (0, 1]) or rank (an integer >= 1)")
@@ -120,9 +121,7 @@ def compress(
         atomic.write_bytes(tmp / WEIGHTS_NAME, payload)
         atomic.write_json(tmp / CONFIG_NAME, peft, sort_keys=True)
 
-    if target.exists():
-        target.rmdir()  # empty, checked above
-    atomic.build_directory(target, build)
+    atomic.build_directory(target, build)  # renamed onto an empty `out`, which a failure leaves as it was
     old_bytes = (source / WEIGHTS_NAME).stat().st_size
     return {
         "out": str(target),

@@ -92,6 +92,7 @@ def export_gguf(
         AdapterFormatError: an unreadable adapter directory.
         ModelLoadError: a `base_gguf` that is not a file.
         MissingExtraError: the `gguf` package is not installed.
+        FileWriteError: the file could not be written (a full disk); an existing `path` is kept.
     """
     require("gguf", "cli", "exporting GGUF files")
     if format not in ("gguf-lora", "gguf"):

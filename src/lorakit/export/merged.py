@@ -34,6 +34,7 @@ def export_merged(model: nn.Module, tokenizer: Any, out: str | os.PathLike[str])
             (`lorakit.atomic.check_target`, which `lorakit merge` calls before it loads the model).
             Nothing is written.
         LorakitError: merging gives non-finite weights (nothing is written).
+        FileWriteError: a file could not be written (a full disk); `out` is left as it was.
     """
     out = atomic.check_target(out, directory=True, empty=True)
     plain = merge_and_unload(model, safe=True)
@@ -43,6 +44,6 @@ def export_merged(model: nn.Module, tokenizer: Any, out: str | os.PathLike[str])
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    if out.exists():
-        out.rmdir()  # empty, checked above
+    # An existing empty `out` is replaced by the rename (Linux renames onto an empty directory), so
+    # a failed write leaves it as it was.
     return atomic.build_directory(out, build)

@@ -14,22 +14,34 @@ A checkpoint directory holds
 - under FSDP (`strategy="fsdp"`), `shards/`: one safetensors file per rank with that rank's rows
   of the trainable parameters and of the optimizer state (`lorakit.train.sharding`); then
   `trainer_state.safetensors` holds only the RNG states. Such a checkpoint resumes on any number
-  of ranks, or in one process; the adapter files beside it are whole (gathered to rank 0).
+  of ranks, or in one process; the adapter files beside it are whole (gathered to rank 0);
+- `manifest.json`, written last: every other file's size and SHA-256.
 
 The directory is built by `lorakit.atomic.build_directory` (a temporary `checkpoints/.step-N.tmp-*`,
 every file fsynced, renamed to `step-N`, the parent fsynced), so a kill at any moment leaves
 either no `step-N` or a complete one (under FSDP each rank writes its shard into
 `checkpoints/.step-N.staging` first, and rank 0 moves it into the temporary directory).
-Temporary leftovers are ignored and removed on the next run.
+Temporary leftovers are ignored and removed on the next run (`remove_partial`).
+
+What happens to a checkpoint after it is written — a file cut short or edited, one deleted — the
+manifest shows: `verify` checks every file against it, and `resumable` (what a resume starts from)
+takes the newest checkpoint that verifies, moves each newer one aside as `step-N.incomplete` with a
+warning naming the file and what is wrong, and raises `CheckpointError` listing them all when none
+does. A checkpoint written before lorakit kept manifests (trainer state version 1) has none: it is
+taken as complete, with a warning that its files were not verified; a version-2 one without its
+manifest is incomplete.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +52,7 @@ from torch import nn
 
 from lorakit import atomic
 from lorakit.atomic import build_directory
-from lorakit.errors import TrainingError
+from lorakit.errors import CheckpointError, TrainingError
 from lorakit.io import save_adapter
 from lorakit.state import adapter_owner
 from lorakit.train.distributed import DistInfo, all_gather_bytes, barrier
@@ -53,21 +65,27 @@ except ImportError:  # pragma: no cover - numpy comes with torch in practice
 
 __all__ = [
     "CHECKPOINTS_DIR",
+    "MANIFEST",
     "STATE_JSON",
     "STATE_TENSORS",
     "TrainerState",
+    "Verdict",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
     "read_trainer_state",
+    "resumable",
     "save_checkpoint",
+    "verify",
 ]
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
+MANIFEST = "manifest.json"
 FORMAT = "lorakit-trainer-state"
-VERSION = 1
+MANIFEST_FORMAT = "lorakit-checkpoint-manifest"
+VERSION = 2  # 2: the checkpoint carries a manifest
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 TrainerState = dict[str, Any]
@@ -75,10 +93,11 @@ TrainerState = dict[str, Any]
 
 
 def list_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run, oldest first, as (step, directory).
+    """Checkpoints of a run, oldest first, as (step, directory), without verifying them (`resumable`
+    does).
 
-    A directory counts when it is named `step-N` and holds `trainer_state.json`; the temporary
-    directories of an interrupted write never count.
+    A directory counts when it is named `step-N` and holds `trainer_state.json` or `manifest.json`;
+    the temporary directories of an interrupted write never count.
     """
     root = Path(out_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
@@ -86,24 +105,157 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     found = []
     for path in root.iterdir():
         match = _STEP_DIR.fullmatch(path.name)
-        if match and path.is_dir() and (path / STATE_JSON).is_file():
+        if match and path.is_dir() and ((path / STATE_JSON).is_file() or (path / MANIFEST).is_file()):
             found.append((int(match.group(1)), path))
     return sorted(found)
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    """The complete checkpoint with the highest step, or None if there is none."""
+    """The checkpoint with the highest step (not verified: see `resumable`), or None if there is none."""
     found = list_checkpoints(out_dir)
     return found[-1][1] if found else None
 
 
-def remove_partial(out_dir: Path) -> None:
-    """Delete the temporary directories (`.step-N.tmp-*`, `.step-N.old-*`) of a write that was killed."""
+def remove_partial(out_dir: Path) -> list[str]:
+    """Clear what a killed write left: in `checkpoints/`, the temporary directories of a checkpoint
+    (`.step-N.tmp-*`, an FSDP `.step-N.staging`; a `.step-N.old-*` moved aside to be replaced is put
+    back if its replacement never arrived); in `out_dir`, those of the adapter, model and files
+    (`lorakit.atomic.clean_leftovers`).
+
+    Returns:
+        What was done, one entry per leftover.
+    """
+    done = [f"{out_dir.name}/{entry}" for entry in atomic.clean_leftovers(out_dir)]
     root = out_dir / CHECKPOINTS_DIR
+    done += [f"{CHECKPOINTS_DIR}/{entry}" for entry in atomic.clean_leftovers(root)]
     if root.is_dir():
         for path in root.iterdir():
             if path.name.startswith(".") and path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
+                done.append(f"{CHECKPOINTS_DIR}/removed {path.name}")
+    return done
+
+
+# ---------------------------------------------------------------------------------------- verify
+@dataclass(frozen=True)
+class Verdict:
+    """What `verify` found in a checkpoint.
+
+    Attributes:
+        complete: every file is there with the size and SHA-256 its manifest lists (or the
+            checkpoint predates manifests).
+        problem: why it is incomplete (a file and what is wrong with it); for a complete
+            checkpoint without a manifest, that it could not be verified; else None.
+    """
+
+    complete: bool
+    problem: str | None = None
+
+
+def verify(path: Path) -> Verdict:
+    """Check checkpoint `path` against its `manifest.json` (reads and hashes every file)."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        try:
+            version = read_trainer_state(path).get("version")
+        except TrainingError as err:
+            return Verdict(False, f"{MANIFEST} is missing and {err}")
+        if version == 1:
+            return Verdict(True, f"written before lorakit kept checkpoint manifests ({MANIFEST}): not verified")
+        return Verdict(False, f"{MANIFEST} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
+            raise ValueError("not a lorakit checkpoint manifest")
+        listed = {name: (int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        return Verdict(False, f"{MANIFEST} is unreadable ({err})")
+    for name, (size, digest) in sorted(listed.items()):
+        file = path / name
+        if not file.is_file():
+            return Verdict(False, f"{name} is missing")
+        actual = file.stat().st_size
+        if actual != size:
+            return Verdict(False, f"{name} is {actual:,} bytes, the manifest says {size:,}")
+        if _sha256(file) != digest:
+            return Verdict(False, f"{name} does not match its checksum in the manifest (edited or damaged)")
+    return Verdict(True)
+
+
+def resumable(out_dir: str | os.PathLike, *, set_aside: bool = False, warn: bool = True) -> Path | None:
+    """The newest checkpoint of `out_dir` that `verify` finds complete: where a resume starts.
+
+    Args:
+        out_dir: the run's output directory.
+        set_aside: rename each newer, incomplete checkpoint to `step-N.incomplete` (kept for a
+            look, never resumed from or pruned); one process does this (rank 0).
+        warn: warn about each checkpoint skipped (naming the file and what is wrong) and about a
+            checkpoint taken unverified (written before manifests).
+
+    Returns:
+        The checkpoint, or None when `out_dir` holds none.
+
+    Raises:
+        CheckpointError: checkpoints exist but none is complete (each named with its problem);
+            nothing is moved then.
+    """
+    found = list_checkpoints(out_dir)
+    skipped: list[tuple[Path, str]] = []
+    chosen: tuple[Path, Verdict] | None = None
+    for _, path in reversed(found):
+        verdict = verify(path)
+        if verdict.complete:
+            chosen = (path, verdict)
+            break
+        skipped.append((path, verdict.problem or "incomplete"))
+    if found and chosen is None:
+        listed = "; ".join(f"{path.name}: {problem}" for path, problem in skipped)
+        raise CheckpointError(
+            f"cannot resume {out_dir}: no checkpoint is complete ({listed}); "
+            "start the run again (without resume, after removing or overwriting its checkpoints)"
+        )
+    if chosen is None:
+        return None
+    path, verdict = chosen
+    for bad, problem in skipped:
+        moved = ""
+        if set_aside:
+            moved = f"; moved to {CHECKPOINTS_DIR}/{_set_aside(bad).name}"
+        if warn:
+            warnings.warn(
+                f"checkpoint {bad} is incomplete: {problem}; resuming from {path.name} instead{moved}", stacklevel=2
+            )
+    if warn and verdict.problem:
+        warnings.warn(f"checkpoint {path} was {verdict.problem}", stacklevel=2)
+    return path
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename an incomplete checkpoint `step-N` to `step-N.incomplete` (or `.incomplete-2`, ...)."""
+    for n in range(1, 1000):
+        target = path.with_name(f"{path.name}.incomplete" + (f"-{n}" if n > 1 else ""))
+        if not target.exists():
+            os.rename(path, target)
+            return target
+    raise CheckpointError(f"cannot set {path} aside: too many incomplete copies beside it")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _manifest(folder: Path, step: int) -> dict[str, Any]:
+    """Every file under `folder` (but the manifest) with its size and SHA-256."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    return {"format": MANIFEST_FORMAT, "version": 1, "step": step, "files": files}
 
 
 # ---------------------------------------------------------------------------------------- save
@@ -179,6 +331,7 @@ def save_checkpoint(
                     save_adapter(adapter_owner(model), tmp, adapter_name)
                 atomic.write_bytes(tmp / STATE_TENSORS, payload)
                 atomic.write_text(tmp / STATE_JSON, text)
+                atomic.write_json(tmp / MANIFEST, _manifest(tmp, step), indent=1)  # last
 
             # The same step saved twice (Ctrl-C right after a periodic save) replaces the first.
             build_directory(final, build, replace=True)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 from safetensors.torch import save_model as save_model_file
@@ -37,6 +37,7 @@ from lorakit.train.checkpoint import (
     load_checkpoint,
     read_trainer_state,
     remove_partial,
+    resumable,
     save_checkpoint,
 )
 from lorakit.train.checkpointing import checkpointable_blocks, enable_grad_checkpointing
@@ -250,14 +251,18 @@ def _total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
 
 
 def _prepare_out_dir(out: Path, info: DistInfo, resume: bool) -> Path | None:
-    """Create `out` and drop a partly written checkpoint (rank 0); return the newest checkpoint.
+    """Create `out` and drop what a killed write left (rank 0); to resume, set incomplete newer
+    checkpoints aside (`checkpoint.resumable`); return the newest checkpoint.
 
     Raises:
         TrainingError: `out` holds checkpoints and `resume` is False.
+        CheckpointError: resuming, and no checkpoint is complete.
     """
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         remove_partial(out)
+        if resume:
+            resumable(out, set_aside=True)
     barrier(info)
     latest = latest_checkpoint(out)
     if latest is not None and not resume:
@@ -352,7 +357,7 @@ class _Loop:
     position: _Position
     run: _Run
     resumed_from: int | None
-    metrics: TextIO | None  # metrics.jsonl, on rank 0
+    metrics: atomic.AppendFile | None  # metrics.jsonl, on rank 0
     reporters: list[Reporter]  # where else each metrics.jsonl line goes (cfg.report_to), on rank 0
     bar: tqdm
     last_saved: int | None  # the step of the newest checkpoint
@@ -506,8 +511,8 @@ def _save_result(loop: _Loop, adapted: nn.Module | None) -> FitResult:
     model_dir = out / MODEL_DIR if adapter_name is None else None
     with gathered(loop.model, frozen=adapter_dir is None):  # FSDP: whole tensors for the files (a collective)
         if loop.info.is_main:
-            if adapter_dir is not None:
-                save_adapter(adapted, adapter_dir, adapter_name)
+            if adapter_dir is not None:  # a whole directory: a failed write keeps an earlier one
+                build_directory(adapter_dir, lambda tmp: save_adapter(adapted, tmp, adapter_name), replace=True)
             else:
                 save_model(loop.model, model_dir)
     barrier(loop.info)
@@ -632,8 +637,8 @@ def _resume(
     return position, _Run(last_loss=state.get("last_loss"), evals=list(state.get("evals", [])))
 
 
-def _open_metrics(path: Path, resumed_from: int | None, info: DistInfo) -> tuple[TextIO | None, list[dict]]:
-    """Open metrics.jsonl for appending; on resume drop lines past the checkpoint (they are redone).
+def _open_metrics(path: Path, resumed_from: int | None, info: DistInfo) -> tuple[atomic.AppendFile | None, list[dict]]:
+    """Open metrics.jsonl for whole-line appends; on resume drop lines past the checkpoint (they are redone).
 
     Returns:
         The file (None on ranks other than 0) and the records it keeps, oldest first.
@@ -641,7 +646,7 @@ def _open_metrics(path: Path, resumed_from: int | None, info: DistInfo) -> tuple
     if not info.is_main:
         return None, []
     if resumed_from is None or not path.exists():
-        return open(path, "w", encoding="utf-8"), []
+        return atomic.open_append(path, truncate=True), []
     kept, records = [], []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
@@ -652,7 +657,7 @@ def _open_metrics(path: Path, resumed_from: int | None, info: DistInfo) -> tuple
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line cut short by a kill
     atomic.write_text(path, "".join(kept))
-    return open(path, "a", encoding="utf-8"), records
+    return atomic.open_append(path), records
 
 
 def _wrap_ddp(model: nn.Module, device: torch.device, info: DistInfo) -> nn.Module:

@@ -31,7 +31,10 @@ def plot_losses(metrics_path: str | os.PathLike[str], out_path: str | os.PathLik
 
     steps, losses, eval_steps, eval_losses = [], [], [], []
     for line in Path(metrics_path).read_text().splitlines():
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill (a resume drops it)
         if row.get("loss") is not None:
             steps.append(row["step"])
             losses.append(row["loss"])

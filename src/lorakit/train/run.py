@@ -27,17 +27,18 @@ from lorakit import data as D
 from lorakit.adapters import trainable_parameters
 from lorakit.config import LoraConfig
 from lorakit.data.packing import packing_stats
-from lorakit.errors import ConfigError, TargetNotFoundError, UnsupportedLayerError
+from lorakit.errors import CheckpointError, ConfigError, FileWriteError, TargetNotFoundError, UnsupportedLayerError
 from lorakit.evaluate import loss_on
 from lorakit.extras import require_extra
 from lorakit.generate import Decoding, generate
 from lorakit.inject import inject
 from lorakit.models import Task, load_model, load_tokenizer
 from lorakit.state import lora_layers
-from lorakit.train.checkpoint import latest_checkpoint
+from lorakit.train.checkpoint import latest_checkpoint, resumable
 from lorakit.train.checkpointing import checkpointable_blocks
 from lorakit.train.config import TrainConfig
-from lorakit.train.distributed import init_distributed
+from lorakit.train.distributed import DistInfo, init_distributed
+from lorakit.train.lock import LOCK_FILE, run_lock
 from lorakit.train.loop import check_resume, fit
 from lorakit.train.packed import check_packable
 from lorakit.train.plot import plot_losses
@@ -131,7 +132,9 @@ def train_run(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer
 
     Raises:
         LorakitError subclasses for bad options, data, models or files; nothing in `out` is
-        overwritten unless `overwrite`/`resume` says so.
+        overwritten unless `overwrite`/`resume` says so. `RunLockedError`: another run is training
+        into `out` (`train.lock.run_lock`, held for the whole call). `FileWriteError`: a file
+        could not be written; the message says how to continue.
     """
     require_extra("cli", "lorakit train")
     check_reporters(train.report_to)  # --report-to's extras, before anything is read
@@ -139,16 +142,26 @@ def train_run(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer
     if run.threads:
         torch.set_num_threads(run.threads)
     info = init_distributed()
-    main = info.is_main
     if info.enabled and train.strategy == "fsdp" and run.quantize == "nf4":
         raise ConfigError(
             "--strategy fsdp with --quantize nf4 is not supported: lorakit does not shard NF4 weights; "
             "use --strategy ddp with an NF4 base, or --quantize bf16 with FSDP"
         )
+    out = atomic.check_target(run.out, directory=True)  # a folder, or one that can be made
+    with run_lock(out, info):  # one run at a time in `out`, from here to the end
+        try:
+            return _train(run, lora, train, echo, info)
+        except FileWriteError as err:
+            raise _continue_hint(err, out) from None
+
+
+def _train(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer, info: DistInfo) -> dict[str, Any]:
+    """`train_run`'s work, under the run lock."""
+    main = info.is_main
     say = echo if main else (lambda _msg: None)
     # Everything is checked before anything slow runs or any file is written: the output folder,
     # the resumed checkpoint's settings, then the data (read and tokenised), then the model.
-    out, checkpoint, note = _check_out(run)
+    out, checkpoint, note = _check_out(run, info)
     resume = checkpoint is not None
     if checkpoint is not None:
         check_resume(checkpoint, train)
@@ -345,12 +358,15 @@ def _check_sizes(run: TrainRun) -> None:
         raise ConfigError("invalid TrainRun:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-def _check_out(run: TrainRun) -> tuple[Path, Path | None, str | None]:
-    """(out, the checkpoint to resume from or None, a line to print) — or refuse, writing nothing."""
+def _check_out(run: TrainRun, info: DistInfo) -> tuple[Path, Path | None, str | None]:
+    """(out, the checkpoint to resume from or None, a line to print) — or refuse, writing nothing
+    but this: to resume, rank 0 sets incomplete checkpoints newer than the one chosen aside, with a
+    warning (`checkpoint.resumable`)."""
     out = atomic.check_target(run.out, directory=True)  # a folder, or one that can be made
     finished = (out / "adapter" / "adapter_config.json").is_file()
     checkpoint = latest_checkpoint(out) if out.is_dir() else None
     if run.resume:
+        checkpoint = resumable(out, set_aside=info.is_main, warn=info.is_main)
         if checkpoint is not None:
             return out, checkpoint, f"resuming {out} from {checkpoint.name}"
         if finished and not run.overwrite:
@@ -358,7 +374,7 @@ def _check_out(run: TrainRun) -> tuple[Path, Path | None, str | None]:
                 f"--resume: {out} holds a finished run with no checkpoint to continue from; "
                 "pass --overwrite to train it again, or another --out"
             )
-        others = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        others = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) if out.is_dir() else []
         if others and not (out / "run_config.json").is_file():
             shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
             raise ConfigError(
@@ -372,6 +388,25 @@ def _check_out(run: TrainRun) -> tuple[Path, Path | None, str | None]:
     if checkpoint is not None and not run.overwrite:
         raise ConfigError(f"{out} holds checkpoints of an earlier run; pass --resume to continue it, or another --out")
     return out, None, None
+
+
+def _continue_hint(err: FileWriteError, out: Path) -> FileWriteError:
+    """`err` with what to do next: once there is room, resume from the newest complete checkpoint
+    (or, with none yet, run the same command again)."""
+    try:
+        checkpoint = resumable(out, warn=False)
+    except CheckpointError:
+        checkpoint = None
+    if checkpoint is not None:
+        then = (
+            f"the newest complete checkpoint is {checkpoint.name}: once there is room, "
+            f"`lorakit train --out {shlex.quote(str(out))} --resume` continues from it"
+        )
+    else:
+        then = "no checkpoint was written yet: once there is room, run the same command again"
+    hinted = FileWriteError(f"{err}; {then}")
+    hinted.errno, hinted.strerror, hinted.filename = err.errno, err.strerror, err.filename
+    return hinted
 
 
 def _warn_if_short_of_memory(run: TrainRun, lora: LoraConfig, train: TrainConfig, scheme: str | None) -> None:
