@@ -85,5 +85,5 @@ def run_settings(model: Path, data: Path, out: Path, **train: object) -> tuple[T
     )
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=["q_proj", "v_proj"])
     settings = {"max_steps": 4, "batch_size": 2, "lr": 1e-2, "warmup_steps": 1, "save_every": 2, "eval_every": 2}
-    settings.update(keep_checkpoints=1, seed=0, **train)
+    settings.update({"keep_checkpoints": 1, "seed": 0, **train})
     return run, lora, TrainConfig(**settings)
