@@ -6,6 +6,10 @@
 >>> lorakit.quantize(model, "nf4")               # before inject: a frozen 4-bit base (QLoRA)
 """
 
+# isort: off
+import lorakit.threads  # noqa: F401  first, before anything imports torch: idle OpenMP threads sleep
+# isort: on
+
 from lorakit.adapters import (
     active_adapters,
     adapter_per_row,

@@ -11,10 +11,18 @@ from typing import Any
 from lorakit.cli.flags import FlagSpec, add_flags, field_help, flag_name, read_toml, resolve
 from lorakit.errors import ConfigError
 from lorakit.recipes import RECIPES, config_path
+from lorakit.threads import set_threads
 
 __all__ = ["Command"]
 
 _POSITIONAL = "positional_value"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -65,7 +73,20 @@ class Command:
             name, flag = self.positional.upper(), flag_name(self.positional)
             parser.add_argument(_POSITIONAL, nargs="?", default=argparse.SUPPRESS, metavar=name, help=f"same as {flag}")
         add_flags(parser, self.specs)
+        if not self.has_threads_field:
+            parser.add_argument(
+                "--threads",
+                type=_positive_int,
+                default=argparse.SUPPRESS,
+                metavar="N",
+                help="torch CPU threads (default: torch's, one per core); see lorakit.threads",
+            )
         return parser
+
+    @property
+    def has_threads_field(self) -> bool:
+        """Whether a config of this command has its own `threads` field (train, serve)."""
+        return any(f.name == "threads" for spec in self.specs for f in spec.fields())
 
     def options(self, args: argparse.Namespace) -> list[Any]:
         """The config instances: defaults, then `--config`, then the flags given."""
@@ -119,6 +140,9 @@ class Command:
         return f"{field.upper()} (or {flag})" if field == self.positional else flag
 
     def __call__(self, args: argparse.Namespace, echo: Callable[[str], None] = print) -> Any:
+        if not self.has_threads_field and "threads" in vars(args):
+            set_threads(args.threads)
+            args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "threads"})
         options = self.options(args)
         self.check_required(options)
         return self.run(*options, echo=echo)
