@@ -11,8 +11,12 @@ share them.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
+
+import torch
 
 from lorakit.config import LoraConfig
 from lorakit.train.config import TrainConfig
@@ -36,7 +40,6 @@ def tiny_model(folder: Path, seed: int = 0) -> Path:
     """A one-block LLaMA (hidden 16, seeded) and a word-level tokenizer, as a transformers directory."""
     if (folder / "config.json").is_file():
         return folder
-    import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -87,3 +90,13 @@ def run_settings(model: Path, data: Path, out: Path, **train: object) -> tuple[T
     settings = {"max_steps": 4, "batch_size": 2, "lr": 1e-2, "warmup_steps": 1, "save_every": 2, "eval_every": 2}
     settings.update({"keep_checkpoints": 1, "seed": 0, **train})
     return run, lora, TrainConfig(**settings)
+
+
+@contextlib.contextmanager
+def threads_kept() -> Iterator[None]:
+    """Put torch's thread count back afterwards: `train_run` sets it for the process (`threads=1`)."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -23,7 +23,7 @@ import pytest
 from lorakit.train.lock import LOCK_FILE, read_holder
 from lorakit.train.run import train_run
 from tests.cli.test_cli import ENV, LORAKIT
-from tests.tiny_run import run_settings, tiny_data, tiny_model
+from tests.tiny_run import run_settings, threads_kept, tiny_data, tiny_model
 
 pytestmark = pytest.mark.integration  # real lorakit and torchrun processes
 
@@ -58,7 +58,8 @@ def tiny(tmp_path_factory) -> tuple[Path, Path, dict[str, bytes]]:
     root = tmp_path_factory.mktemp("tiny")
     model, data = tiny_model(root / "model"), tiny_data(root / "data.jsonl")
     run, lora, train = run_settings(model, data, root / "ref", **SETTINGS)
-    train_run(run, lora, train, echo=lambda _line: None)
+    with threads_kept():
+        train_run(run, lora, train, echo=lambda _line: None)
     adapter = {p.name: p.read_bytes() for p in (root / "ref" / "adapter").iterdir()}
     return model, data, adapter
 

@@ -27,7 +27,7 @@ from lorakit.export.gguf import export_gguf
 from lorakit.models import load_tokenizer
 from tests.conftest import randomize_adapters
 from tests.faults import Faults, sample
-from tests.tiny_run import tiny_data, tiny_model
+from tests.tiny_run import threads_kept, tiny_data, tiny_model
 from tests.train_faults import count_ops, fresh, inject, leftovers, reference
 
 
@@ -35,6 +35,12 @@ from tests.train_faults import count_ops, fresh, inject, leftovers, reference
 def tiny(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("tiny")
     return tiny_model(root / "model"), tiny_data(root / "data.jsonl")
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    with threads_kept():  # train_run runs with threads=1
+        yield
 
 
 @pytest.mark.integration  # ~30 whole training runs and their resumes, in this process
