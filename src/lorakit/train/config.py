@@ -7,13 +7,16 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lorakit.errors import ConfigError
+from lorakit.train.preference import check_preference_options
 
-__all__ = ["LOSSES", "REPORTERS", "SCHEDULES", "TrainConfig"]
+__all__ = ["LOSSES", "METHODS", "REPORTERS", "SCHEDULES", "TrainConfig"]
 
 Schedule = Literal["cosine", "linear", "constant"]
 SCHEDULES = ("cosine", "linear", "constant")
 Loss = Literal["chunked", "full"]
 LOSSES = ("chunked", "full")
+Method = Literal["sft", "dpo", "ipo", "orpo"]
+METHODS = ("sft", "dpo", "ipo", "orpo")
 Reporter = Literal["tensorboard", "mlflow"]
 REPORTERS = ("tensorboard", "mlflow")
 
@@ -40,6 +43,9 @@ RESUME_FREE_FIELDS = frozenset(
         "grad_checkpointing",
         # Where the metrics are also written: what a step computes is the same.
         "report_to",
+        # The reference's log-probabilities computed once before training or at every step: the same
+        # eval-mode forward of the same pairs, batched differently (float rounding only).
+        "precompute_ref",
     }
 )
 
@@ -75,7 +81,20 @@ class TrainConfig:
         keep_checkpoints: keep only the newest this many checkpoints; None keeps all.
         loraplus_lr_ratio: LoRA+ (Hayou et al., 2024): the B matrices train with `lr × ratio`
             (the paper suggests 2-32; 16 is common). None: one learning rate.
-        label_smoothing: label smoothing of the cross entropy, in [0, 1).
+        method: what the run optimises: `sft` (the cross entropy of the completions) or, on
+            preference pairs (`prompt`, `chosen`, `rejected`), `dpo` (DPO's sigmoid loss; β),
+            `ipo` (IPO's squared loss on length-normalised log-ratios; β) or `orpo` (the chosen
+            answers' NLL plus λ times ORPO's odds-ratio term; no reference). DPO and IPO compare
+            with a reference: the base model (the adapter switched off), or the `--init-adapter`
+            loaded frozen. A batch then holds `batch_size` pairs (2 × `batch_size` sequences).
+        beta: β of `dpo` and `ipo` (how far the policy may move from the reference; TRL's default
+            0.1), λ of `orpo` (the weight of the odds-ratio term); > 0.
+        precompute_ref: compute the reference's log-probabilities of every pair once before
+            training (stored with the run, so a resumed run reuses them) instead of one reference
+            forward per step (`dpo`, `ipo`).
+        label_smoothing: label smoothing of the cross entropy, in [0, 1); for `dpo` the
+            probability ε that a pair's preference is flipped (conservative DPO, TRL's
+            `label_smoothing`), in [0, 0.5).
         loss: how a causal LM's loss is computed. `chunked` never holds the (tokens × vocabulary)
             logits: the model runs with its output head bypassed, positions without a target are
             dropped, and the head and cross entropy run over chunks of tokens
@@ -132,6 +151,9 @@ class TrainConfig:
     save_every: int | None = 200
     keep_checkpoints: int | None = 2
     loraplus_lr_ratio: float | None = None
+    method: Method = "sft"
+    beta: float = 0.1
+    precompute_ref: bool = False
     label_smoothing: float = 0.0
     loss: Loss = "chunked"
     grad_checkpointing: bool = False
@@ -205,6 +227,17 @@ class TrainConfig:
         integer("keep_checkpoints", minimum=1, optional=True)
         if self.loraplus_lr_ratio is not None:
             number("loraplus_lr_ratio", low=0, low_ok=False)
+        if self.method not in METHODS:
+            out.append(f"method must be one of {', '.join(map(repr, METHODS))}, got {self.method!r}")
+        elif self.method != "sft":
+            try:
+                check_preference_options(self.method, self.beta, self.label_smoothing)
+            except ConfigError as err:
+                out.append(str(err).replace("--beta", "beta").replace("--label-smoothing", "label_smoothing"))
+        if not isinstance(self.precompute_ref, bool):
+            out.append(f"precompute_ref must be True or False, got {self.precompute_ref!r}")
+        elif self.precompute_ref and self.method not in ("dpo", "ipo"):
+            out.append(f"precompute_ref applies to dpo and ipo (they compare with a reference), not {self.method}")
         if self.loss not in LOSSES:
             out.append(f"loss must be one of {', '.join(map(repr, LOSSES))}, got {self.loss!r}")
         if not isinstance(self.grad_checkpointing, bool):

@@ -45,6 +45,7 @@ from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import DistInfo, barrier, init_distributed
 from lorakit.train.optim import build_optimizer, build_scheduler
 from lorakit.train.packed import check_packable
+from lorakit.train.preference_step import preference_step
 from lorakit.train.reporting import Reporter, check_reporters, open_reporters
 from lorakit.train.sharding import gathered, shard
 from lorakit.train.step import train_step
@@ -385,8 +386,10 @@ class _Loop:
             self.data = iter(batches_fn(position.epoch, position.batch))
         count = min(cfg.grad_accum, self.batches_per_epoch - position.batch)
         micro = [_next_batch(self.data, position, self.batches_per_epoch, i) for i in range(count)]
+        # SFT's step, or a preference method's (`cfg.method`; its batches are concatenated pairs).
+        method = {} if cfg.method == "sft" else {"method": cfg.method, "beta": cfg.beta}
         try:
-            stats = train_step(
+            stats = (train_step if cfg.method == "sft" else preference_step)(
                 self.train_model,
                 micro,
                 self.optimizer,
@@ -397,6 +400,7 @@ class _Loop:
                 autocast=torch.bfloat16 if cfg.autocast == "bf16" else None,
                 info=self.info,
                 stop=stop,
+                **method,
             )
         except TrainingError as err:  # a non-finite loss or gradient: nothing was updated
             raise TrainingError(f"{err} at step {position.step + 1}; {_last_good(self.out)}") from None
@@ -411,6 +415,7 @@ class _Loop:
             "loss": stats.loss,
             "lr": stats.lr,
             "grad_norm": stats.grad_norm,
+            **stats.metrics,
             "tokens_per_s": stats.input_tokens / max(time.perf_counter() - started, 1e-9),
             "seconds": time.perf_counter() - started,
         }

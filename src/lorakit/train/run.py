@@ -42,6 +42,7 @@ from lorakit.train.lock import LOCK_FILE, run_lock
 from lorakit.train.loop import check_resume, fit
 from lorakit.train.packed import check_packable
 from lorakit.train.plot import plot_losses
+from lorakit.train.preference_run import preference_run
 from lorakit.train.reporting import check_reporters
 from lorakit.train.sharding import is_sharded
 
@@ -82,6 +83,10 @@ class TrainRun:
         seq_len: maximum tokens per example; longer ones are cut (see `truncate`) and counted, and
             one left with no trained token is dropped.
         truncate: which end of a long example is cut: `right` keeps its start, `left` its end.
+        init_adapter: start from this adapter folder (PEFT format, e.g. an SFT run's `adapter/`)
+            instead of a fresh adapter: it is trained further and its own config sets the LoRA
+            settings; for `--method dpo`/`ipo` it is also the reference, loaded a second time frozen
+            (one base model in memory). Preference methods only.
         samples: prompts from the eval data to generate from before and after training.
         eval_max_rows: evaluate on at most this many rows of the eval data (a sample fixed by
             the seed, in file order), before, during and after training; None: every row.
@@ -107,6 +112,7 @@ class TrainRun:
     quantize: Literal["none", "nf4", "bf16"] = "none"
     seq_len: int = 128
     truncate: Literal["right", "left"] = "right"
+    init_adapter: str | None = None
     samples: int = 2
     eval_max_rows: int | None = 200
     eval_batch_size: int | None = None
@@ -167,6 +173,13 @@ def _train(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer, i
         check_resume(checkpoint, train)
     if note:
         say(note)
+    if train.method != "sft":  # preference tuning: pairs, a reference, its own step (train.preference_run)
+        if main:
+            scheme = None if run.quantize == "none" else run.quantize
+            _warn_if_short_of_memory(run, lora, dataclasses.replace(train, batch_size=2 * train.batch_size), scheme)
+        return preference_run(run, lora, train, say, info, out=out, checkpoint=checkpoint)
+    if run.init_adapter:
+        raise ConfigError("--init-adapter starts preference tuning (--method dpo, ipo or orpo) from an SFT adapter")
     for source in (run.data, run.eval_data):
         if source and run.task != "classification":
             D.resolve_source(source)  # a missing file is reported before anything is read

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from lorakit.train.distributed import DistInfo, all_reduce_sum, shard_batch
 from lorakit.train.loss import count_targets
 from lorakit.train.packed import model_inputs
 
-__all__ = ["StepResult", "train_step"]
+__all__ = ["StepResult", "apply_update", "no_sync", "train_step"]
 
 
 @dataclass
@@ -30,6 +30,8 @@ class StepResult:
         lr: the learning rate of the first parameter group for this step (nan without one).
         input_tokens: tokens read (attention-mask ones) over all ranks.
         stop: some rank passed `stop=True` (fit's Ctrl-C, agreed on by every rank).
+        metrics: more numbers for the step's `metrics.jsonl` line (a preference step's rewards,
+            margin and accuracy).
     """
 
     loss: float
@@ -37,6 +39,7 @@ class StepResult:
     lr: float
     input_tokens: int
     stop: bool = False
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def train_step(
@@ -106,7 +109,7 @@ def train_step(
         tensors = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         labels = tensors.pop("labels")
         last = index == len(shards) - 1
-        sync = _no_sync(model) if info.enabled and not last else contextlib.nullcontext()
+        sync = no_sync(model) if info.enabled and not last else contextlib.nullcontext()
         cast = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
         with sync:
             with cast:
@@ -117,8 +120,34 @@ def train_step(
         local_sum += summed.detach().double().cpu()
     reduced = all_reduce_sum(torch.stack([local_sum, torch.tensor(float(stop), dtype=torch.float64)]), info)
     loss, stopping, tokens = float(reduced[0]) / global_targets, float(reduced[1]) > 0, int(totals[1])
+    grad_norm, lr = apply_update(optimizer, scheduler, loss=loss, max_grad_norm=max_grad_norm)
+    return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, input_tokens=tokens, stop=stopping)
+
+
+def apply_update(
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    *,
+    loss: float,
+    max_grad_norm: float | None,
+) -> tuple[float, float]:
+    """The end of a step once the gradients are in: check the loss, clip, step the optimizer and
+    the schedule, clear the gradients (what every kind of step shares).
+
+    Args:
+        optimizer: updates the parameters; None: nothing is updated (nan, nan is returned).
+        scheduler: stepped after the optimizer, if given.
+        loss: the step's loss over every rank.
+        max_grad_norm: clip the global gradient norm to this; None: no clipping.
+
+    Returns:
+        (the gradient norm before clipping, the learning rate of the first parameter group).
+
+    Raises:
+        TrainingError: a NaN/inf loss or gradient norm; the gradients are cleared, nothing updated.
+    """
     if optimizer is None:
-        return StepResult(loss=loss, grad_norm=math.nan, lr=math.nan, input_tokens=tokens, stop=stopping)
+        return math.nan, math.nan
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
         raise TrainingError(f"loss became {loss}")
@@ -133,11 +162,11 @@ def train_step(
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, input_tokens=tokens, stop=stopping)
+    return grad_norm, lr
 
 
 @contextlib.contextmanager
-def _no_sync(model: nn.Module):
+def no_sync(model: nn.Module) -> Iterator[None]:
     """Accumulate this micro-batch's gradients locally: DDP's `no_sync`, FSDP2's gradient-sync switch."""
     if hasattr(model, "set_requires_gradient_sync"):
         model.set_requires_gradient_sync(False)
