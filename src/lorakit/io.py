@@ -168,7 +168,7 @@ def adapter_base_quantization(directory: str | os.PathLike) -> str | None:
         AdapterFormatError: the weights file is missing or not safetensors.
     """
     path = Path(directory) / WEIGHTS_NAME
-    _read_header(path)
+    _read_weights(path)
     with safe_open(path, framework="pt", device="cpu") as f:
         return (f.metadata() or {}).get(BASE_QUANTIZATION_KEY)
 
@@ -189,14 +189,15 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterFormatError(f"{path}: not valid JSON ({err})") from None
+        raise AdapterFormatError(f"{path}: not valid JSON, incomplete or corrupt ({err})") from None
     return LoraConfig.from_peft_dict(data, source=str(path))
 
 
 def check_adapter_files(directory: str | os.PathLike) -> LoraConfig:
     """Check an adapter directory as far as no model is needed, so a command refuses a bad adapter
-    before it loads one: `adapter_config.json`, the safetensors header (never a pickle), PEFT's keys
-    with every lora_A paired with its lora_B. `load_adapter` checks the same, then the shapes.
+    before it loads one: `adapter_config.json`, the safetensors file (read whole and checked; never a
+    pickle), PEFT's keys with every lora_A paired with its lora_B. `load_adapter` checks the same,
+    then the shapes.
 
     Returns:
         The adapter's config.
@@ -206,7 +207,7 @@ def check_adapter_files(directory: str | os.PathLike) -> LoraConfig:
     """
     config = read_adapter_config(directory)
     path = Path(directory) / WEIGHTS_NAME
-    _split_keys(_read_header(path), path)
+    _split_keys(_shapes(_read_weights(path)), path)
     return config
 
 
@@ -237,7 +238,8 @@ def load_adapter(
     check_adapter_name(model, adapter_name)
     config = read_adapter_config(directory)
     weights_path = Path(directory) / WEIGHTS_NAME
-    header = _read_header(weights_path)
+    tensors = _read_weights(weights_path)
+    header = _shapes(tensors)
 
     lora, extra = _split_keys(header, weights_path)
     targets: list[Target] = []
@@ -250,7 +252,6 @@ def load_adapter(
 
     load_config = dataclasses.replace(config, init_lora_weights=False)
     steps = plan(model, load_config, adapter_name, targets)
-    tensors = _read_tensors(weights_path, header)
     apply(model, config, adapter_name, steps, saved_paths, trainable=is_trainable)
     with torch.no_grad():
         for step in steps:
@@ -284,16 +285,23 @@ def read_lora_tensors(directory: str | os.PathLike) -> tuple[LoraConfig, dict[st
     """
     config = read_adapter_config(directory)
     path = Path(directory) / WEIGHTS_NAME
-    header = _read_header(path)
-    lora, _ = _split_keys(header, path)
-    tensors = _read_tensors(path, header)
+    tensors = _read_weights(path)
+    lora, _ = _split_keys(_shapes(tensors), path)
     return config, {
         module: {part: (key if part == "kind" else tensors[key]) for part, key in slot.items()}
         for module, slot in lora.items()
     }
 
 
-def _read_header(path: Path) -> dict[str, tuple[int, ...]]:
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an adapter's weights file, which must be there, safetensors, whole, not empty.
+
+    The file is read once with plain reads, never memory-mapped, and everything (the keys and
+    shapes checked against a model, the tensors copied into it) comes from that one read: a file
+    rewritten in place while it is read (an adapter being saved again) is then an error here,
+    where a mapped read would kill the process with SIGBUS once the file is cut short. Adapter
+    files are small; the copy costs one file's size for a moment.
+    """
     if not path.is_file():
         pickled = [
             n for n in ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin") if (path.parent / n).exists()
@@ -304,40 +312,27 @@ def _read_header(path: Path) -> dict[str, tuple[int, ...]]:
                 "(unpickling runs arbitrary code). Convert it to safetensors with a tool you trust."
             )
         raise AdapterFormatError(f"{path}: missing (an incomplete adapter: is it still being written?)")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic[:2] == b"PK" or magic[:1] == b"\x80":
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise AdapterFormatError(f"{path}: cannot be read: {err}") from None
+    if data[:2] == b"PK" or data[:1] == b"\x80":
         raise AdapterFormatError(
             f"{path}: this is a pickle/zip file (torch.save), not safetensors; lorakit never unpickles files"
         )
     try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            header = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError) as err:
+        tensors = safetensors_load(data)
+    except (SafetensorError, ValueError) as err:
         raise AdapterFormatError(
             f"{path}: not a valid safetensors file, incomplete or corrupt (is it still being written?): {err}"
         ) from None
-    if not header:
+    if not tensors:
         raise AdapterFormatError(f"{path}: holds no tensors")
-    return header
-
-
-def _read_tensors(path: Path, header: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """Every tensor of `path`, which must still have the `header` the caller checked.
-
-    The file is read with plain reads, not memory-mapped: a file cut short while it is read (an
-    adapter being rewritten in place) is then an error here, where a mapped read would kill the
-    process with SIGBUS. Adapter files are small; the copy costs one file's size for a moment.
-    """
-    try:
-        tensors = safetensors_load(path.read_bytes())
-    except (SafetensorError, OSError, ValueError) as err:
-        raise AdapterFormatError(
-            f"{path}: could not read tensors, incomplete or corrupt (is it still being written?): {err}"
-        ) from None
-    if {k: tuple(t.shape) for k, t in tensors.items()} != header:
-        raise AdapterFormatError(f"{path}: the file changed while it was read (is it still being written?)")
     return tensors
+
+
+def _shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(t.shape) for k, t in tensors.items()}
 
 
 def _split_keys(header: dict[str, tuple[int, ...]], path: Path) -> tuple[dict[str, dict[str, str]], list[str]]:

@@ -4,6 +4,7 @@ library call it makes)."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import openai
 import pytest
 import torch
 
@@ -91,6 +93,25 @@ class Server:
 
     def alive(self) -> bool:
         return self.process.poll() is None and self.get("/health")[0] == 200
+
+
+def client(server: Server, key: str = API_KEY) -> openai.OpenAI:
+    """The `openai` client of `server` (no retries)."""
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def post(server: Server, path: str, body: dict | list | bytes, key: str | None = API_KEY) -> tuple[int, dict, dict]:
+    """A raw POST (status, JSON body, headers), for what the openai client does not send."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"content-type": "application/json"}
+    if key is not None:
+        headers["authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(server.url + path, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return r.status, json.loads(r.read()), dict(r.headers)
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read()), dict(err.headers)
 
 
 def start_server(args: list[str], log: Path, env: dict[str, str] | None = None) -> Server:

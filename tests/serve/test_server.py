@@ -17,29 +17,22 @@ import openai
 import pytest
 
 from lorakit.models import load_tokenizer
-from tests.serve.conftest import ADAPTERS, API_KEY, ENV, LORAKIT, MAX_TOKENS, PROMPTS, start_server, stop_server
+from tests.serve.conftest import (
+    ADAPTERS,
+    API_KEY,
+    ENV,
+    LORAKIT,
+    MAX_TOKENS,
+    PROMPTS,
+    client,
+    post,
+    start_server,
+    stop_server,
+)
 
 pytestmark = pytest.mark.integration  # a real `lorakit serve` process
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-
-def client(server, key: str = API_KEY) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=120)
-
-
-def post(server, path: str, body: dict | list | bytes, key: str | None = API_KEY) -> tuple[int, dict, dict]:
-    """A raw POST (status, JSON body, headers), for what the openai client does not send."""
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    headers = {"content-type": "application/json"}
-    if key is not None:
-        headers["authorization"] = f"Bearer {key}"
-    request = urllib.request.Request(server.url + path, data=data, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=120) as r:
-            return r.status, json.loads(r.read()), dict(r.headers)
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read()), dict(err.headers)
 
 
 def metric(server, name: str) -> float:

@@ -2,8 +2,8 @@
 
 Handlers only validate, tokenize, hand jobs to the engine and relay its events; all model work
 runs on the engine's worker thread, so the event loop stays free. Every error is OpenAI's error
-JSON with the right status (400 bad request, 401 API key, 404 unknown model, 429 queue full with
-`Retry-After`, 500 otherwise) and never a traceback.
+JSON with the right status (400 bad request, 401 API key, 404 unknown model, 413 body over
+`--max-request-bytes`, 429 queue full with `Retry-After`, 500 otherwise) and never a traceback.
 """
 
 import asyncio
@@ -21,6 +21,7 @@ from lorakit.data import encode_prompt
 from lorakit.extras import require
 from lorakit.serve.engine import Engine, Event, Job
 from lorakit.serve.errors import BadRequest, ServeError, Unauthorized
+from lorakit.serve.limits import BodyLimit
 from lorakit.serve.metrics import ServeMetrics
 from lorakit.serve.registry import AdapterRegistry
 from lorakit.serve.schemas import (
@@ -38,7 +39,12 @@ log = logging.getLogger("lorakit.serve")
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
-    for status, text in ((400, "Bad request"), (401, "Missing or wrong API key"), (404, "Unknown model"))
+    for status, text in (
+        (400, "Bad request"),
+        (401, "Missing or wrong API key"),
+        (404, "Unknown model"),
+        (413, "Request body over --max-request-bytes"),
+    )
 }
 _GENERATION_ERRORS = {**_ERRORS, 429: {"model": ErrorResponse, "description": "Queue full; see Retry-After"}}
 
@@ -56,6 +62,7 @@ class ServerState:
         default_max_tokens: `max_tokens` of a request that gives none; None = OpenAI's defaults
             (16 for completions, the rest of the context for chat).
         api_key: the key `/v1/` requests must send as `Authorization: Bearer KEY`, or None.
+        max_request_bytes: the largest request body accepted (larger: 413, unread).
     """
 
     engine: Engine
@@ -65,6 +72,7 @@ class ServerState:
     max_model_len: int
     default_max_tokens: int | None = None
     api_key: str | None = None
+    max_request_bytes: int = 8 * 1024 * 1024
 
 
 def create_app(state: ServerState) -> Any:
@@ -104,6 +112,10 @@ def create_app(state: ServerState) -> Any:
     async def _unexpected(request: Request, err: Exception) -> JSONResponse:
         return internal_error(err, request.url.path)
 
+    # Inside the middleware below (added first): its body-reading wrapper runs in a task group,
+    # which would wrap BodyTooLarge in an ExceptionGroup that FastAPI's body reader turns into a 400.
+    app.add_middleware(BodyLimit, max_bytes=state.max_request_bytes)
+
     @app.middleware("http")
     async def _auth_and_count(request: Request, call_next: Callable) -> Response:
         path = request.url.path
@@ -121,7 +133,7 @@ def create_app(state: ServerState) -> Any:
         except Exception as err:  # what the exception handlers did not turn into a response
             response = internal_error(err, path)
         route = request.scope.get("route")
-        state.metrics.count(getattr(route, "path", "other"), response.status_code)
+        state.metrics.count(getattr(route, "path", None) or _endpoint(app, path), response.status_code)
         return response
 
     # ------------------------------------------------------------------ endpoints
@@ -135,7 +147,9 @@ def create_app(state: ServerState) -> Any:
         body, content_type = state.metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.get("/v1/models", summary="The base model and each loaded adapter", responses=_ERRORS)
+    @app.get(
+        "/v1/models", summary="The base model and each loaded adapter (with vLLM's max_model_len)", responses=_ERRORS
+    )
     async def models() -> dict:
         created = int(_START)
         data = [
@@ -146,6 +160,7 @@ def create_app(state: ServerState) -> Any:
                 "owned_by": "lorakit",
                 "root": state.registry.base,
                 "parent": None,
+                "max_model_len": state.max_model_len,
             }
         ]
         for entry in state.registry.ready():
@@ -157,6 +172,7 @@ def create_app(state: ServerState) -> Any:
                     "owned_by": "lorakit",
                     "root": str(entry.path),
                     "parent": state.registry.base,
+                    "max_model_len": state.max_model_len,
                 }
             )
         return {"object": "list", "data": data}
@@ -187,6 +203,12 @@ def create_app(state: ServerState) -> Any:
 
 
 _START = time.time()
+
+
+def _endpoint(app: Any, path: str) -> str:
+    """The metrics label of a request answered before routing (a 413): its route's path, or `other`."""
+    return path if any(getattr(r, "path", None) == path for r in app.routes) else "other"
+
 
 _SOURCES = ("body", "query", "path", "header", "cookie")
 

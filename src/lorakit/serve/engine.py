@@ -189,6 +189,8 @@ class Engine:
             if len(self._waiting) >= self.max_queue:
                 raise Overloaded(f"the server is at capacity ({self.max_queue} requests waiting); retry shortly")
             self._waiting.append(job)
+            if self.metrics is not None:
+                self.metrics.observe_queued(len(self._waiting))
             self._wake.notify_all()
 
     def call(self, fn: Callable[[], Any]) -> Future:

@@ -34,6 +34,10 @@ class ServeMetrics:
         self.prompt_tokens = Counter("lorakit_prompt_tokens", "Prompt tokens prefilled.", registry=r)
         self.generated_tokens = Counter("lorakit_generation_tokens", "Tokens generated.", registry=r)
         self.queue_depth = Gauge("lorakit_queue_depth", "Requests waiting for a batch row.", registry=r)
+        self.queue_peak = Gauge(
+            "lorakit_queue_depth_max", "Most requests waiting for a batch row at once, since start.", registry=r
+        )
+        self._peak = 0
         self.running = Gauge("lorakit_batch_rows", "Requests being decoded.", registry=r)
         self.occupancy = Gauge("lorakit_batch_occupancy", "Batch rows in use / --max-batch.", registry=r)
         self.adapters = Gauge("lorakit_adapters_loaded", "Adapters loaded.", registry=r)
@@ -59,6 +63,13 @@ class ServeMetrics:
         self.generated_tokens.inc(tokens)
         if reason in ("stop", "length"):
             self.latency.observe(seconds)
+
+    def observe_queued(self, waiting: int) -> None:
+        """A request joined the queue, which now holds `waiting` (called under the engine's lock)."""
+        self.queue_depth.set(waiting)
+        if waiting > self._peak:
+            self._peak = waiting
+            self.queue_peak.set(waiting)
 
     def observe_load(self, waiting: int, running: int, max_batch: int) -> None:
         self.queue_depth.set(waiting)

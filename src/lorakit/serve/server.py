@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,13 +40,19 @@ class ServeConfig:
         max_batch: requests decoded together at most (rows of one batch).
         max_adapters: adapters loaded at most (at start and over HTTP together).
         max_queue: requests waiting for a row at most; beyond it requests get 429 with Retry-After.
-        max_model_len: prompt plus completion tokens at most (default: the model's context length).
+        max_model_len: prompt plus completion tokens at most (default: the model's context length,
+            `max_position_embeddings`: 8192 for SmolLM2). A longer prompt, or a `max_tokens` that
+            does not fit after the prompt, is a 400 naming both lengths (never clamped).
         default_max_tokens: `max_tokens` of a request that gives none (default: OpenAI's, 16 for
             completions and the rest of the context for chat).
         api_key_env: name of an environment variable holding the API key that `/v1/` requests must
             send as `Authorization: Bearer KEY` (omit for no key).
         batching: `mixed` (one batch holds rows of different adapters) or `per_adapter` (one
             adapter's requests at a time: the switching baseline, for benchmarks).
+        max_request_bytes: the largest request body accepted, in bytes; a larger one gets 413
+            without being read (8 MiB by default).
+        shutdown_timeout: seconds SIGTERM (or Ctrl-C) waits for running requests to finish before
+            it cancels them; new connections are refused at once, and the process exits 0.
         threads: torch CPU threads (default: torch's).
         log_level: uvicorn's log level.
     """
@@ -61,12 +68,14 @@ class ServeConfig:
     default_max_tokens: int | None = None
     api_key_env: str | None = None
     batching: Literal["mixed", "per_adapter"] = "mixed"
+    max_request_bytes: int = 8 * 1024 * 1024
+    shutdown_timeout: float = 30.0
     threads: int | None = None
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("max_batch", "max_adapters", "max_queue"):
+        for name in ("max_batch", "max_adapters", "max_queue", "max_request_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 problems.append(f"{name} must be an integer >= 1, got {value!r}")
@@ -74,6 +83,10 @@ class ServeConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 problems.append(f"{name} must be an integer >= 1 or none, got {value!r}")
+        if isinstance(self.shutdown_timeout, bool) or not (
+            isinstance(self.shutdown_timeout, int | float) and self.shutdown_timeout >= 0
+        ):
+            problems.append(f"shutdown_timeout must be a number of seconds >= 0, got {self.shutdown_timeout!r}")
         if not 0 <= self.port <= 65535:
             problems.append(f"port must be in 0..65535, got {self.port}")
         for name in self.adapter:
@@ -146,18 +159,39 @@ def build_server(config: ServeConfig, source: ModelSource) -> tuple[Any, ServerS
         max_model_len=int(context),
         default_max_tokens=config.default_max_tokens,
         api_key=os.environ[config.api_key_env] if config.api_key_env else None,
+        max_request_bytes=config.max_request_bytes,
     )
     return create_app(state), state
 
 
 def serve(config: ServeConfig, source: ModelSource, echo: Callable[[str], None] = print) -> None:
-    """Serve until interrupted (SIGINT / SIGTERM end it gracefully)."""
+    """Serve until SIGTERM or SIGINT, then shut down gracefully and return.
+
+    uvicorn's graceful shutdown: the listening socket closes at once (new connections are
+    refused), requests already received run to their end — streams included, on the engine, which
+    keeps stepping — for at most `shutdown_timeout` seconds, after which they are cancelled; then
+    the engine stops. After a graceful shutdown uvicorn raises the signal it caught again, which
+    would end the process with that signal's status; the handler installed here turns that into a
+    normal return, so `lorakit serve` exits 0.
+    """
     import uvicorn
 
     app, state = build_server(config, source)
     adapters = ", ".join(e.name for e in state.registry.ready()) or "none"
     echo(f"serving {state.registry.base} (adapters: {adapters}) on http://{config.host}:{config.port}/v1")
+    previous = signal.signal(signal.SIGTERM, _after_graceful_shutdown)
     try:
-        uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
+        uvicorn.run(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level=config.log_level,
+            timeout_graceful_shutdown=config.shutdown_timeout,
+        )
     finally:
+        signal.signal(signal.SIGTERM, previous)
         state.engine.close()
+
+
+def _after_graceful_shutdown(signum: int, frame: Any) -> None:
+    """SIGTERM outside uvicorn's own handler: uvicorn re-raising the signal it has already served."""
