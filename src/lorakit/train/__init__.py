@@ -6,10 +6,11 @@ checkpoints, exact resume, DDP and FSDP (`shard`); `run` is the whole `lorakit t
 >>> result.adapter_dir                      # runs/x/adapter: PEFT-format adapter
 """
 
-from lorakit.train.checkpoint import latest_checkpoint, list_checkpoints
+from lorakit.train.checkpoint import latest_checkpoint, list_checkpoints, resumable, verify
 from lorakit.train.checkpointing import disable_grad_checkpointing, enable_grad_checkpointing, is_grad_checkpointing
 from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import DistInfo, init_distributed
+from lorakit.train.lock import run_lock
 from lorakit.train.loop import FitResult, fit
 from lorakit.train.loss import count_targets, loss_sum
 from lorakit.train.optim import build_optimizer, build_scheduler, lr_factor
@@ -35,6 +36,9 @@ __all__ = [
     "list_checkpoints",
     "loss_sum",
     "lr_factor",
+    "resumable",
+    "run_lock",
     "shard",
     "train_step",
+    "verify",
 ]
