@@ -20,7 +20,7 @@ from typing import Any
 from lorakit.data import encode_prompt
 from lorakit.extras import require
 from lorakit.serve.engine import Engine, Event, Job
-from lorakit.serve.errors import BadRequest, ServeError, Unauthorized
+from lorakit.serve.errors import BadRequest, ServeError, Unauthorized, Unavailable
 from lorakit.serve.limits import BodyLimit
 from lorakit.serve.metrics import ServeMetrics
 from lorakit.serve.registry import AdapterRegistry
@@ -361,6 +361,14 @@ async def _generate(state: ServerState, request: Any, body: Any, prompts: list[l
     return await _collect(reply, queue, jobs, usage, chat, request)
 
 
+def _failure(event: Event) -> ServeError:
+    """The error of a job that ended without finishing: generation failed (500), or the engine
+    cancelled it because the server is stopping (503: a client that went away is never answered)."""
+    if event.finish_reason == "cancelled":
+        return Unavailable("the request was cancelled: the server is stopping (--shutdown-timeout ran out)")
+    return ServeError(event.error or "generation failed")
+
+
 @dataclass
 class _Reply:
     id: str
@@ -405,7 +413,7 @@ async def _collect(reply: _Reply, queue: asyncio.Queue, jobs: list[Job], usage: 
             job.cancel()  # a no-op for finished jobs; frees the rows of a client that went away
     failed = next((e for e in ends if e is not None and e.finish_reason in ("error", "cancelled")), None)
     if failed is not None:
-        raise ServeError(failed.error or "the request was cancelled (the server is stopping)")
+        raise _failure(failed)
     choices = []
     for index, (text, end) in enumerate(zip(texts, ends, strict=True)):
         assert end is not None
@@ -450,8 +458,7 @@ async def _stream(
         while finished < len(jobs):
             index, event = await queue.get()
             if event.finish_reason in ("error", "cancelled"):
-                message = event.error or "the request was cancelled (the server is stopping)"
-                yield sse(ServeError(message).body())
+                yield sse(_failure(event).body())
                 break
             end = event.finish_reason
             if event.text or end is not None:

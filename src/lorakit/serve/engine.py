@@ -45,7 +45,7 @@ from torch import nn
 from lorakit.adapters import active_adapters, adapter_per_row, disable_adapters, list_adapters, set_adapter
 from lorakit.layers import BASE
 from lorakit.serve.batch import KVBatch, layers_of
-from lorakit.serve.errors import Overloaded
+from lorakit.serve.errors import Overloaded, Unavailable
 from lorakit.serve.text import SamplingParams, TextStream, make_generator, next_token
 
 __all__ = ["Engine", "Event", "Job"]
@@ -160,7 +160,10 @@ class Engine:
         return self
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the worker: running and waiting jobs end with `cancelled`."""
+        """Stop the worker: running and waiting jobs end with `cancelled`, new ones are refused.
+
+        Waits up to `timeout` seconds for the worker to stop (0: do not wait, from the event loop).
+        """
         with self._wake:
             self._closed = True
             self._wake.notify_all()
@@ -184,8 +187,11 @@ class Engine:
 
         Raises:
             Overloaded: `max_queue` jobs are already waiting.
+            Unavailable: the engine is closed (the server is stopping).
         """
         with self._wake:
+            if self._closed:
+                raise Unavailable("the server is stopping and takes no new requests")
             if len(self._waiting) >= self.max_queue:
                 raise Overloaded(f"the server is at capacity ({self.max_queue} requests waiting); retry shortly")
             self._waiting.append(job)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lorakit.errors import LorakitError
 
-__all__ = ["BadRequest", "Overloaded", "ServeError", "Unauthorized", "UnknownModel"]
+__all__ = ["BadRequest", "Overloaded", "ServeError", "Unauthorized", "Unavailable", "UnknownModel"]
 
 
 class ServeError(LorakitError):
@@ -48,6 +48,14 @@ class UnknownModel(ServeError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return self.message
+
+
+class Unavailable(ServeError):
+    """503: the server is stopping; the request was not run, or was cancelled at the end of the grace period."""
+
+    status = 503
+    type = "server_error"
+    code = "server_stopping"
 
 
 class Overloaded(ServeError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from collections.abc import Callable
@@ -52,7 +53,7 @@ class ServeConfig:
         max_request_bytes: the largest request body accepted, in bytes; a larger one gets 413
             without being read (8 MiB by default).
         shutdown_timeout: seconds SIGTERM (or Ctrl-C) waits for running requests to finish before
-            it cancels them; new connections are refused at once, and the process exits 0.
+            it cancels them (503); new connections are refused at once, and the process exits 0.
         threads: torch CPU threads (default: torch's).
         log_level: uvicorn's log level.
     """
@@ -167,30 +168,51 @@ def build_server(config: ServeConfig, source: ModelSource) -> tuple[Any, ServerS
 def serve(config: ServeConfig, source: ModelSource, echo: Callable[[str], None] = print) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully and return.
 
-    uvicorn's graceful shutdown: the listening socket closes at once (new connections are
-    refused), requests already received run to their end — streams included, on the engine, which
-    keeps stepping — for at most `shutdown_timeout` seconds, after which they are cancelled; then
-    the engine stops. After a graceful shutdown uvicorn raises the signal it caught again, which
-    would end the process with that signal's status; the handler installed here turns that into a
-    normal return, so `lorakit serve` exits 0.
+    Shutting down: the listening socket closes at once (new connections are refused, and
+    keep-alive connections close after their current response); requests already received keep
+    running — streams included, the engine keeps stepping — for up to `shutdown_timeout` seconds;
+    then the engine cancels what is left (a stream ends with a 503 error event and `[DONE]`, a
+    collected request gets a 503), the connections close and the process exits. uvicorn would
+    cancel the HTTP tasks themselves a little later (`_BACKSTOP_S`), which it logs as a traceback;
+    the engine's cancellation ends them first. After a graceful shutdown uvicorn raises the signal
+    it caught again, which would end the process with that signal's status; the handler installed
+    here turns that into a normal return, so `lorakit serve` exits 0.
     """
     import uvicorn
 
     app, state = build_server(config, source)
     adapters = ", ".join(e.name for e in state.registry.ready()) or "none"
     echo(f"serving {state.registry.base} (adapters: {adapters}) on http://{config.host}:{config.port}/v1")
+    settings = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level,
+        timeout_graceful_shutdown=config.shutdown_timeout + _BACKSTOP_S,
+    )
     previous = signal.signal(signal.SIGTERM, _after_graceful_shutdown)
     try:
-        uvicorn.run(
-            app,
-            host=config.host,
-            port=config.port,
-            log_level=config.log_level,
-            timeout_graceful_shutdown=config.shutdown_timeout,
-        )
+        _graceful(uvicorn.Server, state.engine, config.shutdown_timeout)(settings).run()
     finally:
         signal.signal(signal.SIGTERM, previous)
         state.engine.close()
+
+
+_BACKSTOP_S = 5.0  # uvicorn's own deadline, after the engine's
+
+
+def _graceful(server_class: type, engine: Engine, grace: float) -> type:
+    """uvicorn's `Server` whose shutdown closes `engine` once `grace` seconds have passed."""
+
+    class GracefulServer(server_class):  # type: ignore[misc, valid-type]
+        async def shutdown(self, sockets: Any = None) -> None:
+            deadline = asyncio.get_running_loop().call_later(grace, engine.close, 0)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                deadline.cancel()
+
+    return GracefulServer
 
 
 def _after_graceful_shutdown(signum: int, frame: Any) -> None:
