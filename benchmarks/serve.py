@@ -80,14 +80,7 @@ def free_port() -> int:
 def start(
     args: argparse.Namespace, adapters: dict[str, Path], batching: str, log: Path
 ) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [
-        str(LORAKIT),
-        "serve",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
+    flags = [
         "--max-batch",
         str(args.max_batch),
         "--max-queue",
@@ -99,11 +92,17 @@ def start(
         "--threads",
         str(args.threads),
     ]
-    cmd += [f"--adapter={n}={p}" for n, p in adapters.items()]
+    return launch(flags + [f"--adapter={n}={p}" for n, p in adapters.items()], log)
+
+
+def launch(flags: list[str], log: Path, timeout: float = 180) -> tuple[subprocess.Popen, str]:
+    """Start `lorakit serve FLAGS` on a free port; return the process and its URL once /health answers."""
+    port = free_port()
+    cmd = [str(LORAKIT), "serve", "--port", str(port), "--log-level", "warning", *flags]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     process = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
+    deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
