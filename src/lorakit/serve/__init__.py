@@ -7,8 +7,9 @@
 | `text` | sampling parameters, next-token choice, streamed text with stop strings |
 | `registry` | model names, adapters loaded/unloaded while serving, reference counts |
 | `api`, `schemas` | the FastAPI endpoints and OpenAI's request/response and error shapes |
+| `limits` | the request-size limit: a body over `--max-request-bytes` is refused (413) unread |
 | `metrics` | Prometheus metrics |
-| `server` | `ServeConfig`, loading everything, running uvicorn |
+| `server` | `ServeConfig`, loading everything, running uvicorn, the graceful shutdown |
 
 The HTTP layer needs the `serve` extra (fastapi, uvicorn, prometheus_client); the engine needs
 only torch and transformers.
