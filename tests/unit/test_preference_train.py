@@ -118,8 +118,9 @@ def test_each_method_learns_to_rank_held_out_pairs_and_writes_a_peft_adapter(tmp
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_accumulated_micro_batches_give_the_gradient_of_one_big_batch(tok, data):
-    """Without dropout, so the two computations draw no masks: the equality is of the sums and weights."""
+def test_accumulated_or_packed_micro_batches_give_the_gradient_of_one_big_padded_batch(tok, data):
+    """Without dropout: packed and padded rows are different inputs to draw masks over, so no layout
+    could draw the other's; the equality is of the computation."""
     _, train, _ = data
     model = _policy(tok, dropout=0.0)
     lorakit.set_adapter(model, "default")
@@ -136,7 +137,13 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_big_batch(tok, data)
     split, split_grads = grads([train.collate([0, 1]), train.collate([2, 3])])
     assert split.loss == pytest.approx(whole.loss, rel=1e-6)
     assert split.metrics == pytest.approx(whole.metrics, rel=1e-5, abs=1e-7)
-    assert max_diff(split_grads, whole_grads) <= 1e-6 * max(g.abs().max().item() for g in whole_grads.values())
+    scale = max(g.abs().max().item() for g in whole_grads.values())
+    assert max_diff(split_grads, whole_grads) <= 1e-6 * scale
+    packed, packed_grads = grads([train.collate([0, 1, 2, 3], pack_to=64)])  # 8 sequences of 26-33 tokens
+    assert packed.loss == pytest.approx(whole.loss, rel=1e-5)
+    assert packed.metrics == pytest.approx(whole.metrics, rel=1e-4, abs=1e-6)
+    assert packed.input_tokens == whole.input_tokens
+    assert max_diff(packed_grads, whole_grads) <= 1e-5 * scale
 
 
 class _Crash(Exception):

@@ -87,8 +87,8 @@ class TrainConfig:
             answers' NLL plus λ times ORPO's odds-ratio term; no reference). DPO and IPO compare
             with a reference: the base model (the adapter switched off), or the `--init-adapter`
             loaded frozen. A batch then holds `batch_size` pairs (2 × `batch_size` sequences).
-        beta: β of `dpo` and `ipo` (how far the policy may move from the reference; TRL's default
-            0.1), λ of `orpo` (the weight of the odds-ratio term); > 0.
+        beta: β of `dpo` and `ipo` (how far the policy may move from the reference; 0.1 as in TRL),
+            λ of `orpo` (the weight of the odds-ratio term); > 0.
         precompute_ref: compute the reference's log-probabilities of every pair once before
             training (stored with the run, so a resumed run reuses them) instead of one reference
             forward per step (`dpo`, `ipo`).
