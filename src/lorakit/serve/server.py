@@ -51,7 +51,7 @@ class ServeConfig:
         batching: `mixed` (one batch holds rows of different adapters) or `per_adapter` (one
             adapter's requests at a time: the switching baseline, for benchmarks).
         max_request_bytes: the largest request body accepted, in bytes; a larger one gets 413
-            without being read (8 MiB by default).
+            without being read (default: 8388608, 8 MiB).
         shutdown_timeout: seconds SIGTERM (or Ctrl-C) waits for running requests to finish before
             it cancels them (503); new connections are refused at once, and the process exits 0.
         threads: torch CPU threads (default: torch's).
