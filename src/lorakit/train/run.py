@@ -64,7 +64,8 @@ class TrainRun:
             `instruction`/`input`/`output`, `prompt`/`completion` (strings or message lists),
             `text` or E2E `mr`/`ref` records (detected from their fields; conversations are
             rendered with the model's chat template); the LoRA `.txt` E2E format; a GLUE TSV for
-            classification; or `e2e` (the bundled sample).
+            classification; or `e2e` (the bundled sample). With `--method dpo`, `ipo` or `orpo`:
+            preference records, `prompt`, `chosen` and `rejected` (strings or message lists).
         fields: the records' names for the standard fields, when they differ (`messages=dialog`,
             `instruction=question,output=answer`; keys: messages, conversations, prompt,
             completion, instruction, input, output, system, text).
