@@ -44,8 +44,8 @@ def run_lock(out: str | os.PathLike, info: DistInfo | None = None) -> Iterator[P
     """Hold the run lock of `out` for the `with` block (rank 0; every rank raises if it is refused).
 
     Args:
-        out: the run's output directory (created if missing; removed again on release if it was
-            created here and is still empty).
+        out: the run's output directory (created if missing, with its parents; those created here
+            are removed again on release if they are still empty).
         info: this process's place in the job (None: a single process). A collective when several
             ranks take part: call it on every rank.
 
@@ -59,20 +59,22 @@ def run_lock(out: str | os.PathLike, info: DistInfo | None = None) -> Iterator[P
     info = info or DistInfo()
     out = Path(out)
     path = out / LOCK_FILE
-    fd, created = -1, False
+    fd, created = -1, []
     failure: RunLockedError | FileWriteError | None = None
     if info.is_main:
         try:
-            created = not out.exists()
+            folder = out
+            while not folder.exists():
+                created.append(folder)  # innermost first
+                folder = folder.parent
             out.mkdir(parents=True, exist_ok=True)
             fd = _acquire(path)
         except RunLockedError as err:
             failure = err
         except OSError as err:
             failure = write_error(err, path, "nothing was written")  # type: ignore[assignment]
-        if failure is not None and created:
-            with contextlib.suppress(OSError):
-                out.rmdir()
+        if failure is not None:
+            _remove_empty(created)
     failure = _agree(failure, info)
     if failure is not None:
         raise failure
@@ -83,9 +85,16 @@ def run_lock(out: str | os.PathLike, info: DistInfo | None = None) -> Iterator[P
             with contextlib.suppress(OSError):
                 path.unlink()
             os.close(fd)
-            if created:
-                with contextlib.suppress(OSError):
-                    out.rmdir()  # only if empty: a run refused before writing leaves no folder
+            _remove_empty(created)  # a run refused before writing leaves no folder
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """rmdir each of `folders` (innermost first) that is empty; stop at the first that is not."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def read_holder(path: str | os.PathLike) -> dict[str, Any] | None:
