@@ -19,7 +19,7 @@ from lorakit.extras import EXTRAS
 # Every package an extra installs, and what they bring (pydantic, starlette) or tests use (peft).
 HEAVY = tuple(sorted({m for modules in EXTRAS.values() for m in modules} | {"pydantic", "starlette", "peft"}))
 # The FastAPI layer of `lorakit serve` defines pydantic models: imported only when serving.
-SERVING = ("lorakit.serve.api", "lorakit.serve.schemas")
+SERVING = ("lorakit.serve.api", "lorakit.serve.limits", "lorakit.serve.schemas")
 
 _HELP = """
 import contextlib, io, json, sys
