@@ -53,7 +53,8 @@ class ServeConfig:
         max_request_bytes: the largest request body accepted, in bytes; a larger one gets 413
             without being read (default: 8388608, 8 MiB).
         shutdown_timeout: seconds SIGTERM (or Ctrl-C) waits for running requests to finish before
-            it cancels them (503); new connections are refused at once, and the process exits 0.
+            it cancels them (503); new connections are refused at once. After SIGTERM the process
+            exits 0 (after Ctrl-C, 130 as any interrupted command).
         threads: torch CPU threads (default: torch's).
         log_level: uvicorn's log level.
     """
@@ -175,8 +176,9 @@ def serve(config: ServeConfig, source: ModelSource, echo: Callable[[str], None] 
     collected request gets a 503), the connections close and the process exits. uvicorn would
     cancel the HTTP tasks themselves a little later (`_BACKSTOP_S`), which it logs as a traceback;
     the engine's cancellation ends them first. After a graceful shutdown uvicorn raises the signal
-    it caught again, which would end the process with that signal's status; the handler installed
-    here turns that into a normal return, so `lorakit serve` exits 0.
+    it caught again, which would end the process with that signal's status; for SIGTERM the
+    handler installed here turns that into a normal return, so `lorakit serve` exits 0 (SIGINT
+    stays a KeyboardInterrupt: the CLI's 130).
     """
     import uvicorn
 
