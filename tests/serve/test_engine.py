@@ -15,7 +15,7 @@ from lorakit.layers import BASE
 from lorakit.models import load_model, load_tokenizer
 from lorakit.serve.batch import KVBatch
 from lorakit.serve.engine import Engine, Event, Job
-from lorakit.serve.errors import Overloaded
+from lorakit.serve.errors import Overloaded, Unavailable
 from lorakit.serve.text import SamplingParams, TextStream, make_generator, next_token
 from tests.serve.conftest import PROMPTS, make_adapter
 
@@ -114,7 +114,7 @@ def test_continuous_batching_equals_generate_for_each_adapter(tmp_path, batching
     assert engine.running == 0 and engine.waiting == 0
 
 
-def test_a_full_queue_raises_overloaded_and_close_cancels():
+def test_a_full_queue_raises_overloaded_and_close_cancels_and_refuses():
     model, tok, _ = load_model(None)
     engine = Engine(model, tok, max_batch=1, max_queue=2)  # not started: nothing leaves the queue
     got: list[Event] = []
@@ -126,6 +126,10 @@ def test_a_full_queue_raises_overloaded_and_close_cancels():
     engine.close()
     ends = [e.finish_reason for e in got if e.finish_reason]
     assert len(ends) == 2 and set(ends) <= {"cancelled", "length", "stop"}  # each job ends exactly once
+    queued = engine.waiting
+    with pytest.raises(Unavailable, match="stopping"):  # a closed engine queues nothing it would never run
+        engine.submit(Job([1, 2, 3], BASE, SamplingParams(max_tokens=4), got.append))
+    assert engine.waiting == queued
 
 
 @pytest.mark.integration  # the serving engine end to end: the packaged model, loaded for each adapter, decoding
