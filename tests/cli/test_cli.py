@@ -398,6 +398,7 @@ def test_train_writes_the_run_files(trained):
     assert sorted(p.name for p in step6.iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",
+        "manifest.json",
         "trainer_state.json",
         "trainer_state.safetensors",
     ]
