@@ -229,11 +229,11 @@ def test_orpo_matches_trl_orpo_trainers_odds_ratio_term_and_the_answers_nll(tmp_
     whole, logged = trainer.get_batch_loss_metrics(model, trl_batch)
     # TRL's own loss is its odds-ratio term plus an NLL over the prompts too, which differs from the answers'.
     _close(float(whole.detach()), float((odds_term + trl_nll).detach()), "TRL's loss = odds term + its NLL")
-    assert abs(float(trl_nll) - float(answers_nll)) > 1e-3
+    assert abs(float(trl_nll.detach()) - float(answers_nll.detach())) > 1e-3
 
     result = preference_step(ours, [rows], None, method="orpo", beta=lam)
-    _close(result.metrics["nll"], float(answers_nll), "nll of the chosen answers")
-    _close(result.loss, float(odds_term + answers_nll), "loss")
+    _close(result.metrics["nll"], float(answers_nll.detach()), "nll of the chosen answers")
+    _close(result.loss, float((odds_term + answers_nll).detach()), "loss")
     _close_rewards(result.metrics, logged, lam, "logps/chosen", "logps/rejected")
     _close(
         result.metrics["rewards_chosen"],
