@@ -6,8 +6,8 @@ away mid-stream, does `lorakit serve` stay correct and bounded?
 One `lorakit serve` process on the packaged SmolLM2-135M, `--adapters` (16) random q,v r=8 adapters
 in its `--adapter-dir`, `--loaded` (12) of them loaded at start. Phases:
 
-1. capacity (also the warm-up): a closed loop of `--max-batch` clients for `--calibrate` seconds;
-   capacity = requests served per second.
+1. capacity (also the warm-up): a closed loop of `--max-batch` clients for `--calibrate` (60)
+   seconds; capacity = requests served per second once the first `--max-batch` were served.
 2. soak: an open loop for `--duration` seconds — Poisson arrivals at `--load` (1.5) × capacity,
    whatever the server answers. Each request: a ready adapter at random (or the base, one share),
    a prompt of the bundled E2E dev sample, `max_tokens` 8..32, greedy or sampled (seeded), streamed
@@ -31,7 +31,7 @@ time to first token p50/p99, the load/unload calls, the exit status after SIGTER
 Writes `serve_soak.json` (settings, machine, summary, checks, the samples, the churn calls, every
 request without its text), `serve_soak.png` (RSS and queue over time) and `server.log` to `--out`.
 
-    python benchmarks/serve_soak.py                     # 10 minutes of soak (about 13 in all)
+    python benchmarks/serve_soak.py                     # 10 minutes of soak (about 14 in all)
     python benchmarks/serve_soak.py --quick             # 60 s soak, a smoke run
 """
 
@@ -169,7 +169,13 @@ async def send(client: Any, req: Request, t0: float) -> None:
 
 
 async def closed_loop(client: Any, mix: Mix, seconds: float, clients: int, log: list[Request], t0: float) -> float:
-    """`clients` clients, each sending its next request when the last one ends; served per second."""
+    """`clients` clients, each sending its next request when the last one ends, for `seconds`.
+
+    Returns:
+        Requests served per second, counted from the moment the first `clients` requests were
+        served (the first wave starts together and runs on a cold server) to the end of the
+        window; over the whole run when fewer than twice `clients` were served.
+    """
     start = time.perf_counter()
     end = start + seconds
 
@@ -180,8 +186,11 @@ async def closed_loop(client: Any, mix: Mix, seconds: float, clients: int, log: 
             await send(client, req, t0)
 
     await asyncio.gather(*(worker() for _ in range(clients)))
-    served = sum(r.outcome == "served" for r in log if r.phase == "capacity")
-    return served / (time.perf_counter() - start)
+    done = sorted(r.sent + r.latency for r in log if r.phase == "capacity" and r.outcome == "served")
+    if len(done) >= 2 * clients and done[clients - 1] < end - t0:
+        warm = done[clients - 1]
+        return sum(warm < d <= end - t0 for d in done) / (end - t0 - warm)
+    return len(done) / (time.perf_counter() - start)
 
 
 async def open_loop(
@@ -556,10 +565,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("runs/serve-soak"), help="folder for the JSON, plot and log")
     p.add_argument("--threads", type=int, default=2, help="the server's torch threads (and the parity check's)")
     p.add_argument(
-        "--quick", action="store_true", help="smoke run: 60 s soak, 10 s capacity, --max-queue 6, 6 parity requests"
+        "--quick", action="store_true", help="smoke run: 60 s soak, 20 s capacity, --max-queue 6, 6 parity requests"
     )
     p.add_argument("--load", type=float, default=1.5, help="offered load, × the measured capacity")
-    p.add_argument("--calibrate", type=float, default=30, help="seconds of closed-loop capacity measurement")
+    p.add_argument("--calibrate", type=float, default=60, help="seconds of closed-loop capacity measurement")
     p.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch (and the capacity clients)")
     p.add_argument("--max-queue", type=int, default=16, help="the server's --max-queue")
     p.add_argument("--churn-every", type=float, default=5, help="seconds between adapter load/unload pairs")
@@ -570,7 +579,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.quick:
-        args.duration, args.calibrate, args.churn_every, args.sample_every, args.parity = 60, 10, 3, 1, 6
+        args.duration, args.calibrate, args.churn_every, args.sample_every, args.parity = 60, 20, 3, 1, 6
         args.max_queue = 6  # so that a minute at 1.5× capacity fills it and 429s are part of the smoke run
     args.device = "cpu"  # for _report.machine_info
     if not 1 <= args.loaded < args.adapters:
