@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import os
+
+# Before torch loads (OpenMP reads it once): idle threads sleep instead of spinning, as lorakit sets
+# for its own processes (lorakit.threads), so test workers and the processes they start share the cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import copy
 import socket
 from collections.abc import Sequence
 from datetime import timedelta
