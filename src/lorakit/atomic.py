@@ -401,7 +401,12 @@ def _make_folders(folder: Path) -> list[Path]:
 def _build(
     target: Path, build: Callable[[Path], Any], replace: bool, keep_existing: Callable[[Path], bool] | None
 ) -> Path:
-    kept = f"the previous {target.name} is kept" if target.exists() else f"{target} was not created"
+    if not target.exists():
+        kept = f"{target} was not created"
+    elif target.is_dir() and not any(target.iterdir()):
+        kept = f"{target} is left empty, as it was"
+    else:
+        kept = f"the previous {target.name} is kept"
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     aside: Path | None = None
     try:

@@ -90,6 +90,7 @@ def test_compress_failing_at_any_call_leaves_an_existing_empty_out_as_it_was(tin
         assert out.is_dir() and not any(out.iterdir())  # the empty --out, untouched
         assert leftovers(tmp_path) == [] and "ENOSPC" in str(caught.value)
         assert Path(caught.value.filename).is_relative_to(out)
+        assert str(caught.value).endswith(f"; {out} is left empty, as it was")
     compress(folder, out, rank=2)  # and with room, it is written
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
@@ -133,5 +134,7 @@ def test_merge_failing_at_any_call_writes_no_half_model(tiny, tmp_path):
         assert leftovers(tmp_path) == [], leftovers(tmp_path)
         named = Path(caught.value.filename)
         assert named == out or named.parent == out, named
+        kept = f"{out} is left empty, as it was" if existed else f"{out} was not created"
+        assert str(caught.value).endswith(kept), caught.value
     plain = export_merged(copy.deepcopy(model), tokenizer, out)
     assert (plain / "model.safetensors").is_file()
