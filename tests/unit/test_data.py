@@ -437,3 +437,20 @@ def test_non_integer_glue_label(tmp_path):
 def test_bad_seq_len(tokenizer):
     with pytest.raises(ConfigError, match="seq_len"):
         data.tokenize_examples([Example("", "x")], tokenizer, seq_len=1)
+
+
+def test_plain_text_needs_no_chat_template(tokenizer) -> None:
+    """A tokenizer without a chat template (a base model's) tokenises plain records; only conversations need one."""
+    import copy
+
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    ds = data.tokenize_examples(
+        [Example(prompt="", completion="hello world"), Example(prompt="a ", completion="b")], plain, 32
+    )
+    assert len(ds) == 2 and any(label != -100 for label in ds.labels[0])
+    chat = Example(
+        prompt="", completion="", messages=({"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"})
+    )
+    with pytest.raises(DataError, match="chat template"):
+        data.tokenize_examples([chat], plain, 32)

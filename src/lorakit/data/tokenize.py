@@ -161,8 +161,11 @@ def tokenize_examples(
     chats = [i for i, ex in enumerate(examples) if ex.messages is not None]
     plain = [i for i, ex in enumerate(examples) if ex.messages is None]
     encoded: list[tuple[list[int], list[int]]] = [([], [])] * len(examples)
-    conversations = encode_conversations(
-        [examples[i] for i in chats], tokenizer, train_on=train_on, train_on_eos=train_on_eos
+    # Plain text needs no chat template (GPT-2, a base model's tokenizer): only conversations go to chat.
+    conversations = (
+        encode_conversations([examples[i] for i in chats], tokenizer, train_on=train_on, train_on_eos=train_on_eos)
+        if chats
+        else []
     )
     for i, pair in zip(chats, conversations, strict=True):
         encoded[i] = pair
