@@ -290,7 +290,7 @@ def _flag_helps() -> dict[tuple[str, str], str]:
         ("generate", "model", "(default: the one the adapter records, else `smollm2-135m`)"),
         ("eval", "max_rows", "(default: every row)"),
         ("export", "base_gguf", "(default: the packaged model's file, or the `.gguf` the model was loaded from)"),
-        ("serve", "max_model_len", "(default: the model's context length)"),
+        ("serve", "max_model_len", "(default: the model's context length, `max_position_embeddings`"),
         ("train", "r", "(default: 8)"),  # a plain dataclass default
         ("train", "quantize", "(default: none)"),
         ("serve", "adapter", "(default: {})"),
