@@ -167,7 +167,7 @@ def report(results: dict[str, Any]) -> str:
             share = value["median"] / alone if alone else float("nan")
             rows.append(
                 [
-                    policy + (" (lorakit's)" if policy == "PASSIVE" else " (spinning, before)"),
+                    policy + (" (LORAKIT_SHARED_CPU=1)" if policy == "PASSIVE" else " (spinning)"),
                     str(n),
                     f"{value['median']:.2f}",
                     f"{min(value['rates']):.2f}–{max(value['rates']):.2f}",

@@ -7,7 +7,7 @@
 """
 
 # isort: off
-import lorakit.threads  # noqa: F401  first, before anything imports torch: idle OpenMP threads sleep
+import lorakit.threads  # noqa: F401  first, before torch loads: LORAKIT_SHARED_CPU=1 makes idle threads sleep
 # isort: on
 
 from lorakit.adapters import (
