@@ -4,8 +4,8 @@ Each process is the real `lorakit train` (packaged SmolLM2, E2E sample, q,v r=8,
 evaluation during the run, a one-row evaluation before it, no samples or checkpoints). A process's
 throughput is the median of its step rates (`metrics.jsonl`'s per-step `seconds`) over the steps
 after the first two; the N processes start together. Two OpenMP wait policies side by side:
-`ACTIVE` (idle threads spin: how torch ran before lorakit set a policy) and `PASSIVE` (what
-lorakit sets before torch loads, `lorakit.threads`). Goal: each of N concurrent processes keeps
+`ACTIVE` (idle threads spin) and `PASSIVE` (they sleep; what `LORAKIT_SHARED_CPU=1` sets before
+torch loads, `lorakit.threads`). Goal: each of N concurrent processes keeps
 ≥ 0.8/N of its alone throughput.
 
 `--beside-server` adds a row: one `lorakit serve` on the same model under a closed loop of
