@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "dist_info", "init_distributed", "shard_batch"]
+__all__ = ["DistInfo", "dist_info", "init_distributed", "select_rows", "shard_batch"]
 
 
 @dataclass(frozen=True)
@@ -91,13 +91,18 @@ def shard_batch(batch: dict, info: DistInfo) -> tuple[dict, bool]:
     counts = index.numel() > 0
     if not counts:
         index = torch.zeros(1, dtype=torch.long)
+    return select_rows(batch, rows, index), counts
+
+
+def select_rows(batch: dict, rows: int, index: torch.Tensor) -> dict:
+    """`batch` with rows `index` of every tensor whose first dimension is `rows`; the rest as it is."""
     out = {}
     for name, value in batch.items():
         if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == rows:
             out[name] = value.index_select(0, index.to(value.device))
         else:
             out[name] = value
-    return out, counts
+    return out
 
 
 def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:

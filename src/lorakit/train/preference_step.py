@@ -33,7 +33,7 @@ from lorakit.data.preference import PreferenceDataset, pack_sequences
 from lorakit.errors import TrainingError
 from lorakit.modes import evaluating
 from lorakit.state import adapter_owner
-from lorakit.train.distributed import DistInfo, all_reduce_sum
+from lorakit.train.distributed import DistInfo, all_reduce_sum, select_rows
 from lorakit.train.logprobs import SequenceLogprobs, sequence_logprobs
 from lorakit.train.packed import is_packed, model_inputs, uses_flash_attention
 from lorakit.train.preference import PreferenceLoss, dpo_loss, ipo_loss, orpo_loss
@@ -110,14 +110,7 @@ def shard_pairs(batch: dict[str, Any], info: DistInfo) -> tuple[dict[str, Any], 
     counts = mine.numel() > 0
     if not counts:
         mine = torch.zeros(1, dtype=torch.long)
-    index = torch.cat([mine, mine + pairs])
-    out = {}
-    for name, value in batch.items():
-        if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == rows:
-            out[name] = value.index_select(0, index.to(value.device))
-        else:
-            out[name] = value
-    return out, counts
+    return select_rows(batch, rows, torch.cat([mine, mine + pairs])), counts
 
 
 def preference_losses(
