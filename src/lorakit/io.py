@@ -338,7 +338,9 @@ def _shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
 def _split_keys(header: dict[str, tuple[int, ...]], path: Path) -> tuple[dict[str, dict[str, str]], list[str]]:
     lora: dict[str, dict[str, str]] = {}
     extra: list[str] = []
-    for key in header:
+    # safetensors gives the keys in no fixed order: sorted, the first module an error names is
+    # the same on every run (and every machine).
+    for key in sorted(header):
         if not key.startswith(PREFIX):
             raise AdapterFormatError(f"{path}: key {key!r} does not start with {PREFIX!r}; not a PEFT adapter file")
         for suffix, part in _suffixes().items():
