@@ -3,9 +3,10 @@
 Each process is the real `lorakit train` (packaged SmolLM2, E2E sample, q,v r=8, batch 2×64, no
 evaluation during the run, a one-row evaluation before it, no samples or checkpoints). A process's
 throughput is the median of its step rates (`metrics.jsonl`'s per-step `seconds`) over the steps
-after the first two; the N processes start together. Two OpenMP wait policies side by side:
-`ACTIVE` (idle threads spin) and `PASSIVE` (they sleep; what `LORAKIT_SHARED_CPU=1` sets before
-torch loads, `lorakit.threads`). Goal: each of N concurrent processes keeps
+after the first two; the N processes start together. OpenMP wait policies side by side:
+`DEFAULT` (nothing set: lorakit's default, idle threads spin 1,000 times then sleep,
+`GOMP_SPINCOUNT=1000`, `lorakit.threads`), `ACTIVE` (they spin), `PASSIVE` (they sleep at once; what
+`LORAKIT_SHARED_CPU=1` sets) and `SPIN<N>` (`GOMP_SPINCOUNT=N`). Goal: each of N concurrent processes keeps
 ≥ 0.8/N of its alone throughput.
 
 `--beside-server` adds a row: one `lorakit serve` on the same model under a closed loop of
@@ -40,12 +41,23 @@ import _report
 
 REPO = Path(__file__).resolve().parents[1]
 LORAKIT = str(REPO / ".venv" / "bin" / "lorakit")
-POLICIES = ("ACTIVE", "PASSIVE")
+POLICIES = ("DEFAULT", "ACTIVE", "PASSIVE")
+LABELS = {
+    "DEFAULT": "lorakit default (GOMP_SPINCOUNT=1000)",
+    "ACTIVE": "ACTIVE (spinning)",
+    "PASSIVE": "PASSIVE (LORAKIT_SHARED_CPU=1)",
+}
 
 
 def _env(policy: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS",)}
-    env["OMP_WAIT_POLICY"] = policy
+    """`ACTIVE` / `PASSIVE`: OMP_WAIT_POLICY; `DEFAULT`: neither variable set, so lorakit sets its
+    default; `SPIN<N>`: no policy, GOMP_SPINCOUNT=N."""
+    drop = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "LORAKIT_SHARED_CPU")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    if policy.startswith("SPIN"):
+        env["GOMP_SPINCOUNT"] = policy.removeprefix("SPIN")
+    elif policy != "DEFAULT":
+        env["OMP_WAIT_POLICY"] = policy
     return env
 
 
@@ -158,7 +170,7 @@ def beside_server(policy: str, steps: int, threads: int | None, work: Path, seco
 
 def report(results: dict[str, Any]) -> str:
     rows = []
-    for policy in POLICIES:
+    for policy in dict.fromkeys(key.split("/")[0] for key in results):
         alone = results.get(f"{policy}/1", {}).get("median")
         for key, value in results.items():
             if not key.startswith(policy + "/") or "median" not in value:
@@ -167,7 +179,7 @@ def report(results: dict[str, Any]) -> str:
             share = value["median"] / alone if alone else float("nan")
             rows.append(
                 [
-                    policy + (" (LORAKIT_SHARED_CPU=1)" if policy == "PASSIVE" else " (spinning)"),
+                    LABELS.get(policy, f"GOMP_SPINCOUNT={policy.removeprefix('SPIN')}"),
                     str(n),
                     f"{value['median']:.2f}",
                     f"{min(value['rates']):.2f}–{max(value['rates']):.2f}",
@@ -182,7 +194,7 @@ def report(results: dict[str, Any]) -> str:
             rows,
         )
     ]
-    for policy in POLICIES:
+    for policy in dict.fromkeys(key.split("/")[0] for key in results):
         side = results.get(f"{policy}/server")
         if side and "train_alone" in side:
             lines.append(

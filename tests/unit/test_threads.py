@@ -1,4 +1,4 @@
-"""Threads that share a machine (issue 28): passive OpenMP waiting set before torch loads, `--threads` everywhere."""
+"""Threads that share a machine (issue 28): OpenMP waiting set before torch loads, `--threads` everywhere."""
 
 from __future__ import annotations
 
@@ -10,25 +10,32 @@ import pytest
 import torch
 
 from lorakit.cli import build_parser, commands, main
+from lorakit.threads import SPIN_COUNT
+
+SHOW = "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'), lorakit.threads.wait_policy())"
 
 
-def _policy_after(code: str, **env: str) -> str:
-    clean = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | env
+def _policy_after(imports: str, **env: str) -> str:
+    """What a fresh interpreter's environment says after `imports`, with only `env` of the variables set."""
+    drop = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "LORAKIT_SHARED_CPU")
+    clean = {k: v for k, v in os.environ.items() if k not in drop} | env
+    code = f"import os; {imports}; import lorakit.threads; {SHOW}"
     out = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, check=True)
     return out.stdout.strip().splitlines()[-1]
 
 
-def test_passive_waiting_is_opt_in() -> None:
-    code = "import os, lorakit, torch; print(os.environ.get('OMP_WAIT_POLICY'))"
-    assert _policy_after(code) == "None"  # alone, spinning threads are faster (lorakit.threads)
-    assert _policy_after(code, LORAKIT_SHARED_CPU="1") == "PASSIVE"
+def test_idle_threads_spin_briefly_by_default_and_sleep_at_once_when_shared() -> None:
+    # Brief spinning keeps a process alone near full speed and lets two share (lorakit.threads).
+    assert _policy_after("import lorakit, torch") == f"None {SPIN_COUNT} spin {SPIN_COUNT}"
+    assert _policy_after("import lorakit, torch", LORAKIT_SHARED_CPU="1") == "PASSIVE None PASSIVE"
 
 
-def test_a_users_policy_and_an_already_imported_torch_are_left_alone() -> None:
-    code = "import os, lorakit, torch; print(os.environ.get('OMP_WAIT_POLICY'))"
-    assert _policy_after(code, OMP_WAIT_POLICY="ACTIVE", LORAKIT_SHARED_CPU="1") == "ACTIVE"
-    torch_first = "import os, torch, lorakit; print(os.environ.get('OMP_WAIT_POLICY'))"
-    assert _policy_after(torch_first, LORAKIT_SHARED_CPU="1") == "None"
+def test_a_users_setting_and_an_already_imported_torch_are_left_alone() -> None:
+    shared = {"LORAKIT_SHARED_CPU": "1"}
+    assert _policy_after("import lorakit", OMP_WAIT_POLICY="ACTIVE", **shared) == "ACTIVE None ACTIVE"
+    assert _policy_after("import lorakit", GOMP_SPINCOUNT="50", **shared) == "None 50 spin 50"
+    assert _policy_after("import torch, lorakit", **shared) == "None None torch"
+    assert _policy_after("import torch, lorakit") == "None None torch"
 
 
 @pytest.mark.parametrize("name", sorted(commands()))
