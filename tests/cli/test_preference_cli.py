@@ -135,3 +135,34 @@ def test_torchrun_two_ranks_train_the_adapter_of_one_process(work, tmp_path):
     for d, s in zip(ddp_lines, one_lines, strict=True):
         for key in ("loss", "rewards_chosen", "rewards_rejected", "margin", "accuracy"):
             assert abs(d[key] - s[key]) <= 1e-5, key
+
+
+def test_dpo_from_an_sft_adapter_with_checkpointing_starts_at_its_reference_and_moves_only_the_copy(work, tmp_path):
+    """`--init-adapter DIR` as a user passes it (the same LoRA flags as the adapter's, accepted),
+    with `--grad-checkpointing`: the reference is DIR frozen, so the evaluation before training
+    finds every margin exactly 0 and the loss log 2; the policy moves, DIR's files stay as they were."""
+    import math
+
+    sft = tmp_path / "sft"
+    first = subprocess.run(
+        [str(LORAKIT), *_flags(work, sft, "--max-steps", "3", "--save-every", "100")],
+        env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr[-4000:]
+    init = sft / "adapter"
+    before = {p.name: p.read_bytes() for p in init.iterdir()}
+    flags = ("--init-adapter", str(init), "--grad-checkpointing", "--max-steps", "3", "--save-every", "100")
+    second = subprocess.run(
+        [str(LORAKIT), *_flags(work, tmp_path / "dpo", *flags)], env=ENV, capture_output=True, text=True, timeout=300
+    )
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert f"from {init}" in second.stdout and "reference: the initial adapter, frozen as 'ref'" in second.stdout
+    summary = json.loads((tmp_path / "dpo" / "summary.json").read_text())
+    assert summary["eval_before"]["margin"] == 0.0
+    assert summary["eval_before"]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert summary["eval_after"]["margin"] != 0.0
+    assert {p.name: p.read_bytes() for p in init.iterdir()} == before
+    final = "adapter/adapter_model.safetensors"
+    ours, start = _tensors(tmp_path / "dpo" / final), _tensors(init / "adapter_model.safetensors")
+    assert ours.keys() == start.keys()
+    assert max(float((ours[k] - start[k]).abs().max()) for k in ours) > 1e-4  # the policy trained

@@ -290,3 +290,15 @@ def test_bad_input_is_one_error_line_before_the_model_loads_and_nothing_is_writt
     assert captured.err.count("\n") == 1 and re.search(message, captured.err), captured.err
     assert "loading model" not in captured.out
     assert not out.exists() or not any(p.name != "lorakit.lock" for p in out.iterdir())
+
+
+def test_init_adapter_flags_agree_with_its_config_when_they_name_the_same_modules():
+    from lorakit.train.preference_run import _same_setting
+
+    paths = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj"]
+    assert _same_setting("target_modules", "q_proj,up_proj", paths)
+    assert _same_setting("target_modules", ["up_proj", "q_proj"], paths)
+    assert not _same_setting("target_modules", "q_proj", paths)  # up_proj would be left out
+    assert not _same_setting("target_modules", "q_proj,up_proj,v_proj", paths)  # v_proj is not in the adapter
+    assert not _same_setting("target_modules", "all-linear", paths)
+    assert _same_setting("lora_dropout", 0.05, 0.05) and not _same_setting("lora_dropout", 0.1, 0.05)

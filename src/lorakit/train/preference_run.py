@@ -256,13 +256,33 @@ def _check_options(run: Any, lora: LoraConfig) -> None:
             if f.name != "base_model_name_or_path" and getattr(lora, f.name) != getattr(fresh, f.name)
         ]
         recorded = _recorded_lora(run.init_adapter)
-        if changed and (recorded is None or any(getattr(lora, n) != getattr(recorded, n) for n in changed)):
+        differ = [
+            n for n in changed if recorded is None or not _same_setting(n, getattr(lora, n), getattr(recorded, n))
+        ]
+        if differ:
             problems.append(
                 f"--init-adapter {run.init_adapter}: its adapter_config.json sets the LoRA settings; drop "
-                f"{', '.join('--' + n.replace('_', '-') for n in changed)}"
+                f"{', '.join('--' + n.replace('_', '-') for n in differ)}"
             )
     if problems:
         raise ConfigError("invalid options for preference tuning:\n  - " + "\n  - ".join(problems))
+
+
+def _same_setting(name: str, given: Any, recorded: Any) -> bool:
+    """Whether a LoRA flag says what the initial adapter's config records. Saved adapters list
+    their targets as full module paths (`model.layers.0.self_attn.q_proj`), so `--target q_proj`
+    agrees with a list in which every path ends with a given name and every name ends a path."""
+    if given == recorded:
+        return True
+    if name != "target_modules" or not isinstance(recorded, list) or not given or given == "all-linear":
+        return False
+    names = [t.strip() for t in given.split(",")] if isinstance(given, str) else list(given)
+
+    def ends(path: str, target: str) -> bool:
+        return path == target or path.endswith("." + target)
+
+    every_path_named = all(any(ends(p, t) for t in names) for p in recorded)
+    return every_path_named and all(any(ends(p, t) for p in recorded) for t in names)
 
 
 def _recorded_lora(directory: str) -> LoraConfig | None:
