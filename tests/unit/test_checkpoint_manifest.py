@@ -160,3 +160,29 @@ def test_resumable_reads_only(runs, tmp_path):
     with pytest.warns(UserWarning, match="adapter_model.safetensors is missing; resuming from step-2 instead$"):
         assert resumable(out) == out / "checkpoints" / "step-2"
     assert (out / "checkpoints" / "step-4").is_dir()  # not set aside without set_aside
+
+
+def test_a_kill_while_an_old_checkpoint_is_deleted_leaves_it_whole_or_gone(tmp_path, monkeypatch):
+    """Deleting `step-2` (rotation past keep_checkpoints) dies after its first file: no `step-2`
+    missing files is left to be found, and the hidden remains are cleared on resume."""
+    from lorakit.train import checkpoint
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        (root / f"step-{step}").mkdir(parents=True)
+        for name in ("adapter_model.safetensors", "trainer_state.json", MANIFEST):
+            (root / f"step-{step}" / name).write_text("x")
+
+    def dies_midway(path, ignore_errors=False):
+        next(Path(path).iterdir()).unlink()
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", dies_midway)
+    with pytest.raises(SystemExit):
+        checkpoint.remove_checkpoint(root / "step-2")
+    monkeypatch.undo()
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [4]
+    assert not (root / "step-2").exists()
+    assert any(p.name.startswith(".step-2") for p in root.iterdir())
+    checkpoint.remove_partial(tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == ["step-4"]
