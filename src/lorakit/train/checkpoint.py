@@ -344,7 +344,7 @@ def save_checkpoint(
 
 def remove_checkpoint(path: Path) -> None:
     """Delete a checkpoint so that a kill at any moment leaves it whole or gone: renamed first (one
-    atomic step) to a hidden name that no listing counts and `clean_leftovers` removes, then deleted.
+    atomic step) to a hidden name that no listing counts and `remove_partial` removes, then deleted.
     Deleted in place, a kill midway left `step-N` without some of its files (the SIGKILL campaign,
     benchmarks/reliability.py, caught it twice in 20)."""
     doomed = path.with_name(f".{path.name}.removing-{os.getpid()}")
