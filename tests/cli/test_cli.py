@@ -306,9 +306,10 @@ def results(work) -> dict[str, Result]:
         "inspect": cli("inspect", "--target", "all-linear"),
         "help": cli("--help", module=True),  # `python -m lorakit`, what torchrun runs
         **{f"help-{name}": cli(name, "--help") for name in COMMANDS},
-        # --debug after the command, or before it
-        "debug-after": cli("train", "--debug", "--model", work / "no-such-model", "--out", work / "debug-out"),
-        "debug-before": cli("--debug", "train", "--model", work / "no-such-model", "--out", work / "debug-out"),
+        # --debug after the command, or before it (each its own --out: the two run at once, and a
+        # second run on one --out is refused by the run lock before the model loads)
+        "debug-after": cli("train", "--debug", "--model", work / "no-such-model", "--out", work / "debug-after"),
+        "debug-before": cli("--debug", "train", "--model", work / "no-such-model", "--out", work / "debug-before"),
     }
     watch: dict[str, list[Path]] = {}
     for case, (argv, _) in BAD_INPUTS.items():
@@ -641,4 +642,4 @@ def test_debug_shows_the_traceback(results, work, case):
     assert "Traceback (most recent call last)" in proc.stderr
     assert "lorakit.errors.ModelLoadError" in proc.stderr
     assert proc.stderr.splitlines()[-1].startswith("lorakit train: error: unknown model")
-    assert not (work / "debug-out").exists()
+    assert not (work / case).exists()
