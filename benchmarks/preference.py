@@ -21,7 +21,11 @@ Three stages (`--skip accuracy,speed` leaves out the last two; the set is built 
    (512), AdamW at lr 5e-6 (TRL's DPO default), `--steps` steps. Rows: `lorakit` and `trl`
    (reference forward every step: adapter disabled) and `lorakit-pre`, `trl-pre` (reference
    log-probabilities computed once before training: `--precompute-ref`,
-   `precompute_ref_log_probs=True`). TRL runs in fp32 without gradient checkpointing (`bf16=False`,
+   `precompute_ref_log_probs=True`), and `lorakit-packed`, `lorakit-packed-pre`: the same with
+   `--packing` (each batch's sequences end to end in rows as long as its longest; compared with
+   TRL's padded rows, since TRL 1.16 disables its `padding_free` and warns). The rows train on the
+   pairs the steps read (the first `--steps` × `--batch`), so a precompute covers just those.
+   TRL runs in fp32 without gradient checkpointing (`bf16=False`,
    `gradient_checkpointing=False`: lorakit's defaults, so both compute the same loss; `--trl-defaults`
    gives TRL its own, bf16 autocast and checkpointing) and with dropout kept (`disable_dropout=False`,
    as lorakit trains). Measured per row: the median step time after `--warmup` steps, the peak
@@ -51,13 +55,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 ALPACA = REPO.parent / "shared" / "data" / "alpaca" / "alpaca_5000.json"
 MIB = 1024
-ROWS = ("lorakit", "trl", "lorakit-pre", "trl-pre")
+ROWS = ("lorakit", "trl", "lorakit-pre", "trl-pre", "lorakit-packed", "lorakit-packed-pre")
 
 
 # --------------------------------------------------------------------------------------- memory
@@ -212,10 +217,10 @@ def child(spec: dict[str, Any], row: str, folder: Path) -> dict[str, Any]:
     precompute = row.endswith("-pre")
     if row.startswith("trl"):
         return _child_trl(spec, precompute, folder)
-    return _child_lorakit(spec, precompute, folder)
+    return _child_lorakit(spec, precompute, folder, packing="-packed" in row)
 
 
-def _child_lorakit(spec: dict[str, Any], precompute: bool, folder: Path) -> dict[str, Any]:
+def _child_lorakit(spec: dict[str, Any], precompute: bool, folder: Path, packing: bool) -> dict[str, Any]:
     import lorakit
     from lorakit.data.preference import iterate_pair_batches, load_pairs, tokenize_pairs
     from lorakit.models import load_model
@@ -228,7 +233,7 @@ def _child_lorakit(spec: dict[str, Any], precompute: bool, folder: Path) -> dict
     ds = tokenize_pairs(load_pairs(spec["train"], tokenizer=tok), tok, spec["seq_len"], warn=False)
     cfg = TrainConfig(
         method="dpo", beta=0.1, lr=5e-6, max_steps=spec["steps"], batch_size=spec["batch"], save_every=None,
-        weight_decay=0.0, schedule="linear", precompute_ref=precompute,
+        weight_decay=0.0, schedule="linear", precompute_ref=precompute, packing=packing,
     )  # fmt: skip
     pre_s = None
     if precompute:
@@ -243,7 +248,7 @@ def _child_lorakit(spec: dict[str, Any], precompute: bool, folder: Path) -> dict
         losses.append(record["loss"])
 
     def batches(epoch: int, start: int):
-        return iterate_pair_batches(ds, spec["batch"], seed=0, epoch=epoch, start=start, shuffle=False)
+        return iterate_pair_batches(ds, spec["batch"], seed=0, epoch=epoch, start=start, shuffle=False, packing=packing)
 
     ready = _status_kib("VmRSS")
     _reset_peak()
@@ -258,7 +263,8 @@ def _child_lorakit(spec: dict[str, Any], precompute: bool, folder: Path) -> dict
         progress=False,
     )
     peak = _status_kib("VmHWM")
-    ran = f"lorakit fit, fp32, chunked log-probs, padded, reference {'precomputed' if precompute else 'each step'}"
+    layout = "packed (rows of the batch's longest)" if packing else "padded"
+    ran = f"lorakit fit, fp32, chunked log-probs, {layout}, reference {'precomputed' if precompute else 'each step'}"
     return _result(ran, start, times, losses, baseline, ready, peak, pre_s)
 
 
@@ -336,15 +342,23 @@ def _env(threads: int) -> dict[str, str]:
     return env
 
 
-def speed(args: argparse.Namespace, train: Path, work: Path) -> dict[str, Any]:
-    """Every row in a fresh process, rounds rotated over `--repeats`."""
+def speed(args: argparse.Namespace, train: Path, work: Path, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Every row in a fresh process, rounds rotated over `--repeats`; `save(results)` after each row.
+
+    The rows train on the pairs their timed and warm-up steps read (the first `steps × batch` of
+    the training pairs, in order), so a precomputed reference covers those pairs only: what it
+    costs per pair is the same, and a row no longer spends minutes on pairs it never trains on.
+    """
     from lorakit.models import ensure_cached
 
+    work.mkdir(parents=True, exist_ok=True)
+    used = train.read_text().splitlines(keepends=True)[: args.steps * args.batch]
+    pairs = work / "pairs.jsonl"
+    pairs.write_text("".join(used))
     spec = {
-        "train": str(train), "seq_len": args.speed_seq_len, "batch": args.batch, "steps": args.steps,
+        "train": str(pairs), "seq_len": args.speed_seq_len, "batch": args.batch, "steps": args.steps,
         "threads": args.threads, "model_dir": str(ensure_cached("smollm2-135m")), "trl_defaults": args.trl_defaults,
     }  # fmt: skip
-    work.mkdir(parents=True, exist_ok=True)
     spec_path = work / "speed.json"
     spec_path.write_text(json.dumps(spec))
     results: dict[str, list[dict[str, Any]]] = {row: [] for row in ROWS}
@@ -366,6 +380,7 @@ def speed(args: argparse.Namespace, train: Path, work: Path) -> dict[str, Any]:
                 tail = (folder / "log.txt").read_text(errors="replace").splitlines()[-10:]
                 results[row].append({"error": f"exit {proc.returncode}", "log_tail": tail})
             print(f"  {row} (repeat {repeat + 1}): {_line(results[row][-1], args.warmup)}", flush=True)
+            save(results)
     return results
 
 
@@ -456,6 +471,8 @@ def main() -> None:
         args.pairs, args.train_pairs, args.eval_pairs, args.max_new_tokens = 10, 8, 2, 16
         args.steps, args.warmup, args.speed_seq_len, args.repeats, args.eval_every = 3, 1, 128, 1, 2
         args.lr, args.batch, args.seq_len = 5e-4, 2, 192
+    from lorakit import atomic
+
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     work = args.workdir or Path(tempfile.mkdtemp(prefix="lorakit-preference-"))
     report: dict[str, Any] = {"settings": {k: str(v) for k, v in vars(args).items()}}
@@ -476,17 +493,24 @@ def main() -> None:
         print(f"\nthe base model prefers the chosen answer (mean log-prob) on {base:.3f} of held-out pairs")
         for b, a in zip(summary["samples_before"], summary["samples_after"], strict=True):
             print(f"\n- before: {b!r}\n  after:  {a!r}")
+
+    def save(results: dict[str, Any] | None = None) -> None:  # every row as it ends: a stopped run keeps them
+        if results is not None:
+            report["speed"] = results
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_bytes(args.out, json.dumps(report, indent=1, default=str).encode())
+
     if "speed" not in skip:
-        results = speed(args, train, work / "speed")
+        save()
+        results = speed(args, train, work / "speed", save)
         report["speed"] = results
         print(
             f"\n## One DPO step: lorakit vs TRL DPOTrainer + PEFT ({args.batch} pairs, ≤{args.speed_seq_len} tokens)\n"
         )
         print(speed_table(results, args.warmup))
     print(f"\n({time.perf_counter() - t0:.0f} s in all; work folder {work})")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1, default=str))
+    save()
 
 
 if __name__ == "__main__":

@@ -192,6 +192,24 @@ def test_packing_lays_whole_sequences_end_to_end_tagged_by_row(tmp_path, tok):
     assert (packed["labels"][packed["sequence_index"] == -1] == IGNORE_INDEX).all()
 
 
+def test_packed_batches_ask_for_rows_no_longer_than_their_longest_sequence(tmp_path, tok):
+    records = [chat(f"Q{i}?", "yes " * (20 * i + 1), "no") for i in range(6)]
+    ds = tokenize_pairs(load_pairs(write_jsonl(tmp_path / "p.jsonl", records), tokenizer=tok), tok, 256)
+    padded = list(iterate_pair_batches(ds, 3, seed=0, epoch=0, shuffle=False))
+    packed = list(iterate_pair_batches(ds, 3, seed=0, epoch=0, shuffle=False, packing=True))
+    saved = 0
+    for plain, batch in zip(padded, packed, strict=True):
+        width = plain["input_ids"].shape[1]  # the batch's longest sequence, < seq_len here
+        assert width < ds.seq_len and batch["pack_to"] == width and plain["pack_to"] == 0
+        rows = pack_sequences({k: v for k, v in batch.items() if k != "pack_to"}, batch["pack_to"])
+        # Every token kept, no row longer than the padded batch, never more tokens than padded.
+        assert rows["input_ids"].shape[1] == width
+        assert int(rows["attention_mask"].sum()) == int(plain["attention_mask"].sum())
+        assert rows["input_ids"].numel() <= plain["input_ids"].numel()
+        saved += plain["input_ids"].numel() - rows["input_ids"].numel()
+    assert saved > 0
+
+
 def test_held_out_pairs_keep_prompts_apart(tmp_path, tok):
     records = [chat(f"Q{i // 2}?", f"yes {i}", "no") for i in range(20)]  # two pairs per prompt
     pairs = load_pairs(write_jsonl(tmp_path / "p.jsonl", records), tokenizer=tok)

@@ -232,13 +232,16 @@ class PreferenceDataset:
         """Each pair's longer sequence, in tokens (what a padded batch of it is padded to)."""
         return [max(len(c), len(r)) for c, r in zip(self.chosen_ids, self.rejected_ids, strict=True)]
 
-    def collate(self, indices: Sequence[int], *, pack_to: int = 0) -> dict[str, Any]:
+    def collate(self, indices: Sequence[int], *, pack_to: int = 0, packing: bool = False) -> dict[str, Any]:
         """One concatenated batch of the given pairs: chosen rows first, then rejected rows.
 
         Args:
             indices: Pair indices, in batch order.
             pack_to: 0 for a padded batch; else the row length the step packs the batch's
                 sequences into (after sharding it over ranks; see `pack_sequences`).
+            packing: Pack into rows as long as the batch's longest sequence (`pack_to` = the
+                padded width): the fewest padded tokens without making any row's attention
+                longer than the padded batch's (what `iterate_pair_batches` asks for).
 
         Returns:
             `input_ids`, `attention_mask`, `labels` (`(2P, longest)` long tensors, right-padded
@@ -247,6 +250,8 @@ class PreferenceDataset:
         """
         rows = [self.chosen_ids[i] for i in indices] + [self.rejected_ids[i] for i in indices]
         labels = [self.chosen_labels[i] for i in indices] + [self.rejected_labels[i] for i in indices]
+        if packing:
+            pack_to = max(len(r) for r in rows)
         batch: dict[str, Any] = {
             "input_ids": right_pad(rows, self.pad_id),
             "attention_mask": right_pad([[1] * len(r) for r in rows], 0),
@@ -427,7 +432,9 @@ def iterate_pair_batches(
         epoch: Epoch number.
         start: Skip the first `start` batches.
         shuffle: False keeps dataset order.
-        packing: Batches whose sequences the step packs into rows of `dataset.seq_len` tokens.
+        packing: Batches whose sequences the step packs into rows as long as the batch's longest
+            sequence (`PreferenceDataset.collate`; rows of `seq_len` save as much padding but their
+            longer attention costs it back on CPU: docs/results.md).
         group_by_length: Pairs of similar length share batches (not with `packing`).
 
     Raises:
@@ -436,7 +443,7 @@ def iterate_pair_batches(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if packing and group_by_length:
-        raise ConfigError("group_by_length orders unpacked rows; packed rows are already filled to seq_len")
+        raise ConfigError("group_by_length orders unpacked rows; packing already leaves out the padding")
     total = math.ceil(len(dataset) / batch_size)
     if not 0 <= start <= total:
         raise ConfigError(f"start must be between 0 and {total} (batches per epoch), got {start}")
@@ -446,9 +453,8 @@ def iterate_pair_batches(
         order = list(range(len(dataset)))
         if shuffle:
             random.Random(f"lorakit-batches:{seed}:{epoch}").shuffle(order)
-    pack_to = dataset.seq_len if packing else 0
     for index in range(start, total):
-        yield dataset.collate(order[index * batch_size : (index + 1) * batch_size], pack_to=pack_to)
+        yield dataset.collate(order[index * batch_size : (index + 1) * batch_size], packing=packing)
 
 
 def pack_sequences(batch: Mapping[str, torch.Tensor], pack_to: int) -> dict[str, torch.Tensor]:

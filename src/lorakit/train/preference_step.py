@@ -312,9 +312,15 @@ def _metrics(values: list[float], pairs: float) -> dict[str, float]:
     }
 
 
-def _batches(dataset: PreferenceDataset, batch_size: int) -> Iterator[dict[str, Any]]:
+def _batches(dataset: PreferenceDataset, batch_size: int) -> Iterator[tuple[list[int], dict[str, Any]]]:
+    """Every pair once, in batches of `batch_size` pairs of similar length (sorted by their longer
+    sequence, ties in dataset order) with their indices: little padding for the passes whose order
+    does not matter (evaluation, the precomputed reference)."""
+    lengths = dataset.lengths()
+    order = sorted(range(len(dataset)), key=lambda i: (lengths[i], i))
     for start in range(0, len(dataset), batch_size):
-        yield dataset.collate(range(start, min(start + batch_size, len(dataset))))
+        indices = order[start : start + batch_size]
+        yield indices, dataset.collate(indices)
 
 
 def precompute_reference(
@@ -330,7 +336,8 @@ def precompute_reference(
     """The reference's summed log-probabilities of every pair's two answers, once, in dataset order.
 
     The same forward the step would run (`reference`, eval mode, no gradients), over batches of
-    `batch_size` pairs in order; assign the result to `dataset.reference` and its batches carry it.
+    `batch_size` pairs of similar length (`_batches`); assign the result to `dataset.reference`
+    and its batches carry it.
 
     Returns:
         (pairs, 2) float64: the chosen and the rejected answer's sums.
@@ -342,16 +349,16 @@ def precompute_reference(
     try:
         bar = tqdm(total=len(dataset), desc=desc, unit="pair", disable=not progress, dynamic_ncols=True)
         with bar, reference(model) as ref_model:
-            for start, batch in zip(range(0, len(dataset), batch_size), _batches(dataset, batch_size), strict=True):
+            for indices, batch in _batches(dataset, batch_size):
                 batch.pop("pack_to")
                 tensors = {k: v.to(device) for k, v in batch.items()}
                 labels = tensors.pop("labels")
                 with cast:
                     sums = sequence_logprobs(ref_model, tensors, labels, loss=loss).sums.double().cpu()
-                pairs = labels.shape[0] // 2
-                out[start : start + pairs, 0] = sums[:pairs]
-                out[start : start + pairs, 1] = sums[pairs:]
-                bar.update(pairs)
+                picked = torch.tensor(indices, dtype=torch.long)
+                out[picked, 0] = sums[: len(indices)]
+                out[picked, 1] = sums[len(indices) :]
+                bar.update(len(indices))
     finally:
         dataset.reference = saved
     return out
@@ -382,7 +389,7 @@ def evaluate_pairs(
     nll_sum = 0.0
     bar = tqdm(total=len(dataset), desc=desc, unit="pair", disable=not progress, dynamic_ncols=True)
     with bar, evaluating(model), torch.no_grad():
-        for batch in _batches(dataset, batch_size):
+        for _, batch in _batches(dataset, batch_size):
             tensors, labels, index, sequences, ref = _prepared(model, batch, device)
             options = {"sequence_index": index, "sequences": sequences, "loss": loss}
             if needs_reference(method) and ref is None:
