@@ -47,6 +47,7 @@ from lorakit.quantized import (
     stored_bytes,
 )
 from lorakit.state import find_state
+from lorakit.targeting import names_module
 
 # The names of lorakit.quantized again on purpose: this is the public module, quantized the leaf
 # that layers and kernels import without the state machinery.
@@ -126,13 +127,13 @@ def linears_to_quantize(
         raise ConfigError("this model carries LoRA adapters; quantize the base first, then inject or load adapters")
     head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
     linears = {path: m for path, m in model.named_modules() if isinstance(m, nn.Linear) and path}
-    unused = [s for s in skip if not any(p == s or p.endswith("." + s) for p in linears)]
+    unused = [s for s in skip if not any(names_module(p, s) for p in linears)]
     if unused:
         raise ConfigError(f"skip entries {unused} name no linear layer of this model")
     chosen = {
         path: m
         for path, m in linears.items()
-        if (include_head or m is not head) and not any(path == s or path.endswith("." + s) for s in skip)
+        if (include_head or m is not head) and not any(names_module(path, s) for s in skip)
     }
     if scheme == "nf4":
         _nf4_module()  # a missing torchao is reported before anything changes

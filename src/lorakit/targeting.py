@@ -14,12 +14,26 @@ from lorakit.errors import ConfigError, TargetNotFoundError, UnsupportedLayerErr
 from lorakit.layers import LoraLayer, SavedModule, is_conv1d, supported_types
 from lorakit.state import walk
 
-__all__ = ["DEFAULT_TARGETS", "Target", "adaptable_modules", "resolve_modules_to_save", "resolve_targets"]
+__all__ = [
+    "DEFAULT_TARGETS",
+    "Target",
+    "adaptable_modules",
+    "names_module",
+    "resolve_modules_to_save",
+    "resolve_targets",
+]
 
 # The paper adapts Wq and Wv (section 4.2, 7.1). Per architecture family, the first set found is used.
 DEFAULT_TARGETS: tuple[tuple[str, ...], ...] = (("q_proj", "v_proj"), ("query", "value"))
 # GPT-2 computes q, k, v in one fused Conv1D; the paper's setup adapts q and v inside it.
 DEFAULT_FUSED = {"c_attn": [True, False, True]}
+
+
+def names_module(path: str, name: str) -> bool:
+    """Whether `name` names the module at `path`, as PEFT's list targets do: the whole dotted path,
+    or its last parts (`q_proj` and `self_attn.q_proj` name `model.layers.0.self_attn.q_proj`;
+    `proj` does not)."""
+    return path == name or path.endswith("." + name)
 
 
 @dataclass(frozen=True)
@@ -87,7 +101,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
         elif isinstance(spec, str):
             matched = re.fullmatch(spec, path) is not None
         else:
-            entry = next((t for t in spec if path == t or path.endswith("." + t)), None)
+            entry = next((t for t in spec if names_module(path, t)), None)
             matched = entry is not None
             if matched:
                 hits[entry] += 1
@@ -127,7 +141,7 @@ def resolve_modules_to_save(model: nn.Module, config: LoraConfig, *, check: bool
     paths: list[str] = []
     all_paths = [p for p, _ in walk(model)]
     for name in config.modules_to_save:
-        found = [p for p in all_paths if (p == name or p.endswith("." + name)) and not _inside_saved(model, p)]
+        found = [p for p in all_paths if names_module(p, name) and not _inside_saved(model, p)]
         found = [p for p in found if not any(p.startswith(q + ".") for q in found)]
         if not found and check:
             leaves = sorted({p.rsplit(".", 1)[-1] for p in all_paths})
@@ -157,7 +171,7 @@ def _excluded(exclude: list[str] | str | None, path: str) -> bool:
         return False
     if isinstance(exclude, str):
         return re.fullmatch(exclude, path) is not None
-    return any(path == e or path.endswith("." + e) for e in exclude)
+    return any(names_module(path, e) for e in exclude)
 
 
 def _output_head_path(model: nn.Module) -> str | None:
@@ -207,7 +221,7 @@ def _default_targets(adaptable: dict[str, nn.Module]) -> tuple[list[str], dict[s
 
 def _slices_for(fused: dict[str, list[bool]], path: str) -> list[bool] | None:
     for key, mask in fused.items():
-        if path == key or path.endswith("." + key) or re.fullmatch(rf"(.*\.)?({key})", path):
+        if names_module(path, key) or re.fullmatch(rf"(.*\.)?({key})", path):
             return list(mask)
     return None
 

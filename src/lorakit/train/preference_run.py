@@ -49,6 +49,7 @@ from lorakit.inject import inject
 from lorakit.io import WEIGHTS_NAME, check_adapter_files, load_adapter
 from lorakit.models import load_model, load_tokenizer
 from lorakit.state import lora_layers
+from lorakit.targeting import names_module
 from lorakit.train.checkpointing import checkpointable_blocks
 from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import DistInfo
@@ -277,12 +278,8 @@ def _same_setting(name: str, given: Any, recorded: Any) -> bool:
     if name != "target_modules" or not isinstance(recorded, list) or not given or given == "all-linear":
         return False
     names = [t.strip() for t in given.split(",")] if isinstance(given, str) else list(given)
-
-    def ends(path: str, target: str) -> bool:
-        return path == target or path.endswith("." + target)
-
-    every_path_named = all(any(ends(p, t) for t in names) for p in recorded)
-    return every_path_named and all(any(ends(p, t) for p in recorded) for t in names)
+    every_path_named = all(any(names_module(p, t) for t in names) for p in recorded)
+    return every_path_named and all(any(names_module(p, t) for p in recorded) for t in names)
 
 
 def _recorded_lora(directory: str) -> LoraConfig | None:
