@@ -150,6 +150,10 @@ BAD_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("run.toml", "learning_rate", "known keys"),
     ),
     "out-holds-a-finished-run": (("train", "--out", "{run}", "--max-steps", "1"), ("{run}", "finished run")),
+    "generate-system-without-chat": (
+        ("generate", *WEIGHTLESS, "--system", "Answer briefly.", "--max-new-tokens", "2"),
+        ("--system", "--chat"),
+    ),
     "generate-adapter-for-another-model": (
         ("generate", "--model", "smollm2-135m", "--adapter", "{cls}", "--max-new-tokens", "2"),
         ("adapter_model.safetensors", "bert.encoder", "all-MiniLM-L6-v2"),
@@ -295,6 +299,18 @@ def results(work) -> dict[str, Result]:
     later = {
         "merge": cli("merge", "--adapter", run_dir, "--out", work / "merged"),
         "generate": cli("generate", "--adapter", run_dir, "--prompt", PROMPT, "--max-new-tokens", 12),
+        "generate-chat": cli(
+            "generate",
+            "--adapter",
+            run_dir,
+            "--chat",
+            "--system",
+            "Answer briefly.",
+            "--prompt",
+            "Name three primary colors.",
+            "--max-new-tokens",
+            12,
+        ),
         "eval": cli("eval", "--adapter", run_dir, "--data", dev, "--seq-len", 48),
         # No --model: the adapter records the packaged encoder, which eval must load (not the default LM).
         "eval-cls": cli("eval", "--adapter", cls_dir, "--task", "classification", "--data", mrpc),
@@ -482,6 +498,21 @@ def test_generate_prints_the_adapted_models_text(results, smol, adapted):
     assert "Traceback" not in proc.stderr
     (expected,) = generate(adapted, tokenizer, [PROMPT], Decoding(max_new_tokens=12))  # greedy, the CLI default
     assert expected.strip()
+    assert proc.stdout.strip() == expected.strip()
+
+
+def test_generate_chat_answers_through_the_models_chat_template(results, smol, adapted):
+    _, tokenizer = smol
+    proc = results["generate-chat"].proc
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # SmolLM2-Instruct's template (ChatML), written out by hand, the assistant's turn opened.
+    text = (
+        "<|im_start|>system\nAnswer briefly.<|im_end|>\n"
+        "<|im_start|>user\nName three primary colors.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    (expected,) = generate(adapted, tokenizer, [text], Decoding(max_new_tokens=12))
+    (plain,) = generate(adapted, tokenizer, ["Name three primary colors."], Decoding(max_new_tokens=12))
+    assert expected.strip() and expected.strip() != plain.strip()  # the template changes the answer
     assert proc.stdout.strip() == expected.strip()
 
 

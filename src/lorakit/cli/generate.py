@@ -1,4 +1,5 @@
-"""`lorakit generate`: continue a prompt with a base model plus adapter. Flags: `ModelSource`, `Decoding`."""
+"""`lorakit generate`: continue a prompt (or answer it through the chat template: `--chat`) with a
+base model plus adapter. Flags: `ModelSource`, `Prompt`, `Decoding`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from dataclasses import dataclass
 
 from lorakit.cli.command import Command
 from lorakit.cli.flags import FlagSpec
+from lorakit.data.chat import render
+from lorakit.errors import ConfigError
 from lorakit.generate import Decoding, generate
 from lorakit.models import ModelSource, load_source
 
@@ -17,16 +20,32 @@ class Prompt:
 
     Args:
         prompt: the prompt (E2E style `name : X | area : Y ||` for an E2E adapter).
+        chat: send the prompt as a user message through the tokenizer's chat template, the
+            assistant's turn opened (as `lorakit train` renders chat, Alpaca and preference data,
+            and as `lorakit serve`'s /v1/chat/completions does); without it the text is continued
+            as it is.
+        system: a system message before the prompt (with --chat).
     """
 
     prompt: str = "name : The Eagle | Type : coffee shop | food : French | area : riverside ||"
+    chat: bool = False
+    system: str | None = None
 
 
 def _run(source: ModelSource, prompt: Prompt, decoding: Decoding, echo: Callable[[str], None]) -> str:
+    if prompt.system is not None and not prompt.chat:
+        raise ConfigError("--system is a chat message; add --chat")
     model, tokenizer, _ = load_source(source)
-    (text,) = generate(model, tokenizer, [prompt.prompt], decoding)
-    echo(text)
-    return text
+    text = prompt.prompt
+    if prompt.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("this model's tokenizer has no chat template; leave out --chat")
+        messages = [{"role": "system", "content": prompt.system}] if prompt.system is not None else []
+        messages.append({"role": "user", "content": prompt.prompt})
+        text = render(messages, tokenizer, add_generation_prompt=True, where="--prompt")
+    (reply,) = generate(model, tokenizer, [text], decoding)
+    echo(reply)
+    return reply
 
 
 COMMAND = Command(
