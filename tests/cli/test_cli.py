@@ -38,6 +38,7 @@ from lorakit.cli import commands
 from lorakit.cli.flags import field_help
 from lorakit.generate import Decoding, generate
 from lorakit.models import ensure_cached, load_model
+from lorakit.train.lock import LOCK_FILE as LOCK_NAME
 
 pytestmark = pytest.mark.integration  # the real `lorakit` command on the packaged models
 
@@ -68,11 +69,16 @@ def cli(*args: object, module: bool = False) -> list[str]:
 
 
 def snapshot(root: Path) -> dict[str, object]:
-    """`root` and every path under it, with size, mtime and content hash (None for directories)."""
+    """`root` and every path under it, with size, mtime and content hash (None for directories).
+
+    Not the run lock (`lorakit.lock`): a refused `train --out {run}` takes and drops it while the
+    calls beside it watch {run}; test_no_run_lock_is_left_behind checks that none stays."""
     if not root.exists():
         return {str(root): "missing"}
     state: dict[str, object] = {}
     for path in [root, *sorted(root.rglob("*"))] if root.is_dir() else [root]:
+        if path.name == LOCK_NAME:
+            continue
         if path.is_dir():
             state[str(path)] = None
         else:
@@ -664,6 +670,11 @@ def test_bad_data_is_reported_before_the_model_loads(results, case):
     assert proc.returncode == 2, proc.stderr[-4000:]
     assert "model:" not in proc.stdout  # `lorakit train` prints it once the model is loaded
     assert "cannot load" not in proc.stderr  # {work}/weightless has no weights: loading it fails
+
+
+def test_no_run_lock_is_left_behind(results, work):
+    """Every run and every refused run (those on --out {run} included) has let go of its lock."""
+    assert not sorted(work.rglob(LOCK_NAME))
 
 
 @pytest.mark.parametrize("case", ["debug-after", "debug-before"])

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from lorakit.cli.command import Command
 from lorakit.cli.flags import FlagSpec
-from lorakit.data.chat import render
+from lorakit.data.chat import user_prompt
 from lorakit.errors import ConfigError
 from lorakit.generate import Decoding, generate
 from lorakit.models import ModelSource, load_source
@@ -36,13 +36,7 @@ def _run(source: ModelSource, prompt: Prompt, decoding: Decoding, echo: Callable
     if prompt.system is not None and not prompt.chat:
         raise ConfigError("--system is a chat message; add --chat")
     model, tokenizer, _ = load_source(source)
-    text = prompt.prompt
-    if prompt.chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError("this model's tokenizer has no chat template; leave out --chat")
-        messages = [{"role": "system", "content": prompt.system}] if prompt.system is not None else []
-        messages.append({"role": "user", "content": prompt.prompt})
-        text = render(messages, tokenizer, add_generation_prompt=True, where="--prompt")
+    text = user_prompt(prompt.prompt, tokenizer, system=prompt.system) if prompt.chat else prompt.prompt
     (reply,) = generate(model, tokenizer, [text], decoding)
     echo(reply)
     return reply

@@ -46,6 +46,7 @@ __all__ = [
     "has_generation_blocks",
     "render",
     "special_ids",
+    "user_prompt",
 ]
 
 TrainOn = Literal["assistant", "last", "all"]
@@ -110,6 +111,22 @@ def generation_prompt(messages: Sequence[dict[str, Any]], tokenizer: Any, *, whe
     if last == 0:
         return ""
     return render(messages[:last], tokenizer, add_generation_prompt=True, where=where)
+
+
+def user_prompt(text: str, tokenizer: Any, *, system: str | None = None) -> str:
+    """`text` as a user message (after `system`, if given) through the tokenizer's chat template,
+    the assistant's turn opened: what `lorakit generate --chat` continues, rendered as training
+    renders a conversation's prompt and as `lorakit serve`'s chat endpoint does.
+
+    Raises:
+        ConfigError: the tokenizer has no chat template.
+        DataError: the template fails on the conversation.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("this model's tokenizer has no chat template; leave out --chat")
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    messages.append({"role": "user", "content": text})
+    return render(messages, tokenizer, add_generation_prompt=True, where="--prompt")
 
 
 def encode_conversations(
