@@ -58,6 +58,7 @@ __all__ = [
     "default_mode",
     "fsync_path",
     "open_append",
+    "remove_directory",
     "write_bytes",
     "write_file",
     "write_json",
@@ -454,13 +455,31 @@ def _inside(target: Path, tmp: Path, err: OSError) -> Path:
     return target
 
 
-# `.NAME.<8>.tmp` (mkstemp), `.NAME.tmp-<8>` (mkdtemp), `.NAME.old-<pid>-<8 hex>` (moved aside).
-_LEFTOVER = re.compile(r"\.(?P<name>.+?)(?:\.[a-z0-9_]{8}\.tmp|\.tmp-[a-z0-9_]{8}|(?P<old>\.old-\d+-[0-9a-f]{8}))")
+# `.NAME.<8>.tmp` (mkstemp), `.NAME.tmp-<8>` (mkdtemp), `.NAME.old-<pid>-<8 hex>` (moved aside),
+# `.NAME.removing-<pid>-<8 hex>` (`remove_directory`).
+_LEFTOVER = re.compile(
+    r"\.(?P<name>.+?)(?:\.[a-z0-9_]{8}\.tmp|\.tmp-[a-z0-9_]{8}|(?P<old>\.old-\d+-[0-9a-f]{8})|\.removing-\d+-[0-9a-f]{8})"
+)
+
+
+def remove_directory(path: str | os.PathLike) -> None:
+    """Delete directory `path` so that a kill at any moment leaves it whole or gone: renamed first
+    (one atomic step) to a hidden `.NAME.removing-…` that `clean_leftovers` removes, then deleted.
+    A directory deleted in place can be left with some of its files (checkpoint rotation did, twice
+    in the 20 kills of benchmarks/reliability.py). A `path` already gone is not an error."""
+    path = Path(path)
+    doomed = path.with_name(f".{path.name}.removing-{os.getpid()}-{os.urandom(4).hex()}")
+    try:
+        os.rename(path, doomed)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def clean_leftovers(folder: str | os.PathLike) -> list[str]:
     """Remove what killed writes left in `folder`: temporary files and directories of `write_file`,
-    `write_path` and `build_directory`, and a directory `build_directory(replace=True)` moved aside
+    `write_path` and `build_directory`, a directory `remove_directory` had begun to delete, and a
+    directory `build_directory(replace=True)` moved aside
     — which is put back instead when its replacement never arrived (a kill between the two renames).
 
     Only names of exactly those forms are touched.

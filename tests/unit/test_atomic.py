@@ -327,3 +327,25 @@ def test_clean_leftovers_removes_temporaries_and_puts_back_a_directory_moved_asi
     ]
     assert _leftovers(tmp_path) == [".hidden", "adapter.json", "model", "summary"]
     assert (tmp_path / "model" / "weights").read_text() == "old model"
+
+
+def test_remove_directory_leaves_it_whole_or_gone_and_clean_leftovers_finishes_it(tmp_path, monkeypatch):
+    folder = tmp_path / "step-2"
+    folder.mkdir()
+    for name in ("a", "b"):
+        (folder / name).write_text(name)
+
+    def dies_midway(path, ignore_errors=False):
+        next(Path(path).iterdir()).unlink()
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(shutil, "rmtree", dies_midway)
+    with pytest.raises(SystemExit):
+        atomic.remove_directory(folder)
+    monkeypatch.undo()
+    assert not folder.exists()
+    (left,) = tmp_path.iterdir()
+    assert left.name.startswith(".step-2.removing-")
+    assert atomic.clean_leftovers(tmp_path) == [f"removed {left.name}"]
+    assert not list(tmp_path.iterdir())
+    atomic.remove_directory(folder)  # already gone: nothing to do

@@ -165,6 +165,7 @@ def test_resumable_reads_only(runs, tmp_path):
 def test_a_kill_while_an_old_checkpoint_is_deleted_leaves_it_whole_or_gone(tmp_path, monkeypatch):
     """Deleting `step-2` (rotation past keep_checkpoints) dies after its first file: no `step-2`
     missing files is left to be found, and the hidden remains are cleared on resume."""
+    from lorakit import atomic
     from lorakit.train import checkpoint
 
     root = tmp_path / "checkpoints"
@@ -179,7 +180,7 @@ def test_a_kill_while_an_old_checkpoint_is_deleted_leaves_it_whole_or_gone(tmp_p
 
     monkeypatch.setattr(checkpoint.shutil, "rmtree", dies_midway)
     with pytest.raises(SystemExit):
-        checkpoint.remove_checkpoint(root / "step-2")
+        atomic.remove_directory(root / "step-2")  # how save_checkpoint rotates it out
     monkeypatch.undo()
     assert [step for step, _ in list_checkpoints(tmp_path)] == [4]
     assert not (root / "step-2").exists()

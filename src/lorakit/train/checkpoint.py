@@ -337,22 +337,9 @@ def save_checkpoint(
             build_directory(final, build, replace=True)
             if keep is not None:
                 for _, old in list_checkpoints(out_dir)[:-keep]:
-                    remove_checkpoint(old)
+                    atomic.remove_directory(old)  # a kill leaves it whole or gone
     barrier(info)
     return final
-
-
-def remove_checkpoint(path: Path) -> None:
-    """Delete a checkpoint so that a kill at any moment leaves it whole or gone: renamed first (one
-    atomic step) to a hidden name that no listing counts and `remove_partial` removes, then deleted.
-    Deleted in place, a kill midway left `step-N` without some of its files (the SIGKILL campaign,
-    benchmarks/reliability.py, caught it twice in 20)."""
-    doomed = path.with_name(f".{path.name}.removing-{os.getpid()}")
-    try:
-        os.rename(path, doomed)
-    except FileNotFoundError:
-        return
-    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _optimizer_state(
