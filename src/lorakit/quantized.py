@@ -74,6 +74,13 @@ def _nf4_module():
     return NF4Tensor, to_nf4
 
 
+def _to_nf4(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` as torchao's NF4Tensor in QLoRA's layout (64-blocks, double-quantized scalers),
+    made by `kernels.nf4.quantize` (torchao's `to_nf4` when that path is off: the same bits)."""
+    nf4_type, to_nf4 = _nf4_module()
+    return nf4_kernels.quantize(weight, NF4_BLOCK_SIZE, nf4_scaler_block(weight.numel()), nf4_type, to_nf4)
+
+
 def _is_nf4(tensor: Any) -> bool:
     return type(tensor).__name__ == "NF4Tensor"
 
@@ -115,11 +122,7 @@ class QuantizedLinear(nn.Linear):
         with torch.device("meta"):  # no throwaway full-size weight
             new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
         new.scheme, new.original_dtype = scheme, weight.dtype
-        if scheme == "nf4":
-            _, to_nf4 = _nf4_module()
-            stored = to_nf4(weight, NF4_BLOCK_SIZE, nf4_scaler_block(weight.numel()))
-        else:
-            stored = weight.to(torch.bfloat16)
+        stored = _to_nf4(weight) if scheme == "nf4" else weight.to(torch.bfloat16)
         new.weight = nn.Parameter(stored, requires_grad=False)
         new.bias = linear.bias
         return new.train(linear.training)  # a layer of an eval-mode model stays in eval mode
@@ -176,8 +179,7 @@ def plain_linear(module: QuantizedLinear, dtype: torch.dtype | None = None) -> n
 def quantization_error(weight: torch.Tensor, scheme: str) -> float:
     """max |W − dequant(quant(W))| of one full-precision weight under `scheme`."""
     if scheme == "nf4":
-        _, to_nf4 = _nf4_module()
-        nf4 = to_nf4(weight.detach(), NF4_BLOCK_SIZE, nf4_scaler_block(weight.numel()))
+        nf4 = _to_nf4(weight.detach())
         restored = dequantized_weight(nf4, weight.dtype)
     else:
         restored = weight.detach().to(torch.bfloat16).to(weight.dtype)

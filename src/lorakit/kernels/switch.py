@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 __all__ = ["PATHS", "disabled", "enabled", "forced"]
 
-PATHS = ("fused_linear", "gated_mlp", "masked_input", "merged_weight", "nf4_dequant", "stacked_rows")
+PATHS = ("fused_linear", "gated_mlp", "masked_input", "merged_weight", "nf4_dequant", "nf4_quant", "stacked_rows")
 """The speed paths by name (see the `lorakit.kernels` docstring for what each does)."""
 
 _ALL = "all"

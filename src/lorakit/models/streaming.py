@@ -19,15 +19,14 @@ any of their names), every shape as the config makes it, every quantized layer's
 
 Memory: the process's peak during the load is at most
 
-    the final model's bytes + max(L, 2.5·Q) + 256 MiB
+    the final model's bytes + L + 256 MiB
 
-with L the largest tensor in float32 and Q the largest NF4-quantized weight in float32. L is one
-tensor read and converted (the raw tensor beside its converted copy); 2.5·Q is the weight, its
-scaled copy and the 4-bit codes inside torchao's `to_nf4`; the 256 MiB (`FIXED_OVERHEAD_BYTES`) is
-torchao's fixed scratch (it quantizes 2^20 values at a time: about 150 MB of temporaries), the
-GGUF reader's row buffers (`gguf_tensors`) and allocator slack. In language models the embedding is
-the largest tensor and L ≥ 2.5·Q, so the bound is the final model plus one float32 tensor
-(`tests/unit/test_streaming.py` measures it in a child process).
+with L the largest tensor in float32: one tensor read and converted (the raw tensor beside its
+converted copy). NF4 quantization adds only a few MB (`kernels.nf4.quantize` goes through a weight
+4,096 blocks at a time; with the path `nf4_quant` off, torchao's `to_nf4` holds 2.5 times the
+weight plus about 150 MB instead). The 256 MiB (`FIXED_OVERHEAD_BYTES`) is those chunks, the GGUF reader's row buffers
+(`gguf_tensors`), the pages of a memory-mapped shard being read and allocator slack
+(`tests/unit/test_streaming.py` measures the bound in a child process).
 """
 
 from __future__ import annotations
