@@ -22,6 +22,7 @@ import torch.utils.checkpoint
 from safetensors import safe_open
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lorakit
 from lorakit.errors import ConfigError
@@ -118,6 +119,58 @@ def test_lora_gradients_equal_without_checkpointing(both_paths, base, targets, d
         assert float(grad.abs().max()) > 0, f"{name} got no gradient"
     assert len(want) == 2 * len(layers)
     _assert_close_relative(got, want, REL[base])
+
+
+class _DownProducts(TorchDispatchMode):
+    """Counts the products h·W_downᵀ (the down projections' base products; not the backward's g·W_down)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.weights = {m.down_proj.base_layer.weight.data_ptr() for m in model.modules() if hasattr(m, "down_proj")}
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            weight = args[1] if func is torch.ops.aten.mm.default else args[2]
+            # F.linear passes W_downᵀ, (intermediate, hidden); the backward's g·W_down passes W_down.
+            self.count += weight.data_ptr() in self.weights and weight.stride(0) == 1
+        return func(*args, **(kwargs or {}))
+
+
+def _down_products(model: nn.Module) -> int:
+    with _DownProducts(model) as counter:
+        _grads(model)
+    return counter.count
+
+
+def test_the_recomputation_skips_the_down_projection_it_throws_away():
+    """A LLaMA block ends in residual + mlp(...): its recomputation rebuilds what the gated-MLP node
+    keeps but not the down projection's base product, whose result nothing reads; the gradients are
+    still those without checkpointing (0 apart)."""
+    with lorakit.kernels.forced():
+        plain = _adapted("fp32", "all-linear", 0.05)
+        checkpointed = clone(plain)
+        blocks = enable_grad_checkpointing(checkpointed)
+        counts = _counted_blocks(blocks)
+        assert _down_products(plain) == len(blocks)
+        assert _down_products(checkpointed) == len(blocks)  # once each, in the forward
+        assert counts == [2] * len(blocks)  # the blocks did run again
+        _assert_close_relative(_grads(checkpointed), _grads(plain), 0.0)
+
+
+def test_a_block_that_reads_the_mlp_output_otherwise_recomputes_it_all():
+    """When something between the MLP and the residual add uses the MLP's output (here a tanh, which
+    keeps its result for the backward), the recomputation computes the real output."""
+    with lorakit.kernels.forced():
+        plain = _adapted("fp32", "all-linear", 0.05)
+        for module in plain.modules():
+            if hasattr(module, "down_proj"):
+                module.register_forward_hook(lambda module, args, out: out.tanh())
+        checkpointed = clone(plain)
+        blocks = enable_grad_checkpointing(checkpointed)
+        assert _down_products(plain) == len(blocks)
+        assert _down_products(checkpointed) == 2 * len(blocks)
+        _assert_close_relative(_grads(checkpointed), _grads(plain), 0.0)
 
 
 def test_a_training_run_is_the_same_and_the_model_keeps_working(tmp_path):

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.kernels import recompute
 from lorakit.kernels.dropout import KeepMask, draw_mask, dropout_active
 from lorakit.kernels.guards import autocast_on, compiling, computes, hooked
 from lorakit.kernels.linear import branch_backward, branch_forward
@@ -131,7 +132,7 @@ def _project(x2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, xa, A, B
 
 
 # The node's inputs, by name: its backward returns one gradient per name in this order.
-_INPUTS = ("x", "Wg", "Wu", "Wd", "bg", "bu", "bd", "Ag", "Bg", "Au", "Bu", "Ad", "Bd", "act", "branches")
+_INPUTS = ("x", "Wg", "Wu", "Wd", "bg", "bu", "bd", "Ag", "Bg", "Au", "Bu", "Ad", "Bd", "act", "branches", "output")
 
 
 class GatedMlpFunction(torch.autograd.Function):
@@ -139,11 +140,13 @@ class GatedMlpFunction(torch.autograd.Function):
 
     Inputs (see `_INPUTS`): x (..., in); the frozen weights Wg, Wu (hidden, in), Wd (out, hidden)
     and biases (or None); A and B of each branch (or None); the activation; the three `Branch`es
-    (or None). Only x and the A/B tensors get gradients (frozen weights and biases are required).
+    (or None); `output`: False in a recomputation that throws the output away (`recompute`), which
+    then skips the down projection's base product and returns an unfilled tensor of the output's
+    shape. Only x and the A/B tensors get gradients (frozen weights and biases are required).
     """
 
     @staticmethod
-    def forward(ctx, x, Wg, Wu, Wd, bg, bu, bd, Ag, Bg, Au, Bu, Ad, Bd, act, branches):
+    def forward(ctx, x, Wg, Wu, Wd, bg, bu, bd, Ag, Bg, Au, Bu, Ad, Bd, act, branches, output=True):
         bg_, bu_, bd_ = branches
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         in_g = _branch_input(x2, bg_)
@@ -155,7 +158,11 @@ class GatedMlpFunction(torch.autograd.Function):
         h = act(e) * u
         xd, keep_d, pd = _branch_input(h, bd_)
         sd = _scaled(bd_, pd)
-        y, a_d = _project(h, Wd, bd, xd, Ad, Bd, sd)
+        if output:
+            y, a_d = _project(h, Wd, bd, xd, Ad, Bd, sd)
+        else:  # only what the backward keeps: the down branch's product, as `branch_forward` makes it
+            a_d = torch.mm(xd, Ad.t()) if Ad is not None else None
+            y = h.new_empty(h.shape[0], Wd.shape[0])
         # The down branch's input is recomputed from e and u in the backward, the gate and up
         # branches' inputs from x and the masks, kept as positions or bits (once when shared).
         ctx.shared = keep_u is not None and keep_u is keep_g
@@ -241,6 +248,8 @@ def gated_mlp(
     biases: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
     branches: tuple[Branch | None, Branch | None, Branch | None],
     act,
+    *,
+    output: bool = True,
 ) -> torch.Tensor:
     """down(act(gate(x)) · up(x)) where each projection may carry one LoRA branch.
 
@@ -254,12 +263,15 @@ def gated_mlp(
         biases: frozen biases or None.
         branches: a `Branch` per projection (gate, up, down) or None.
         act: the activation (a module or function of one tensor).
+        output: False when the result will not be read (a checkpointed block's recomputation,
+            `recompute`): the down projection's base product is skipped and the values returned
+            are unspecified; what the backward keeps is computed all the same.
 
     Returns:
         (..., out).
     """
     tensors = [t for br in branches for t in ((br.A, br.B) if br is not None else (None, None))]
-    return GatedMlpFunction.apply(x, *weights, *biases, *tensors, act, branches)
+    return GatedMlpFunction.apply(x, *weights, *biases, *tensors, act, branches, output)
 
 
 # ---------------------------------------------------------------------------- on a model
@@ -318,7 +330,9 @@ def _fused_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if steps is None:
         return type(self).forward(self, x)
     weights, biases, branches = steps
-    return gated_mlp(x, weights, biases, branches, self.act_fn)
+    y = gated_mlp(x, weights, biases, branches, self.act_fn, output=not recompute.skips_output(self))
+    recompute.note_output(self, y)
+    return y
 
 
 def plan(mlp: nn.Module, x: torch.Tensor):

@@ -27,6 +27,11 @@ activations, for about one more forward per step. What makes it safe for LoRA:
   block's parameters before its backward, and so before the recomputation. Enabling before or after
   `sharding.shard` is therefore the same; `fit` enables it first, as torchtune applies activation
   checkpointing before `fully_shard`.
+- *Less to recompute.* The recomputation only rebuilds what the block's nodes saved; its output is
+  thrown away. Where the block ends in a residual add of the gated-MLP node's output (LLaMA-family
+  decoder layers with LoRA in the MLP), that node skips the down projection's base product in the
+  recomputation (`kernels.recompute`: decided per run from the forward's autograd graph, so a block
+  that does anything else with the MLP's output recomputes it all).
 - *No KV cache.* Under gradients a checkpointed block runs without a cache (`use_cache=False`, any
   cache argument None), as transformers' own checkpointing does: the recomputation would write it
   a second time. Without gradients (generation, `loss_on`, fit's evaluations under
@@ -45,6 +50,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from lorakit.errors import ConfigError
+from lorakit.kernels import recompute
 from lorakit.layers import LoraLayer
 from lorakit.train.blocks import decoder_blocks
 
@@ -144,17 +150,32 @@ def _checkpointed_forward(block: nn.Module, previous: Callable | None, *args: An
     # The keyword arguments travel as one positional dict so that checkpoint sees their tensors
     # when it picks the devices whose RNG state it keeps (it looks at positional arguments only).
     return torch.utils.checkpoint.checkpoint(
-        _run, block, forward, kwargs, *args, use_reentrant=False, preserve_rng_state=True
+        _run, block, forward, kwargs, _Run(), *args, use_reentrant=False, preserve_rng_state=True
     )
 
 
-def _run(block: nn.Module, forward: Callable, kwargs: dict[str, Any], *args: Any) -> Any:
+class _Run:
+    """One checkpointed call's state, shared by its forward and its recomputation (checkpoint hands
+    the recomputation the forward's arguments): which it is, and the module whose output the
+    recomputation may skip (`kernels.recompute`)."""
+
+    recomputing: bool = False
+    tail: nn.Module | None = None
+
+
+def _run(block: nn.Module, forward: Callable, kwargs: dict[str, Any], run: _Run, *args: Any) -> Any:
     """One run of a checkpointed block — the forward, then its recomputation — from the same start:
     the RNG state (restored by checkpoint) and no shared dropout mask left from elsewhere."""
     sharings = {id(layer.masks): layer.masks for layer in block.modules() if isinstance(layer, LoraLayer)}
     for masks in sharings.values():
         masks.forget()
-    return forward(*args, **kwargs)
+    if run.recomputing:
+        with recompute.skipping(run.tail):
+            return forward(*args, **kwargs)
+    with recompute.watching() as seen:
+        out = forward(*args, **kwargs)
+    run.tail, run.recomputing = recompute.skippable_tail(out, seen), True
+    return out
 
 
 @functools.lru_cache(maxsize=64)
