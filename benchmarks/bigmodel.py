@@ -337,6 +337,8 @@ def _child(row: str, args: argparse.Namespace) -> dict[str, Any]:
         args.dtype,
         "--model",
         args.model,
+        "--rounds",
+        str(args.rounds),
         *(["--quick"] if args.quick else []),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(args.threads), timeout=args.timeout)
@@ -437,7 +439,7 @@ def child_loss(args: argparse.Namespace) -> dict[str, Any]:
         out[f"loss_mib_{kind}"] = _hwm_delta(loss_only(kind), args.device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     steps = {kind: (lambda kind=kind: train_step(model, [batch], optimizer, loss=kind)) for kind in ("full", "chunked")}
-    return {**out, **_alternated(steps, args.device)}
+    return {**out, **_alternated(steps, args.device, args.rounds)}
 
 
 def child_ckpt(args: argparse.Namespace) -> dict[str, Any]:
@@ -455,7 +457,7 @@ def child_ckpt(args: argparse.Namespace) -> dict[str, Any]:
         (enable_grad_checkpointing if checkpointing else disable_grad_checkpointing)(model)
         train_step(model, [batch], optimizer)
 
-    out.update(_alternated({"off": lambda: step(False), "on": lambda: step(True)}, args.device))
+    out.update(_alternated({"off": lambda: step(False), "on": lambda: step(True)}, args.device, args.rounds))
     batch_size, seq = batch["input_ids"].shape
     for ckpt in (False, True):
         est = _estimate(args.model, quantize=None, targets="all-linear", r=16, batch=batch_size, seq=seq, ckpt=ckpt)
@@ -668,6 +670,9 @@ def main() -> None:
         default="smollm2-135m",
         help="the model of the loss, ckpt and peft rows: the packaged alias (default) or a transformers directory "
         "of the same shape (e.g. a random-weight twin, benchmarks/_twin.py, where the package cannot travel)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="timed rounds of the loss and ckpt rows (after a warm-up round)"
     )
     parser.add_argument("--timeout", type=float, default=5400, help="seconds before a run is killed")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")

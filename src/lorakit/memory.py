@@ -7,8 +7,9 @@ config in seconds and a few MB) and adds up, in bytes:
 - *weights*, each parameter as lorakit stores it: the linear layers `lorakit.quantize` picks (every
   `nn.Linear` but the output head) in NF4 (`stored_bytes` of torchao's `NF4Tensor`: 4-bit codes,
   one int8 scaler per 64 values, one scaler factor per `nf4_scaler_block` scalers, the mean and
-  the 16-value table in the load dtype) or bf16; embeddings, the head, norms and biases in the
-  load dtype; tied weights once. Buffers (rotary tables) apart.
+  the 16-value table in the load dtype) or bf16; under either scheme the input embeddings and the
+  output head in bf16 (`quantization.tables_to_store`), otherwise in the load dtype; norms and
+  biases in the load dtype; tied weights once. Buffers (rotary tables) apart.
 - *adapters + optimizer*: the trainable parameters `inject.preview` counts (A, B, DoRA's
   magnitude, `modules_to_save` copies; trained biases), as many bytes again for their gradients,
   and AdamW's state (two moments in the parameter's dtype and a float32 step per tensor).
@@ -57,7 +58,14 @@ from lorakit.kernels.dropout import SPARSE_MAX_P
 from lorakit.kernels.gated_mlp import is_gated_mlp
 from lorakit.models.cache import gguf_header, resolve
 from lorakit.models.pretrained import dtype_kwargs
-from lorakit.quantization import NF4_BLOCK_SIZE, linears_to_quantize, nf4_scaler_block, quantization_of
+from lorakit.quantization import (
+    NF4_BLOCK_SIZE,
+    TablesToStore,
+    linears_to_quantize,
+    nf4_scaler_block,
+    quantization_of,
+    tables_to_store,
+)
 from lorakit.state import find_state
 from lorakit.targeting import resolve_modules_to_save
 from lorakit.train.chunked_loss import chunk_tokens_for
@@ -411,7 +419,10 @@ def _nf4_bytes(numel: int, dtype: torch.dtype) -> int:
 def _weights(model: nn.Module, scheme: str | None, head: nn.Module | None) -> tuple[dict[str, int], set[str]]:
     """(bytes by kind, the paths `lorakit.quantize` would replace), refusing what `quantize` would
     refuse (a layer NF4 cannot block, NF4 without torchao) as it would."""
-    quantized = set(linears_to_quantize(model, scheme)) if scheme is not None else set()
+    chosen = linears_to_quantize(model, scheme) if scheme is not None else {}
+    quantized = set(chosen)
+    tables = tables_to_store(model, chosen) if scheme is not None else TablesToStore()
+    stored = {id(model.get_submodule(p).weight) for p in (tables.embeddings, tables.head) if p is not None}
     kinds: dict[str, int] = {}
     seen: set[int] = set()
     head_weight = getattr(head, "weight", None)
@@ -425,7 +436,7 @@ def _weights(model: nn.Module, scheme: str | None, head: nn.Module | None) -> tu
                 kind = f"linear ({scheme})"
                 size = _nf4_bytes(param.numel(), param.dtype) if scheme == "nf4" else param.numel() * 2
             else:
-                size = _bytes(param)
+                size = param.numel() * 2 if id(param) in stored else _bytes(param)  # bf16 tables
                 if isinstance(module, nn.Embedding):
                     kind = "embeddings"
                 elif param is head_weight:

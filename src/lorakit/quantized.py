@@ -23,10 +23,12 @@ __all__ = [
     "NF4_SCALER_BLOCK_SIZE",
     "SCHEMES",
     "FrozenLinear",
+    "QuantizedEmbedding",
     "QuantizedLinear",
     "dequantized_weight",
     "is_quantized",
     "nf4_scaler_block",
+    "plain_embedding",
     "plain_linear",
     "quantization_error",
     "quantization_of",
@@ -114,16 +116,41 @@ class QuantizedLinear(nn.Linear):
 
     scheme: str = "nf4"
     original_dtype: torch.dtype = torch.float32
+    stores_table: bool = False
+    """True for an output head stored in bf16 beside a quantized model's linear layers (its weight
+    may be the input embeddings' table: tied weights stay one tensor)."""
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, scheme: Scheme) -> QuantizedLinear:
-        """A quantized copy of `linear` (same device, the weight frozen, the bias kept as is)."""
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        scheme: Scheme,
+        *,
+        original_dtype: torch.dtype | None = None,
+        head: bool = False,
+        table: nn.Parameter | None = None,
+    ) -> QuantizedLinear:
+        """A quantized copy of `linear` (same device, the weight frozen, the bias kept as is).
+
+        Args:
+            linear: the layer.
+            scheme: `"nf4"` or `"bf16"`.
+            original_dtype: the dtype it computes in (default: its weight's own dtype).
+            head: the output head, stored in bf16 beside the linear layers (`stores_table`).
+            table: with `head`, a `QuantizedEmbedding`'s bf16 table to take as the weight (a head
+                tied to the input embeddings stays tied) instead of a bf16 copy of its own.
+        """
         weight = linear.weight.detach()
         with torch.device("meta"):  # no throwaway full-size weight
             new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
-        new.scheme, new.original_dtype = scheme, weight.dtype
-        stored = _to_nf4(weight) if scheme == "nf4" else weight.to(torch.bfloat16)
-        new.weight = nn.Parameter(stored, requires_grad=False)
+        new.scheme, new.original_dtype = scheme, original_dtype or weight.dtype
+        if head:
+            new.scheme, new.stores_table = "bf16", True
+        if table is not None:
+            new.weight = table
+        else:
+            stored = _to_nf4(weight) if new.scheme == "nf4" else weight.to(torch.bfloat16)
+            new.weight = nn.Parameter(stored, requires_grad=False)
         new.bias = linear.bias
         return new.train(linear.training)  # a layer of an eval-mode model stays in eval mode
 
@@ -135,6 +162,64 @@ class QuantizedLinear(nn.Linear):
         return f"{super().extra_repr()}, scheme={self.scheme}"
 
 
+class QuantizedEmbedding(nn.Embedding):
+    """An `nn.Embedding` whose frozen table is stored in bf16 (the input embeddings of a quantized
+    model, under either scheme: QLoRA keeps them in its 16-bit compute dtype, not in NF4).
+
+    The rows looked up are cast to `original_dtype`, the table's dtype before, so the model computes
+    in its own dtype as before, with the table's values rounded to bf16. Build with `from_embedding`.
+    """
+
+    scheme: str = "bf16"
+    original_dtype: torch.dtype = torch.float32
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, original_dtype: torch.dtype | None = None) -> QuantizedEmbedding:
+        """A copy of `embedding` with its table in bf16 (same device, frozen).
+
+        Args:
+            embedding: a plain `nn.Embedding`.
+            original_dtype: the dtype its rows are computed in (default: the table's own dtype; the
+                streaming load passes the load dtype, having read the table in bf16 already).
+        """
+        weight = embedding.weight.detach()
+        with torch.device("meta"):  # no throwaway full-size table
+            new = cls(
+                embedding.num_embeddings,
+                embedding.embedding_dim,
+                padding_idx=embedding.padding_idx,
+                max_norm=embedding.max_norm,
+                norm_type=embedding.norm_type,
+                scale_grad_by_freq=embedding.scale_grad_by_freq,
+                sparse=embedding.sparse,
+            )
+        new.original_dtype = original_dtype or weight.dtype
+        new.weight = nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
+        return new.train(embedding.training)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return super().forward(input).to(self.original_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, stored=bf16"
+
+
+def plain_embedding(module: QuantizedEmbedding, dtype: torch.dtype | None = None) -> nn.Embedding:
+    """A plain `nn.Embedding` with `module`'s table in `dtype` (default: its dtype before storage)."""
+    with torch.device("meta"):
+        plain = nn.Embedding(
+            module.num_embeddings,
+            module.embedding_dim,
+            padding_idx=module.padding_idx,
+            max_norm=module.max_norm,
+            norm_type=module.norm_type,
+            scale_grad_by_freq=module.scale_grad_by_freq,
+            sparse=module.sparse,
+        )
+    plain.weight = nn.Parameter(module.weight.detach().to(dtype or module.original_dtype), requires_grad=False)
+    return plain.train(module.training)
+
+
 def dequantized_weight(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A quantized (or plain) weight as a dense tensor of `dtype` (default: the weight's nominal dtype)."""
     if _is_nf4(weight):
@@ -144,12 +229,18 @@ def dequantized_weight(weight: torch.Tensor, dtype: torch.dtype | None = None) -
 
 def is_quantized(module: nn.Module) -> bool:
     """Whether `module` is a layer `quantize` made (its weight stored as NF4 or bf16)."""
-    return isinstance(module, QuantizedLinear)
+    return isinstance(module, (QuantizedLinear, QuantizedEmbedding))
 
 
 def quantization_of(model: nn.Module) -> str | None:
-    """The scheme of the model's quantized layers (`"nf4"`, `"bf16"`), or None when none is."""
-    return next((m.scheme for m in model.modules() if isinstance(m, QuantizedLinear)), None)
+    """The scheme of the model's quantized linear layers (`"nf4"`, `"bf16"`), or None when none is.
+
+    Embeddings and an output head stored in bf16 alongside (`QuantizedLinear.stores_table`) do not
+    count: an NF4 model with a bf16 head is an NF4 model."""
+    schemes = [m.scheme for m in model.modules() if isinstance(m, QuantizedLinear) and not m.stores_table]
+    if schemes:
+        return schemes[0]
+    return "bf16" if any(is_quantized(m) for m in model.modules()) else None
 
 
 def stored_bytes(tensor: torch.Tensor) -> int:

@@ -93,7 +93,7 @@ def test_inspect_estimates_a_7b_shape_from_its_config_alone(tmp_path):
     # NF4: half a byte per weight, an int8 scaler per 64 and a float32 factor per 256 scalers.
     linear = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
     assert 0.515 < est.weights["linear (nf4)"] / linear < 0.517
-    assert est.weights["embeddings"] == est.weights["output head"] == 32000 * 4096 * 4  # float32
+    assert est.weights["embeddings"] == est.weights["output head"] == 32000 * 4096 * 2  # stored in bf16
     verdict = lines[start + 8]
     assert verdict.startswith(f"does not fit: the estimate, {memory.format_bytes(est.total)}, exceeds"), verdict
     assert "--grad-checkpointing" in verdict and "--quantize nf4" not in verdict

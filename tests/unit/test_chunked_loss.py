@@ -14,7 +14,7 @@ import lorakit
 from lorakit import data as D
 from lorakit.errors import ConfigError, TrainingError
 from lorakit.evaluate import loss_on
-from lorakit.train import TrainConfig, fit, loss_sum, train_step
+from lorakit.train import TrainConfig, chunked_loss, fit, loss_sum, train_step
 from lorakit.train.chunked_loss import chunk_tokens_for, chunked_head, model_loss_sum
 from lorakit.train.config import RESUME_FREE_FIELDS
 from tests.conftest import randomize_adapters, tiny_gpt2, tiny_llama
@@ -27,11 +27,18 @@ FP32_BOUND = 1e-5
 BF16_LOSS_BOUND, BF16_GRAD_BOUND = 1e-3, 2e-2
 
 
+@pytest.fixture(autouse=True)
+def _small_table_slices(monkeypatch):
+    """A bf16-stored head is converted 7 vocabulary rows at a time: many slices over 64 tokens."""
+    monkeypatch.setattr(chunked_loss, "TABLE_SLICE_ROWS", 7)
+
+
 def _lora(**kwargs) -> dict:
     return {"r": 4, "lora_alpha": 8, "lora_dropout": 0.05, **kwargs}
 
 
-# id -> (model, LoRA config or None for full fine-tuning, quantize the head)
+# id -> (model, LoRA config or None for full fine-tuning, quantize: a scheme for the head too, or
+# (scheme, include_head))
 CASES = {
     "llama-qv": (tiny_llama, _lora(target_modules=["q_proj", "v_proj"]), None),
     "gpt2-tied-head": (tiny_gpt2, _lora(target_modules=["c_attn"]), None),
@@ -47,6 +54,9 @@ CASES = {
     "gpt2-full-fine-tuning": (tiny_gpt2, None, None),
     "llama-quantized-head": (tiny_llama, _lora(target_modules=["q_proj", "v_proj"]), "bf16"),
     "llama-lora-on-quantized-head": (tiny_llama, _lora(target_modules=["q_proj", "lm_head"]), "bf16"),
+    # NF4 linears with the embeddings and head stored beside them in bf16 (converted a slice at a time)
+    "llama-nf4-bf16-head-table": (tiny_llama, _lora(target_modules=["q_proj", "v_proj"]), ("nf4", False)),
+    "gpt2-bf16-tied-table": (tiny_gpt2, _lora(target_modules=["c_attn"]), ("nf4", False)),
     # A DoRA head is computed by the per-chunk checkpoint of its own call. Without dropout: that path
     # draws a chunk's masks over the chunk, not over the whole input as the full path does.
     "llama-dora-lm_head": (
@@ -63,7 +73,8 @@ def _model(case: str, dtype: torch.dtype = torch.float32, vocab: int | None = No
     if vocab is not None:  # tied heads stay tied
         model.resize_token_embeddings(vocab, mean_resizing=False)
     if quantized is not None:
-        lorakit.quantize(model, quantized, include_head=True)
+        scheme, include_head = (quantized, True) if isinstance(quantized, str) else quantized
+        lorakit.quantize(model, scheme, include_head=include_head)
     if config is not None:
         lorakit.inject(model, lorakit.LoraConfig(**config))
         randomize_adapters(model)  # B ≠ 0: every gradient is non-trivial

@@ -9,6 +9,7 @@ import torch
 
 import lorakit
 from lorakit.data.preference import pack_sequences
+from lorakit.train import chunked_loss
 from lorakit.train.logprobs import sequence_logprobs
 from lorakit.train.packed import model_inputs
 from tests.conftest import randomize_adapters, tiny_llama
@@ -19,6 +20,9 @@ BOUND = 1e-5  # max |chunked − full| ≤ BOUND × max |full|, per tensor
 
 def _model(targets) -> torch.nn.Module:
     model = tiny_llama()
+    if targets == "nf4-table":  # NF4 linears, the embeddings and the head stored in bf16 beside them
+        lorakit.quantize(model, "nf4")
+        targets = ["q_proj", "v_proj"]
     lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=targets))
     randomize_adapters(model)
     return model.train()
@@ -66,9 +70,12 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 
 @pytest.mark.parametrize("chunk_tokens", [3, None], ids=["chunk3", "one-chunk"])
 @pytest.mark.parametrize(
-    "targets", [["q_proj", "v_proj", "gate_proj"], ["q_proj", "v_proj", "lm_head"]], ids=["frozen-head", "lora-head"]
+    "targets",
+    [["q_proj", "v_proj", "gate_proj"], ["q_proj", "v_proj", "lm_head"], "nf4-table"],
+    ids=["frozen-head", "lora-head", "bf16-table-head"],
 )
-def test_sums_and_every_gradient_equal_the_full_logits(both_paths, targets, chunk_tokens):
+def test_sums_and_every_gradient_equal_the_full_logits(both_paths, monkeypatch, targets, chunk_tokens):
+    monkeypatch.setattr(chunked_loss, "TABLE_SLICE_ROWS", 7)  # a stored table: many slices of the 64 rows
     model, batch = _model(targets), _batch()
     weights = torch.tensor([1.0, -2.0, 0.5, 3.0])  # each sequence's sum gets its own gradient
     chunked, chunked_grads = _sums_and_grads(model, batch, weights, loss="chunked", chunk_tokens=chunk_tokens)

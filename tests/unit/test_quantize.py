@@ -35,10 +35,13 @@ def _dequantized_twin(model: nn.Module) -> nn.Module:
 def test_every_linear_but_the_head_is_stored_compressed_and_computes_its_dequantized_weight(scheme):
     base = nf4_llama()
     model = lorakit.quantize(clone(base), scheme)  # the top-level name is the same function
-    quantized = [p for p, m in model.named_modules() if isinstance(m, Q.QuantizedLinear)]
+    quantized = [p for p, m in model.named_modules() if isinstance(m, Q.QuantizedLinear) and not m.stores_table]
     linear = [p for p, m in base.named_modules() if isinstance(m, nn.Linear) and p != "lm_head"]
     assert quantized == linear and Q.quantization_of(model) == scheme
-    assert type(model.lm_head) is nn.Linear and type(model.model.embed_tokens) is nn.Embedding
+    # The tables beside them: the embeddings and the (untied) head in bf16, computing in fp32.
+    assert type(model.model.embed_tokens) is Q.QuantizedEmbedding and model.lm_head.stores_table
+    assert model.model.embed_tokens.weight.dtype == model.lm_head.weight.dtype == torch.bfloat16
+    assert model.lm_head.scheme == "bf16" and model.lm_head.original_dtype == torch.float32
     stored = sum(Q.quantized_bytes(model.get_submodule(p)) for p in quantized)
     full = sum(base.get_submodule(p).weight.numel() * 4 for p in quantized)
     assert stored <= (0.15 if scheme == "nf4" else 0.5) * full  # weights only; no biases in LLaMA
@@ -48,6 +51,47 @@ def test_every_linear_but_the_head_is_stored_compressed_and_computes_its_dequant
         torch.testing.assert_close(model(IDS).logits, twin(IDS).logits, atol=1e-5, rtol=0)
         error = (model(IDS).logits - base(IDS).logits).abs().max()
     assert 0 < error < (0.5 if scheme == "nf4" else 0.05)  # quantization changes the model, a little
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_embeddings_and_head_are_stored_in_bf16_and_compute_in_the_model_dtype(tied):
+    """The tables are rounded to bf16 and nothing else changes: the quantized model's logits equal
+    those of the same model with NF4 linears and bf16-rounded fp32 tables; a tied head keeps sharing
+    the one (bf16) table; dequantize gives plain modules back, tied again."""
+    base = nf4_llama()
+    if tied:
+        base.lm_head.weight = base.model.embed_tokens.weight
+    model = Q.quantize(clone(base), "nf4")
+    embedding, head = model.model.embed_tokens, model.lm_head
+    assert (head.weight is embedding.weight) == tied
+    reference = Q.quantize(clone(base), "nf4", tables=False)
+    assert type(reference.model.embed_tokens) is nn.Embedding and type(reference.lm_head) is nn.Linear
+    with torch.no_grad():
+        for table in {id(t): t for t in (reference.model.embed_tokens.weight, reference.lm_head.weight)}.values():
+            table.copy_(table.to(torch.bfloat16).float())
+        got, want = model(IDS).logits, reference(IDS).logits
+        assert got.dtype == torch.float32 and model.model.embed_tokens(IDS).dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    plain = Q.dequantize(model)
+    assert type(plain.model.embed_tokens) is nn.Embedding and type(plain.lm_head) is nn.Linear
+    assert plain.model.embed_tokens.weight.dtype == torch.float32
+    assert (plain.lm_head.weight is plain.model.embed_tokens.weight) == tied
+    with torch.no_grad():
+        torch.testing.assert_close(plain(IDS).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_tables_stay_as_they_are_when_skipped_narrow_or_trained_as_the_head():
+    model = Q.quantize(nf4_llama(), "nf4", skip=["lm_head"])
+    assert type(model.lm_head) is nn.Linear and type(model.model.embed_tokens) is Q.QuantizedEmbedding
+    model = Q.quantize(nf4_llama(), "nf4", include_head=True)  # the head in NF4, not a bf16 table
+    assert model.lm_head.scheme == "nf4" and not model.lm_head.stores_table
+    half = nf4_llama().to(torch.bfloat16)
+    model = Q.quantize(half, "nf4")  # already 16-bit: nothing to gain
+    assert type(model.model.embed_tokens) is nn.Embedding and type(model.lm_head) is nn.Linear
+    tied = nf4_llama()
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    model = Q.quantize(tied, "nf4", skip=["embed_tokens"])  # a tied head goes with its table only
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
 
 
 def test_a_step_keeps_the_compressed_weights_not_dense_copies():
@@ -72,14 +116,18 @@ def test_a_step_keeps_the_compressed_weights_not_dense_copies():
 def test_fit_trains_only_the_adapter_and_the_file_loads_on_the_full_precision_base_in_lorakit_and_peft(tmp_path):
     base = nf4_llama()
     model = lorakit.inject(Q.quantize(clone(base), "nf4"), QV)
-    codes = {p: m.weight.quantized_data.clone() for p, m in model.named_modules() if isinstance(m, Q.QuantizedLinear)}
+    codes = {
+        p: m.weight.quantized_data.clone()
+        for p, m in model.named_modules()
+        if isinstance(m, Q.QuantizedLinear) and m.scheme == "nf4"
+    }
     labels = IDS.clone()
     batch = {"input_ids": IDS, "attention_mask": torch.ones_like(IDS), "labels": labels}
     result = fit(
         model, lambda e, s: iter([batch][s:]), TrainConfig(lr=1e-2, max_steps=3), tmp_path, batches_per_epoch=1
     )
     for path, m in model.named_modules():
-        if isinstance(m, Q.QuantizedLinear):
+        if isinstance(m, Q.QuantizedLinear) and m.scheme == "nf4":
             assert torch.equal(m.weight.quantized_data, codes[path])  # W0 never moves
     with safe_open(result.adapter_dir / "adapter_model.safetensors", framework="pt") as f:
         assert f.metadata() == {"format": "pt", "lorakit.base_quantization": "nf4"}
@@ -145,7 +193,7 @@ def test_bf16_base_takes_fp32_activations_and_keeps_fp32_adapters():
         (lambda m: Q.quantize(m, "int3"), "unknown quantization scheme 'int3'; choose one of nf4, bf16"),
         (lambda m: Q.quantize(Q.quantize(m, "bf16"), "nf4"), r"already quantized \(bf16\)"),
         (lambda m: Q.quantize(lorakit.inject(m, QV), "nf4"), "carries LoRA adapters; quantize the base first"),
-        (lambda m: Q.quantize(m, "nf4", skip=["nope"]), r"skip entries \['nope'\] name no linear layer"),
+        (lambda m: Q.quantize(m, "nf4", skip=["nope"]), r"skip entries \['nope'\] name no linear layer or embedding"),
         (
             lambda m: lorakit.inject(Q.quantize(m, "nf4"), lorakit.LoraConfig(init_lora_weights="pissa")),
             "'pissa' rewrites W0, which 'model.layers.0.self_attn.q_proj' stores quantized",

@@ -144,7 +144,10 @@ def test_streamed_model_equals_from_pretrained_then_quantize(tmp_path, monkeypat
     assert tokenizer.pad_token == "w1"  # the EOS token, as for every causal LM
     if make is tiny_gpt2:  # tied head; GPT-2's Conv1D layers are not nn.Linear, so `quantize` leaves them
         assert model.lm_head.weight is model.transformer.wte.weight
-        assert Q.quantization_of(model) is None
+        # ... and stores only the tied table in bf16 (read in bf16: no float32 copy)
+        stored = scheme is not None and dtype == torch.float32  # a 16-bit table is left as it is
+        assert stored == (type(model.transformer.wte) is Q.QuantizedEmbedding)
+        assert Q.quantization_of(model) == ("bf16" if stored else None)
     else:
         assert Q.quantization_of(model) == scheme
 
@@ -270,8 +273,16 @@ def test_gguf_tensors_stream_as_transformers_reads_them(tmp_path, arch, outtype)
     path = _write_gguf(_tiny(arch), arch, tmp_path / f"tiny-{outtype}.gguf", outtype)
     types = {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
     assert types == {"F32", outtype.upper()} or outtype == "f32"
-    for dtype, scheme in [(torch.float32, None), (torch.bfloat16, "nf4")]:
+    # fp32 + nf4: the embeddings and head are read straight into bf16 (`tables_to_store`)
+    for dtype, scheme in [(torch.float32, None), (torch.float32, "nf4"), (torch.bfloat16, "nf4")]:
         _assert_same_model(_transformers_gguf(path, dtype, scheme), _streamed_gguf(path, dtype, scheme))
+    # A read in bf16 (cast a few rows at a time, or whole after putting q/k rows in order) is the
+    # float32 read cast, for every tensor; the row steps are made small so that there are many.
+    tensors = GgufTensors(path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf_tensors, "_CHUNK_BYTES", 64)
+        for key in sorted(tensors.keys()):
+            assert torch.equal(tensors.read(key, torch.bfloat16), tensors.read(key, torch.float32).to(torch.bfloat16))
 
 
 @pytest.mark.integration  # the whole packaged model through transformers' GGUF reader and lorakit's, twice: ~45 s

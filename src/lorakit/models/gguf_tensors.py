@@ -91,10 +91,17 @@ class GgufTensors:
     """
 
     def __init__(self, path: Path) -> None:
+        import gguf
+
         self.path = Path(path)
-        self._reader = _open(self.path)
-        self.architecture: str = self._reader.fields["general.architecture"].contents()
-        self._tensors = {t.name: t for t in self._reader.tensors}
+        reader = _open(self.path)
+        self.architecture: str = reader.fields["general.architecture"].contents()
+        single_string = [gguf.GGUFValueType.STRING]
+        self._strings = {k: f.contents() for k, f in reader.fields.items() if list(f.types) == single_string}
+        self._tensors = {t.name: t for t in reader.tensors}
+        # The reader's metadata goes with it: a tokenizer's vocabulary and merges parsed into Python
+        # objects (about 350 MB for Qwen2.5's 151,936 tokens) would stay resident through the load.
+        del reader
         self._by_key: dict[str, str] = {}
         self._heads: dict[str, int] = {}
         self._check()
@@ -128,8 +135,7 @@ class GgufTensors:
 
     def string(self, key: str) -> str | None:
         """A string of the file's metadata (`general.organization`, ...), None when absent."""
-        field = self._reader.fields.get(key)
-        value = field.contents() if field is not None else None
+        value = self._strings.get(key)
         return value if isinstance(value, str) and value else None
 
     @property
@@ -174,7 +180,8 @@ class GgufTensors:
 
     def read(self, key: str, dtype: torch.dtype) -> torch.Tensor:
         """The tensor dequantised to float32 (q/k rows in transformers' order), then cast to `dtype`;
-        memory of its own, no mapping of the file kept."""
+        memory of its own, no mapping of the file kept. A tensor whose rows stay in place (all but
+        q and k) is cast a few rows at a time, so a bf16 read never holds a float32 copy."""
         import gguf
         import numpy as np
 
@@ -185,7 +192,11 @@ class GgufTensors:
         rows = int(np.prod(stored.shape[:-1], dtype=np.int64)) if stored.ndim > 1 else 1
         row_bytes = row_items * stored.dtype.itemsize
         columns = shape[-1] if shape else 1
-        out = np.empty((rows, columns), dtype=np.float32)
+        part = tensor.name.split(".")[-2] if tensor.name.count(".") >= 2 else ""
+        permuted = part in self._heads and len(shape) == 2
+        # Dequantised into float32 rows, each step cast into the result (a permuted tensor is put
+        # in order in float32 first, then cast, as before).
+        out = torch.empty((rows, columns), dtype=torch.float32 if permuted else dtype)
         step = max(1, _CHUNK_BYTES // max(1, columns * 4))
         with self.path.open("rb") as handle:
             fd = handle.fileno()
@@ -197,10 +208,12 @@ class GgufTensors:
                         f"GGUF file {self.path} is truncated at tensor {tensor.name}; the file is corrupt"
                     )
                 block = np.frombuffer(raw, dtype=stored.dtype).reshape(count, row_items)
-                out[start : start + count] = gguf.quants.dequantize(block, tensor.tensor_type).reshape(count, columns)
-        value = torch.from_numpy(out).reshape(shape)
-        part = tensor.name.split(".")[-2] if tensor.name.count(".") >= 2 else ""
-        if part in self._heads and value.ndim == 2:
+                values = np.asarray(gguf.quants.dequantize(block, tensor.tensor_type), dtype=np.float32)
+                if not values.flags.writeable:  # a float32 tensor comes back as a view of the bytes read
+                    values = values.copy()
+                out[start : start + count] = torch.from_numpy(values.reshape(count, columns))
+        value = out.reshape(shape)
+        if permuted:
             value = llama_unpermute(value, self._heads[part])
         return value if value.dtype == dtype else value.to(dtype)
 

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from lorakit.errors import ModelLoadError
 from lorakit.models.pretrained import dtype_kwargs
-from lorakit.quantization import QuantizedLinear, linears_to_quantize
+from lorakit.quantization import QuantizedLinear, TablesToStore, linears_to_quantize, store_tables, tables_to_store
 
 __all__ = ["FIXED_OVERHEAD_BYTES", "REFRESH_SECONDS", "TensorSource", "build_empty", "fill", "keeps_modules_in_fp32"]
 
@@ -156,7 +156,8 @@ def fill(
         model: from `build_empty`.
         source: the checkpoint.
         quantize: `"nf4"` or `"bf16"`: the linear layers `lorakit.quantize` picks become
-            `QuantizedLinear`s as they are read; None keeps them in the load dtype.
+            `QuantizedLinear`s as they are read, and the input embeddings and output head it stores
+            in bf16 are read in bf16; None keeps everything in the load dtype.
         progress: show a tqdm bar over the tensors (on stderr, gone when done; redrawn at least
             every `REFRESH_SECONDS`, naming the tensor being read); None: when stderr is a terminal.
         generation_dir: a directory whose `generation_config.json`, if any, becomes
@@ -172,9 +173,15 @@ def fill(
     """
     units = _plan(model, source)
     chosen = linears_to_quantize(model, quantize) if quantize is not None else {}
+    tables = tables_to_store(model, chosen) if quantize is not None else TablesToStore()
     # By identity: a layer still waiting is in the model, so its id cannot be reused meanwhile.
     pending = {id(module): path for path, module in chosen.items()}
     del chosen
+    # The tables stored in bf16 are read in bf16 (no float32 copy), their modules replaced at the end.
+    table_modules = [model.get_submodule(p) for p in (tables.embeddings, tables.head) if p is not None]
+    table_dtype = table_modules[0].weight.dtype if table_modules else None
+    table_ids = {id(m) for m in table_modules}
+    del table_modules
     show = progress if progress is not None else sys.stderr.isatty()
     bar = tqdm(total=len(units), desc="load", unit="tensor", disable=not show, leave=False, dynamic_ncols=True)
     with torch.no_grad(), bar, _refreshing(bar):
@@ -182,7 +189,8 @@ def fill(
             # Popped, so nothing here keeps a replaced layer (and its full-precision weight) alive.
             unit = units.pop(0)
             bar.set_postfix_str(unit.keys[0], refresh=False)
-            _store(unit, source)
+            is_table = unit.is_param and any(id(m) in table_ids for m, _ in unit.holders)
+            _store(unit, source, torch.bfloat16 if is_table else None)
             for module, _ in unit.holders:
                 path = pending.get(id(module))
                 if path is not None and not any(p.is_meta for p in module.parameters(recurse=False)):
@@ -193,6 +201,7 @@ def fill(
     left = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
     if left:  # every parameter has a unit; this would be a module that shares one in a way lorakit missed
         raise ModelLoadError(f"these tensors were not loaded: {', '.join(left[:8])}")
+    store_tables(model, tables, table_dtype)
     if generation_dir is not None and (generation_dir / "generation_config.json").is_file():
         _read_generation_config(model, generation_dir)
     return model.eval()
@@ -270,13 +279,14 @@ def _checkpoint_key(key: str, available: set[str], prefix: str) -> str | None:
     return None
 
 
-def _store(unit: _Unit, source: TensorSource) -> None:
-    """Read a unit's value(s) and set them on every module that holds it.
+def _store(unit: _Unit, source: TensorSource, dtype: torch.dtype | None = None) -> None:
+    """Read a unit's value(s), in `dtype` (default: the one it was built with), and set them on
+    every module that holds it.
 
     Names tied in the model but each present in the checkpoint stay tied only if the stored values
     are equal (transformers' `tie_weights` unties them otherwise).
     """
-    dtype = unit.meta.dtype
+    dtype = dtype or unit.meta.dtype
     first_key, first_stored = next(iter(unit.present.items()))
     values = {first_key: source.read(first_stored, dtype)}
     for key, stored in list(unit.present.items())[1:]:

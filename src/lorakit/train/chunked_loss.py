@@ -256,9 +256,7 @@ def linear_cross_entropy(
         _check_targets(targets, vocab)
         chunk = chunk_tokens or chunk_tokens_for(vocab)
         return _checkpointed_chunks(head, rows(hidden), targets, label_smoothing, chunk)
-    weight, bias = _whole(plan.linear.weight), _whole(plan.linear.bias)
-    if is_quantized(plan.linear):
-        weight = dequantized_weight(weight.detach(), hidden.dtype)
+    weight, bias = head_weight(plan.linear, hidden.dtype), _whole(plan.linear.bias)
     vocab = weight.shape[0]
     _check_targets(targets, vocab)
     low_rank: list[torch.Tensor] = []
@@ -412,7 +410,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dtype = spec.autocast or h.dtype  # the dtype of the head's products (autocast casts its inputs)
         eps = spec.smoothing
         with torch.autocast(h.device.type, enabled=False):
-            W = weight.detach().to(dtype)
+            W = weight.detach() if stored_table(weight, dtype) else weight.detach().to(dtype)
             b = bias.detach().to(dtype) if bias is not None else None
             pairs = [(u.detach(), B.detach()) for u, B in zip(low_rank[::2], low_rank[1::2], strict=True)]
             grad_h = torch.empty_like(h) if need_h else None
@@ -427,7 +425,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, n, spec.chunk):
                 end = min(start + spec.chunk, n)
                 h_c, y = h[start:end].detach().to(dtype), targets[start:end]
-                z = F.linear(h_c, W, b).float()  # (C, V)
+                z = head_logits(h_c, W, b)  # (C, V) float32
                 branch_inputs = []
                 for (u, B), s in zip(pairs, spec.scalings, strict=True):
                     lora_dtype = spec.autocast or u.dtype
@@ -446,7 +444,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     g.sub_(eps / vocab)
                 g_head = g.to(dtype)
                 if need_h:
-                    grad_h[start:end] = (g_head @ W).to(h.dtype)
+                    grad_h[start:end] = head_input_grad(g_head, W).to(h.dtype)
                 if need_w:
                     _accumulate(grad_w, g_head.T, h_c)
                 if need_b:
@@ -485,6 +483,52 @@ class _LinearCrossEntropy(torch.autograd.Function):
             None,
             *low_rank,
         )
+
+
+TABLE_SLICE_ROWS = 8192
+"""Vocabulary rows of a bf16-stored head converted at a time (`head_logits`, `head_input_grad`)."""
+
+
+def head_weight(linear: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
+    """The head's weight as the fused nodes take it: whole (gathered under FSDP) and detached when
+    frozen; an NF4 weight dequantized to `dtype`; a bf16-stored table (`QuantizedLinear`, bf16) as it
+    is, for the nodes to convert a slice at a time (`stored_table`)."""
+    weight = _whole(linear.weight)
+    if is_quantized(linear):
+        weight = weight.detach()
+        if linear.scheme == "nf4":
+            weight = dequantized_weight(weight, dtype)
+    return weight
+
+
+def stored_table(weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a frozen head weight is narrower than the products' `dtype` (a bf16-stored table under
+    float32 compute): then it is converted `TABLE_SLICE_ROWS` rows at a time, never whole."""
+    narrower = weight.element_size() < torch.empty((), dtype=dtype).element_size()
+    return not weight.requires_grad and weight.dtype != dtype and narrower
+
+
+def head_logits(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """(C, V) float32 logits h·Wᵀ + b in h's dtype; a narrower W converted a slice of rows at a time."""
+    if W.dtype == h.dtype:
+        return F.linear(h, W, b).float()
+    z = torch.empty(h.shape[0], W.shape[0], dtype=torch.float32, device=h.device)
+    for start in range(0, W.shape[0], TABLE_SLICE_ROWS):
+        end = min(start + TABLE_SLICE_ROWS, W.shape[0])
+        z[:, start:end] = F.linear(h, W[start:end].to(h.dtype), None if b is None else b[start:end])
+    return z
+
+
+def head_input_grad(g: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """g·W for g (C, V) in the products' dtype; a narrower W converted a slice of rows at a time."""
+    if W.dtype == g.dtype:
+        return g @ W
+    out = None
+    for start in range(0, W.shape[0], TABLE_SLICE_ROWS):
+        end = min(start + TABLE_SLICE_ROWS, W.shape[0])
+        part, rows = g[:, start:end], W[start:end].to(g.dtype)
+        out = part @ rows if out is None else out.addmm_(part, rows)
+    return out
 
 
 def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:

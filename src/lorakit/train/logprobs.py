@@ -39,7 +39,6 @@ from torch.utils.checkpoint import checkpoint
 
 from lorakit.data import IGNORE_INDEX
 from lorakit.errors import TrainingError
-from lorakit.quantized import dequantized_weight, is_quantized
 
 # The chunked loss's head bypass and eligibility rules, shared so both paths accept the same heads.
 from lorakit.train.chunked_loss import (
@@ -51,6 +50,10 @@ from lorakit.train.chunked_loss import (
     check_loss_options,
     chunk_tokens_for,
     chunked_head,
+    head_input_grad,
+    head_logits,
+    head_weight,
+    stored_table,
 )
 from lorakit.train.loss import logits_of
 
@@ -210,9 +213,7 @@ def linear_token_logprobs(
         vocab = _vocab(head, hidden)
         _check_targets(targets, vocab)
         return _checkpointed_chunks(head, rows(hidden), targets, chunk_tokens or chunk_tokens_for(vocab))
-    weight, bias = _whole(plan.linear.weight), _whole(plan.linear.bias)
-    if is_quantized(plan.linear):
-        weight = dequantized_weight(weight.detach(), hidden.dtype)
+    weight, bias = head_weight(plan.linear, hidden.dtype), _whole(plan.linear.bias)
     vocab = weight.shape[0]
     _check_targets(targets, vocab)
     low_rank: list[torch.Tensor] = []
@@ -298,7 +299,7 @@ class _LinearLogProbs(torch.autograd.Function):
         dtype = autocast or h.dtype
         need_h = h.requires_grad
         with torch.autocast(h.device.type, enabled=False):
-            W = weight.detach().to(dtype)
+            W = weight.detach() if stored_table(weight, dtype) else weight.detach().to(dtype)
             b = bias.detach().to(dtype) if bias is not None else None
             pairs = [(u.detach(), B.detach()) for u, B in zip(low_rank[::2], low_rank[1::2], strict=True)]
             out = torch.empty(n, dtype=torch.float32, device=h.device)
@@ -306,7 +307,7 @@ class _LinearLogProbs(torch.autograd.Function):
             for start in range(0, n, chunk):
                 end = min(start + chunk, n)
                 h_c, y = h[start:end].detach().to(dtype), targets[start:end]
-                z = F.linear(h_c, W, b).float()  # (C, V)
+                z = head_logits(h_c, W, b)  # (C, V) float32
                 for (u, B), s in zip(pairs, scalings, strict=True):
                     lora_dtype = autocast or u.dtype
                     z += (F.linear(u[start:end].to(lora_dtype), B.to(lora_dtype)) * s).float()
@@ -316,7 +317,7 @@ class _LinearLogProbs(torch.autograd.Function):
                     continue
                 g = z.sub_(lse[:, None]).exp_().neg_()  # −softmax(z), in place: (C, V)
                 g.scatter_add_(1, y[:, None], torch.ones((end - start, 1), device=g.device))
-                grad_h[start:end] = (g.to(dtype) @ W).to(h.dtype)
+                grad_h[start:end] = head_input_grad(g.to(dtype), W).to(h.dtype)
         ctx.grad_h = grad_h
         ctx.inputs = 5 + len(low_rank)
         return out

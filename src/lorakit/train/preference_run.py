@@ -48,6 +48,7 @@ from lorakit.generate import Decoding, generate
 from lorakit.inject import inject
 from lorakit.io import WEIGHTS_NAME, check_adapter_files, load_adapter
 from lorakit.models import load_model, load_tokenizer
+from lorakit.quantization import storage_summary
 from lorakit.state import lora_layers
 from lorakit.targeting import names_module
 from lorakit.train.checkpointing import checkpointable_blocks
@@ -123,7 +124,11 @@ def preference_run(
         check_resume(checkpoint, train, batches_per_epoch=per_epoch)
 
     scheme = None if run.quantize == "none" else run.quantize
-    say(f"loading model {run.model or 'smollm2-135m'}" + (f" ({scheme} linear weights)" if scheme else "") + " ...")
+    say(
+        f"loading model {run.model or 'smollm2-135m'}"
+        + (f" ({scheme} linear weights, bf16 embeddings and head)" if scheme else "")
+        + " ..."
+    )
     t1 = time.perf_counter()
     model, tokenizer, name = load_model(run.model, quantize=scheme)
     if train.grad_checkpointing:
@@ -132,7 +137,7 @@ def preference_run(
         check_packable(model)
     say(
         f"model: {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-        f"loaded in {time.perf_counter() - t1:.1f}s)"
+        f"loaded in {time.perf_counter() - t1:.1f}s{f'; {storage_summary(model)}' if scheme else ''})"
     )
     lora = _start_adapter(model, lora, init_config, run.init_adapter, train.method, name)
     trainable, total = trainable_parameters(model)

@@ -33,6 +33,7 @@ from lorakit.extras import require_extra
 from lorakit.generate import Decoding, generate
 from lorakit.inject import inject
 from lorakit.models import Task, load_model, load_tokenizer
+from lorakit.quantization import storage_summary
 from lorakit.state import lora_layers
 from lorakit.train.checkpoint import latest_checkpoint, resumable
 from lorakit.train.checkpointing import checkpointable_blocks
@@ -209,14 +210,18 @@ def _train(run: TrainRun, lora: LoraConfig, train: TrainConfig, echo: Printer, i
     scheme = None if run.quantize == "none" else run.quantize
     if main:
         _warn_if_short_of_memory(run, lora, train, scheme)
-    say(f"loading model {run.model or 'smollm2-135m'}" + (f" ({scheme} linear weights)" if scheme else "") + " ...")
+    say(
+        f"loading model {run.model or 'smollm2-135m'}"
+        + (f" ({scheme} linear weights, bf16 embeddings and head)" if scheme else "")
+        + " ..."
+    )
     t1 = time.perf_counter()
     model, tokenizer, name = load_model(run.model, task=run.task, num_labels=run.num_labels, quantize=scheme)
     if train.grad_checkpointing:
         checkpointable_blocks(model)  # a model without decoder blocks is refused before anything is written
     if train.packing:
         check_packable(model)  # so is one whose attention crosses packed examples
-    stored = f"; linear weights stored as {scheme}" if scheme else ""
+    stored = f"; {storage_summary(model)}" if scheme else ""
     say(
         f"model: {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
         f"loaded in {time.perf_counter() - t1:.1f}s{stored})"
