@@ -44,6 +44,10 @@ The paths (name · module · eligibility function: what it saves; when it applie
   and recomputes act(e)·u: less than even the frozen MLP keeps. Training, outside compile and
   autocast, `nn.Linear` projections with one unmerged adapter each.
 
+`recompute` is not a path but the gated-MLP node's side of gradient checkpointing: in a checkpointed
+block's recomputation that throws its output away, the node skips the down projection's base
+product (`lorakit.train.checkpointing` decides per run; the gradients are the same bits).
+
 What is not a switchable path: dropout masks are drawn by `dropout.draw_mask` on both paths (a
 sparse sampler on CPU, dense elsewhere) and shared by layers reading the same tensor as
 `LoraConfig.share_dropout_mask` says, so the switch changes how a mask is kept and applied, never
