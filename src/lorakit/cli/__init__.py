@@ -90,9 +90,17 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
+def _line(text: str, stream=None) -> None:
+    """`text` and its newline in one write, flushed: the ranks of a torchrun job share one stderr, and
+    `print`'s two writes (the text, then the newline) let their lines run into each other."""
+    stream = stream or sys.stderr
+    stream.write(text + "\n")
+    stream.flush()
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """A warning as one line (`lorakit: warning: ...`), without the source line it came from."""
-    print(f"lorakit: warning: {message}", file=file or sys.stderr)
+    _line(f"lorakit: warning: {message}", file or sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -120,18 +128,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         message = " ".join(line.strip() for line in str(err).splitlines())  # a list of problems, on one line
-        print(f"lorakit {args.command}: error: {message}", file=sys.stderr)
+        _line(f"lorakit {args.command}: error: {message}")
         return 2
     except KeyboardInterrupt as err:
         said = f": {err}" if str(err) else ""  # fit's says where it saved and how to continue
-        print(f"lorakit {args.command}: interrupted{said}", file=sys.stderr)
+        _line(f"lorakit {args.command}: interrupted{said}")
         return 130
     except Exception as err:  # an unexpected failure: one line unless --debug
         if debug:
             raise
-        print(
-            f"lorakit {args.command}: failed: {type(err).__name__}: {err} (rerun with --debug for details)",
-            file=sys.stderr,
-        )
+        _line(f"lorakit {args.command}: failed: {type(err).__name__}: {err} (rerun with --debug for details)")
         return 1
     return 0
