@@ -131,11 +131,11 @@ def quantize(
 @dataclass(frozen=True)
 class TablesToStore:
     """What `quantize` stores in bf16 beside the linear layers: the input embeddings' and the output
-    head's module paths (None: left as they are), and whether the head shares the embeddings' table."""
+    head's module paths (None: left as they are). Whether the head shares the embeddings' table is
+    read from the model when they are stored (`store_tables`)."""
 
     embeddings: str | None = None
     head: str | None = None
-    tied: bool = False
 
 
 def tables_to_store(model: nn.Module, chosen: dict[str, nn.Linear], skip: Sequence[str] = ()) -> TablesToStore:
@@ -165,8 +165,8 @@ def tables_to_store(model: nn.Module, chosen: dict[str, nn.Linear], skip: Sequen
     head_path = storable(head, nn.Linear)
     tied = head_path is not None and embeddings is not None and head.weight is embeddings.weight
     if head_path in chosen or (tied and embeddings_path is None):
-        head_path, tied = None, False
-    return TablesToStore(embeddings_path, head_path, tied)
+        head_path = None
+    return TablesToStore(embeddings_path, head_path)
 
 
 def storage_summary(model: nn.Module) -> str:
@@ -179,10 +179,11 @@ def storage_summary(model: nn.Module) -> str:
     embeddings = any(isinstance(m, QuantizedEmbedding) for m in model.modules())
     head = any(isinstance(m, QuantizedLinear) and m.stores_table for m in model.modules())
     tables = " and ".join(n for n, on in (("embeddings", embeddings), ("head", head)) if on)
-    parts = ([f"linear weights stored as {scheme}"] if linear else []) + ([f"{tables} as bf16"] if tables else [])
-    if not linear:
-        parts[0] = parts[0].replace(" as bf16", " stored as bf16")
-    return f"{', '.join(parts)}: {quantized_bytes(model) / 1e6:,.0f} MB in all"
+    if linear and tables:
+        stored = f"linear weights stored as {scheme}, {tables} as bf16"
+    else:
+        stored = f"linear weights stored as {scheme}" if linear else f"{tables} stored as bf16"
+    return f"{stored}: {quantized_bytes(model) / 1e6:,.0f} MB in all"
 
 
 def store_tables(model: nn.Module, plan: TablesToStore, original_dtype: torch.dtype | None = None) -> None:

@@ -183,16 +183,7 @@ class QuantizedEmbedding(nn.Embedding):
                 streaming load passes the load dtype, having read the table in bf16 already).
         """
         weight = embedding.weight.detach()
-        with torch.device("meta"):  # no throwaway full-size table
-            new = cls(
-                embedding.num_embeddings,
-                embedding.embedding_dim,
-                padding_idx=embedding.padding_idx,
-                max_norm=embedding.max_norm,
-                norm_type=embedding.norm_type,
-                scale_grad_by_freq=embedding.scale_grad_by_freq,
-                sparse=embedding.sparse,
-            )
+        new = _empty_embedding(cls, embedding)
         new.original_dtype = original_dtype or weight.dtype
         new.weight = nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
         return new.train(embedding.training)
@@ -206,18 +197,24 @@ class QuantizedEmbedding(nn.Embedding):
 
 def plain_embedding(module: QuantizedEmbedding, dtype: torch.dtype | None = None) -> nn.Embedding:
     """A plain `nn.Embedding` with `module`'s table in `dtype` (default: its dtype before storage)."""
-    with torch.device("meta"):
-        plain = nn.Embedding(
-            module.num_embeddings,
-            module.embedding_dim,
-            padding_idx=module.padding_idx,
-            max_norm=module.max_norm,
-            norm_type=module.norm_type,
-            scale_grad_by_freq=module.scale_grad_by_freq,
-            sparse=module.sparse,
-        )
+    plain = _empty_embedding(nn.Embedding, module)
     plain.weight = nn.Parameter(module.weight.detach().to(dtype or module.original_dtype), requires_grad=False)
     return plain.train(module.training)
+
+
+def _empty_embedding(cls: type[nn.Embedding], like: nn.Embedding) -> nn.Embedding:
+    """A `cls` with `like`'s sizes and options and its table on the meta device (no throwaway
+    full-size table): the caller sets the weight."""
+    with torch.device("meta"):
+        return cls(
+            like.num_embeddings,
+            like.embedding_dim,
+            padding_idx=like.padding_idx,
+            max_norm=like.max_norm,
+            norm_type=like.norm_type,
+            scale_grad_by_freq=like.scale_grad_by_freq,
+            sparse=like.sparse,
+        )
 
 
 def dequantized_weight(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -237,10 +234,8 @@ def quantization_of(model: nn.Module) -> str | None:
 
     Embeddings and an output head stored in bf16 alongside (`QuantizedLinear.stores_table`) do not
     count: an NF4 model with a bf16 head is an NF4 model."""
-    schemes = [m.scheme for m in model.modules() if isinstance(m, QuantizedLinear) and not m.stores_table]
-    if schemes:
-        return schemes[0]
-    return "bf16" if any(is_quantized(m) for m in model.modules()) else None
+    linear = (m.scheme for m in model.modules() if isinstance(m, QuantizedLinear) and not m.stores_table)
+    return next(linear, None) or ("bf16" if any(is_quantized(m) for m in model.modules()) else None)
 
 
 def stored_bytes(tensor: torch.Tensor) -> int:

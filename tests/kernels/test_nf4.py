@@ -37,6 +37,7 @@ def _same_nf4(a, b) -> bool:
     return (
         a.shape == b.shape
         and a.dtype == b.dtype
+        and a.requires_grad == b.requires_grad
         and all(getattr(a, k) == getattr(b, k) for k in layout)
         and all(torch.equal(getattr(a, k), getattr(b, k)) for k in fields)
         and all(getattr(a, k).dtype == getattr(b, k).dtype for k in fields)
@@ -92,4 +93,7 @@ def test_quantize_path_off_is_torchao_itself():
         nf4.quantize(weight, 64, 64, nf4_type, reference)
     assert len(calls) == 1
     nf4.quantize(weight.t(), 64, 64, nf4_type, reference)  # not contiguous: torchao's own checks apply
+    assert len(calls) == 2
+    trained = weight.clone().requires_grad_()  # the input's requires_grad is recorded, as torchao records it
+    assert _same_nf4(nf4.quantize(trained, 64, 64, nf4_type, reference), to_nf4(trained, 64, 64))
     assert len(calls) == 2

@@ -85,6 +85,7 @@ def quantize(weight: torch.Tensor, block_size: int, scaler_block_size: int, nf4_
         or block_size % 2
     ):
         return reference(weight, block_size, scaler_block_size)
+    requires_grad = weight.requires_grad  # the NF4Tensor records the input's, as torchao's does
     with torch.no_grad():
         weight = weight.detach()
         levels = torch.tensor(NF4_LEVELS, device=weight.device, dtype=weight.dtype)
@@ -103,7 +104,7 @@ def quantize(weight: torch.Tensor, block_size: int, scaler_block_size: int, nf4_
             torch.bitwise_or(pairs[:, 0] << 4, pairs[:, 1], out=codes[start * half : stop * half])
         quantized_scalers, quantization_factor, scaler_mean = _double_quantized(absmax, scaler_block_size)
         meta = sys.modules[nf4_type.__module__].SubclassTensorArgs(
-            weight.size(), weight.stride(), weight.storage_offset(), weight.dtype, weight.device, weight.requires_grad
+            weight.size(), weight.stride(), weight.storage_offset(), weight.dtype, weight.device, requires_grad
         )
         return nf4_type(
             meta,

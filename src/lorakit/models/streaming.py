@@ -24,9 +24,9 @@ Memory: the process's peak during the load is at most
 with L the largest tensor in float32: one tensor read and converted (the raw tensor beside its
 converted copy). NF4 quantization adds only a few MB (`kernels.nf4.quantize` goes through a weight
 4,096 blocks at a time; with the path `nf4_quant` off, torchao's `to_nf4` holds 2.5 times the
-weight plus about 150 MB instead). The 256 MiB (`FIXED_OVERHEAD_BYTES`) is those chunks, the GGUF reader's row buffers
-(`gguf_tensors`), the pages of a memory-mapped shard being read and allocator slack
-(`tests/unit/test_streaming.py` measures the bound in a child process).
+weight plus about 150 MB instead). The 256 MiB (`FIXED_OVERHEAD_BYTES`) is those chunks, the GGUF
+reader's row buffers (`gguf_tensors`), the pages of a memory-mapped shard being read and allocator
+slack (`tests/unit/test_streaming.py` measures the bound in a child process).
 """
 
 from __future__ import annotations

@@ -490,8 +490,8 @@ TABLE_SLICE_ROWS = 8192
 
 
 def head_weight(linear: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
-    """The head's weight as the fused nodes take it: whole (gathered under FSDP) and detached when
-    frozen; an NF4 weight dequantized to `dtype`; a bf16-stored table (`QuantizedLinear`, bf16) as it
+    """The head's weight as the fused nodes take it: whole (gathered under FSDP); a quantized head's
+    detached, an NF4 one dequantized to `dtype`, a bf16-stored one (`QuantizedLinear`, bf16) as it
     is, for the nodes to convert a slice at a time (`stored_table`)."""
     weight = _whole(linear.weight)
     if is_quantized(linear):
